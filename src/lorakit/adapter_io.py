@@ -1,0 +1,154 @@
+"""Saving and loading adapters in PEFT's directory layout.
+
+    DIR/adapter_config.json        PEFT's LoraConfig fields, sorted, indent 2
+    DIR/adapter_model.safetensors  base_model.model.<module path>.lora_A.weight  (r, in)
+                                   base_model.model.<module path>.lora_B.weight  (out, r)
+                                   ...lora_embedding_A (r, num), ...lora_embedding_B (dim, r)
+                                   <modules_to_save path>.weight, biases when bias != "none"
+
+Loading is strict: a missing key, an unexpected key or a shape mismatch is an error that names
+them, and the model is left as it was. Pickle files (adapter_model.bin) are never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import LoraConfig
+from .inject import _check_names, add_lora, adapter_configs, delete_adapter, lora_layers
+from .layer import LoraEmbedding, LoraLayer, ModulesToSave
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their on-disk names (live tensors, not copies)."""
+    _check_names(model, [name])
+    config = adapter_configs(model)[name]
+    out = {}
+    for module_name, module in model.named_modules():
+        prefix = PREFIX + module_name + "."
+        if isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            # PEFT stores a fully trained module under its plain path.
+            for key, t in module.modules_to_save[name].state_dict(keep_vars=True).items():
+                out[prefix + key] = t
+        elif isinstance(module, LoraLayer) and name in module.rank:
+            if isinstance(module, LoraEmbedding):
+                out[prefix + "lora_embedding_A"] = module.lora_embedding_A[name]
+                out[prefix + "lora_embedding_B"] = module.lora_embedding_B[name]
+            else:
+                out[prefix + "lora_A.weight"] = module.lora_A[name].weight
+                out[prefix + "lora_B.weight"] = module.lora_B[name].weight
+            if config.bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
+                out[prefix + "base_layer.bias"] = module.base_layer.bias
+    if config.bias == "all":
+        for key, t in model.named_parameters():
+            if key.endswith("bias") and ".lora_" not in key and ".original_module." not in key \
+                    and ".modules_to_save." not in key:
+                out[PREFIX + key] = t
+    return out
+
+
+def _fan_in_fan_out(model: nn.Module, name: str) -> bool:
+    return any(getattr(m, "fan_in_fan_out", False) for _, m in lora_layers(model) if name in m.rank)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter `name` to `directory` in PEFT's layout. Files are written to temporary names
+    and renamed, so an interrupted save never leaves a half-written adapter behind."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: t.detach().contiguous().clone().cpu() for k, t in adapter_state_dict(model, name).items()}
+    peft_config = adapter_configs(model)[name].to_peft_dict(fan_in_fan_out=_fan_in_fan_out(model, name))
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    return directory
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; an adapter directory holds "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return LoraConfig.from_peft_dict(raw)
+
+
+def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise ValueError(
+                f"{directory / 'adapter_model.bin'} is a pickle file, which can run arbitrary code "
+                f"when loaded; lorakit never unpickles. Convert it where you trust its origin, e.g. "
+                f"`PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)`")
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} in the adapter directory")
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Add the adapter saved in `directory` (by lorakit or PEFT) to `model` as `name`.
+
+    Strict: every tensor the adapter needs must be in the file, every tensor in the file must
+    belong to the model, and shapes must agree; otherwise ValueError names them and the model is
+    left unchanged.
+    """
+    config = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory)
+    add_lora(model, config, name)
+    try:
+        _copy_into(model, name, tensors, directory)
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    return model
+
+
+def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory) -> None:
+    expected = adapter_state_dict(model, name)
+    # PEFT also saves the base weight of an adapted embedding (save_embedding_layers): accept it.
+    optional = {PREFIX + n + ".base_layer.weight": m.base_layer.weight
+                for n, m in lora_layers(model) if isinstance(m, LoraEmbedding) and name in m.rank}
+    known = {**optional, **expected}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(known))
+    wrong = sorted(f"{k}: file {tuple(t.shape)} vs model {tuple(known[k].shape)}"
+                   for k, t in tensors.items() if k in known and t.shape != known[k].shape)
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"adapter in {directory} does not fit this model (was it made for another base "
+                         "model?):\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for key, t in tensors.items():
+            known[key].copy_(t.to(known[key].dtype))

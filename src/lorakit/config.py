@@ -1,0 +1,246 @@
+"""LoRA configuration: one typed dataclass, validated in one place.
+
+Field names follow the LoRA paper (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
+Models"); `to_peft_dict` / `from_peft_dict` translate to and from PEFT's `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("default", "gaussian", "random")
+ALL_LINEAR = "all-linear"
+
+# Attention query and value projections per model family: the LoRA paper's recommended start
+# (it adapts W_q and W_v). Names are transformers' module names.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+}
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, reported at once."""
+
+    def __init__(self, what: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"invalid {what}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class LoraConfig:
+    """How to adapt a model: ΔW = (alpha / r) · B A with B: (out, r), A: (r, in).
+
+    targets: a list of module names (a module matches when its full name equals an entry or ends
+      with "." + entry), a regex string (full match on the full name), or "all-linear" (every linear
+      layer except the output head). None picks the model family's default (query and value
+      projections).
+    exclude: same matching rules; excluded modules are never adapted.
+    rslora: scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023, rank-stabilized LoRA).
+    bias: which biases train as well: "none", "all", or "lora_only" (those of adapted layers).
+    modules_to_save: modules trained in full (a trainable copy per adapter), e.g. a new head.
+    layers: only adapt these layer indices (of the `layers_pattern` block list).
+    rank_pattern / alpha_pattern: per-module overrides, {name-or-regex-suffix: value}.
+    init: "default" (A Kaiming-uniform, B = 0: the model starts unchanged), "gaussian"
+      (A ~ N(0, 1/r), B = 0), or "random" (B Kaiming-uniform too: the model starts changed; for tests).
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: list[str] | str | None = None
+    exclude: list[str] | str | None = None
+    rslora: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    layers: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init: str = "default"
+    task_type: str | None = "CAUSAL_LM"
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, (tuple, set)):
+            self.targets = sorted(self.targets)
+        if isinstance(self.exclude, (tuple, set)):
+            self.exclude = sorted(self.exclude)
+        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
+            self.layers = [self.layers]
+        if isinstance(self.modules_to_save, (tuple, set)):
+            self.modules_to_save = list(self.modules_to_save)
+        problems = self.problems()
+        if problems:
+            raise ConfigError("LoraConfig", problems)
+
+    def problems(self) -> list[str]:
+        """Every rule this config breaks (empty when valid)."""
+        out = []
+        if not _is_int(self.r) or self.r <= 0:
+            out.append(f"r={self.r!r}: the rank must be an integer > 0 (typical: 8, 16, 32, 64)")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            out.append(f"alpha={self.alpha!r}: must be a number > 0 (typical: r or 2*r)")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            out.append(f"dropout={self.dropout!r}: must be in [0, 1)")
+        if self.bias not in BIAS_MODES:
+            out.append(f"bias={self.bias!r}: valid choices are {', '.join(BIAS_MODES)}")
+        if self.init not in INIT_MODES:
+            out.append(f"init={self.init!r}: valid choices are {', '.join(INIT_MODES)}")
+        for key in ("targets", "exclude"):
+            out += _module_spec_problems(key, getattr(self, key))
+        if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
+            out.append(f"modules_to_save={self.modules_to_save!r}: must be a list of module names")
+        if self.layers is not None and not (
+            isinstance(self.layers, list) and all(_is_int(i) and i >= 0 for i in self.layers)
+        ):
+            out.append(f"layers={self.layers!r}: must be a layer index >= 0 or a list of them")
+        if self.layers_pattern is not None and not (
+            isinstance(self.layers_pattern, str) or _is_str_list(self.layers_pattern)
+        ):
+            out.append(f"layers_pattern={self.layers_pattern!r}: must be a name or a list of names")
+        if self.layers_pattern is not None and self.layers is None:
+            out.append("layers_pattern is set but layers is not: give the layer indices to adapt")
+        for key, value in _dict_items(self.rank_pattern, "rank_pattern", out):
+            if not _is_int(value) or value <= 0:
+                out.append(f"rank_pattern[{key!r}]={value!r}: ranks must be integers > 0")
+        for key, value in _dict_items(self.alpha_pattern, "alpha_pattern", out):
+            if not _is_number(value) or value <= 0:
+                out.append(f"alpha_pattern[{key!r}]={value!r}: alphas must be numbers > 0")
+        return out
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """The rank and alpha of one module, after rank_pattern / alpha_pattern."""
+        r = _pattern_value(self.rank_pattern, module_name, self.r)
+        alpha = _pattern_value(self.alpha_pattern, module_name, self.alpha)
+        return r, alpha
+
+    def scaling(self, module_name: str) -> float:
+        r, alpha = self.rank_and_alpha(module_name)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    # --- PEFT's adapter_config.json -------------------------------------------------------------
+
+    def to_peft_dict(self, resolved_targets: list[str] | None = None, fan_in_fan_out: bool = False) -> dict:
+        """The fields of PEFT's LoraConfig that describe this adapter (sorted on write)."""
+        targets = resolved_targets if resolved_targets is not None else self.targets
+        return {
+            "alpha_pattern": dict(self.alpha_pattern),
+            "base_model_name_or_path": self.base_model,
+            "bias": self.bias,
+            "exclude_modules": self.exclude,
+            "fan_in_fan_out": fan_in_fan_out,
+            "inference_mode": True,
+            "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[self.init],
+            "layers_pattern": self.layers_pattern,
+            "layers_to_transform": self.layers,
+            "lora_alpha": self.alpha,
+            "lora_bias": False,
+            "lora_dropout": self.dropout,
+            "modules_to_save": self.modules_to_save,
+            "peft_type": "LORA",
+            "r": self.r,
+            "rank_pattern": dict(self.rank_pattern),
+            "target_modules": targets,
+            "task_type": self.task_type,
+            "use_dora": False,
+            "use_rslora": self.rslora,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any]) -> LoraConfig:
+        """Read PEFT's adapter_config.json; refuse features lorakit does not implement."""
+        problems = []
+        if d.get("peft_type", "LORA") != "LORA":
+            problems.append(f"peft_type={d.get('peft_type')!r}: lorakit loads LORA adapters only")
+        for key in ("use_dora", "lora_bias", "use_qalora"):
+            if d.get(key):
+                problems.append(f"{key}={d[key]!r}: not supported by lorakit (only plain LoRA)")
+        for key in ("layer_replication", "trainable_token_indices", "target_parameters"):
+            if d.get(key):
+                problems.append(f"{key}={d[key]!r}: not supported by lorakit")
+        if problems:
+            raise ConfigError("adapter_config.json", problems)
+        init = d.get("init_lora_weights", True)
+        return cls(
+            r=d.get("r", 8),
+            alpha=d.get("lora_alpha", 8),
+            dropout=d.get("lora_dropout", 0.0),
+            targets=d.get("target_modules"),
+            exclude=d.get("exclude_modules"),
+            rslora=bool(d.get("use_rslora", False)),
+            bias=d.get("bias", "none"),
+            modules_to_save=d.get("modules_to_save"),
+            layers=d.get("layers_to_transform"),
+            layers_pattern=d.get("layers_pattern"),
+            rank_pattern=dict(d.get("rank_pattern") or {}),
+            alpha_pattern=dict(d.get("alpha_pattern") or {}),
+            init="gaussian" if init == "gaussian" else ("random" if init is False else "default"),
+            task_type=d.get("task_type"),
+            base_model=d.get("base_model_name_or_path"),
+        )
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    # PEFT's rule: a key matches a module whose full name ends with it (as a regex), at a dot boundary.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _module_spec_problems(key: str, value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if value == ALL_LINEAR:
+            return []
+        try:
+            re.compile(value)
+        except re.error as e:
+            return [f"{key}={value!r}: not a valid regular expression ({e})"]
+        return []
+    if _is_str_list(value) and value:
+        return []
+    return [f"{key}={value!r}: must be a non-empty list of module names, a regex string, or '{ALL_LINEAR}'"]
+
+
+def _dict_items(value, name: str, out: list[str]):
+    if not isinstance(value, dict):
+        out.append(f"{name}={value!r}: must be a mapping of module name to value")
+        return []
+    return value.items()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)

@@ -1,0 +1,465 @@
+"""Putting LoRA adapters into a model and taking them out again.
+
+add_lora wraps the targeted layers in place; merge / unmerge fold ΔW in and out of the frozen
+weights; merge_and_unload returns a plain model. Several named adapters may live on one model:
+set_adapter picks the active (and trainable) ones, disable_adapters switches them off for a block,
+combine_adapters builds a new adapter equal to a weighted sum of others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import ALL_LINEAR, DEFAULT_TARGETS, ConfigError, LoraConfig
+from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+
+DEFAULT_LAYERS_PATTERNS = ("layers", "h", "blocks", "layer")
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "NF4Linear"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) or _is_4bit(module)
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The LoraConfig of each adapter on the model, by name (empty when it has none)."""
+    return model.__dict__.setdefault("lorakit_adapters", {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            yield module
+
+
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every module, a LoRA wrapper standing for the layer it wraps."""
+    inside = ()
+    for name, module in model.named_modules():
+        if inside and any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            inside += (name + ".",)
+            module = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+        yield name, module
+
+
+def _matches(spec: list[str] | str, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    names = {n for n, m in _candidates(model) if head is not None and m is head}
+    return names or {"lm_head"}
+
+
+def _layer_index(name: str, patterns) -> int | None:
+    patterns = [patterns] if isinstance(patterns, str) else (patterns or DEFAULT_LAYERS_PATTERNS)
+    for p in patterns:
+        m = re.search(rf"(?:^|\.){re.escape(p)}\.(\d+)(?:\.|$)", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in _candidates(model) if _is_linear(m)})
+    raise ValueError(
+        f"no default LoRA targets for model type {model_type!r} (known: {', '.join(sorted(DEFAULT_TARGETS))}); "
+        f"pass LoraConfig(targets=[...]); linear modules here: {', '.join(linear) or 'none'}"
+    )
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules `config` adapts, in model order. Errors name the candidates."""
+    targets = config.targets if config.targets is not None else default_targets(model)
+    candidates = list(_candidates(model))
+    heads = _output_head_names(model) if targets == ALL_LINEAR else set()
+    chosen, unsupported = [], []
+    for name, module in candidates:
+        if not name:
+            continue
+        if targets == ALL_LINEAR:
+            hit = _is_linear(module) and name not in heads
+        else:
+            hit = _matches(targets, name)
+        if not hit or (config.exclude is not None and _matches(config.exclude, name)):
+            continue
+        if config.layers is not None and _layer_index(name, config.layers_pattern) not in config.layers:
+            continue
+        if _is_linear(module) or isinstance(module, nn.Embedding):
+            chosen.append(name)
+        else:
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if unsupported:
+        raise ValueError(
+            f"targets {targets!r} match modules LoRA cannot adapt: {', '.join(unsupported[:5])}; "
+            "supported: nn.Linear, transformers' Conv1D, nn.Embedding, lorakit's NF4Linear"
+        )
+    if not chosen:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if _is_linear(m)})
+        raise ValueError(
+            f"targets {targets!r} match no module"
+            + (f" (with exclude={config.exclude!r}, layers={config.layers!r})" if config.exclude or config.layers else "")
+            + f"; linear modules here: {', '.join(linear) or 'none'}"
+        )
+    return chosen
+
+
+def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "default",
+             adapter_dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """Freeze `model` and add a LoRA adapter called `name` to the layers `config` targets.
+
+    The first adapter becomes the active one; later ones are added inactive (use set_adapter).
+    adapter_dtype: dtype of A and B (float32 by default, also on a bfloat16 base); None: the base's.
+    Returns the model, changed in place.
+    """
+    config = config or LoraConfig()
+    configs = adapter_configs(model)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ValueError(f"adapter name {name!r}: use letters, digits, '_' and '-' only")
+    if name in configs:
+        raise ValueError(f"adapter {name!r} already exists (adapters: {', '.join(configs)}); "
+                         "delete_adapter first or pick another name")
+    if config.targets is None:
+        config = config.replace(targets=default_targets(model))
+    targets = resolve_targets(model, config)
+    to_save = _resolve_modules_to_save(model, config.modules_to_save)
+    first = not configs
+    if first:
+        model.requires_grad_(False)
+
+    for full_name in targets:
+        parent, attr = _parent(model, full_name)
+        module = getattr(parent, attr)
+        if not isinstance(module, LoraLayer):
+            module = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
+            setattr(parent, attr, module)
+        r, _ = config.rank_and_alpha(full_name)
+        weight = module.base_layer.weight
+        dtype = adapter_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+        module.add_adapter(name, r, config.scaling(full_name), config.dropout, config.init,
+                           dtype=dtype, device=weight.device)
+        if first:
+            module.active_adapters = [name]
+    for full_name in to_save:
+        parent, attr = _parent(model, full_name)
+        module = getattr(parent, attr)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            setattr(parent, attr, module)
+        module.add_adapter(name)
+        if first:
+            module.active_adapters = [name]
+
+    configs[name] = config
+    if first:
+        set_adapter(model, name)
+    else:
+        # Added inactive: its parameters do not train until set_adapter selects it.
+        for p in _adapter_parameters(model, name):
+            p.requires_grad_(False)
+    return model
+
+
+def _resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+    if not names:
+        return []
+    found = [n for n, _ in _candidates(model) if n and _matches(names, n)]
+    missing = [s for s in names if not any(f == s or f.endswith("." + s) for f in found)]
+    if missing:
+        top = sorted({n.rsplit(".", 1)[-1] for n, m in _candidates(model) if n and not list(m.children())})
+        raise ValueError(f"modules_to_save {missing} match no module; leaf modules here: {', '.join(top)}")
+    return found
+
+
+def _parent(model: nn.Module, full_name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = full_name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _check_names(model: nn.Module, names: list[str]) -> None:
+    configs = adapter_configs(model)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise ValueError(f"no adapter named {', '.join(map(repr, unknown))}; "
+                         f"adapters on this model: {', '.join(configs) or 'none'}")
+
+
+def _adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:
+    for module in _wrappers(model):
+        if isinstance(module, ModulesToSave):
+            if name in module.modules_to_save:
+                yield from module.modules_to_save[name].parameters()
+            continue
+        for store in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            container = getattr(module, store, None)
+            if container is not None and name in container:
+                item = container[name]
+                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make these adapters the active ones: they alone apply in forward and train."""
+    names = [names] if isinstance(names, str) else list(names)
+    _check_names(model, names)
+    for module in _wrappers(model):
+        module.active_adapters = [n for n in names if n in module.adapter_names()]
+    for other in adapter_configs(model):
+        for p in _adapter_parameters(model, other):
+            p.requires_grad_(other in names)
+    _set_bias_trainable(model, names)
+
+
+def _set_bias_trainable(model: nn.Module, names: list[str]) -> None:
+    modes = {adapter_configs(model)[n].bias for n in names}
+    if "all" in modes:
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and ".lora_" not in pname:
+                p.requires_grad_(True)
+    elif "lora_only" in modes:
+        for _, layer in lora_layers(model):
+            bias = getattr(layer.base_layer, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    active = []
+    for module in _wrappers(model):
+        active += [n for n in module.active_adapters if n not in active]
+    return active
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes as its base: no adapter applies (merged ones are
+    unmerged for the block and merged back after)."""
+    layers = list(_wrappers(model))
+    merged = {id(m): list(m.merged_adapters) for m in layers if isinstance(m, LoraLayer)}
+    unmerge(model)
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
+            if merged.get(id(m)):
+                m.merge(merged[id(m)], untie=id(m.base_layer.weight) in _shared_weights(model))
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` everywhere; wrappers left with no adapter go back to their base."""
+    _check_names(model, [name])
+    for module in list(_wrappers(model)):
+        if name in module.adapter_names():
+            module.delete_adapter(name)
+    del adapter_configs(model)[name]
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    for full_name, module in wrappers:
+        if not module.adapter_names():
+            parent, attr = _parent(model, full_name)
+            setattr(parent, attr, module.base_layer if isinstance(module, LoraLayer) else module.original_module)
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of parameters reachable from more than one module (tied embeddings)."""
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {pid for pid, c in counts.items() if c > 1}
+
+
+def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
+    """Fold the active (or named) adapters into the frozen weights: W <- W + scale · B A.
+
+    A weight shared with another module (tied input/output embeddings) is untied first, so the
+    partner keeps its original values. Merging twice is a no-op.
+    """
+    if names is not None:
+        _check_names(model, names)
+    shared = _shared_weights(model)
+    for _, layer in lora_layers(model):
+        if _is_4bit(layer.base_layer):
+            raise ValueError("cannot merge into a 4-bit weight in place; use merge_and_unload(model), "
+                             "which dequantizes and merges in float32")
+        layer.merge(names and [n for n in names if n in layer.rank],
+                    untie=id(layer.base_layer.weight) in shared)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo merge: W <- W - scale · B A (equal to the original to float tolerance; a weight untied
+    by merge gets its shared original back exactly)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge the active adapters and return the plain model, with no lorakit module left.
+
+    A 4-bit base weight is dequantized, merged in float32 and stored as an nn.Linear in `dtype`
+    (default: the layer's compute dtype) — exact up to that dtype's rounding.
+    """
+    shared = _shared_weights(model)
+    untied = False
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    for full_name, module in wrappers:
+        parent, attr = _parent(model, full_name)
+        if isinstance(module, LoraLayer):
+            if _is_4bit(module.base_layer):
+                base = _dequantized_linear(module, dtype)
+            else:
+                untied |= id(module.base_layer.weight) in shared
+                module.merge(module.active_adapters, untie=id(module.base_layer.weight) in shared)
+                base = module.base_layer
+            setattr(parent, attr, base)
+        else:
+            setattr(parent, attr, module.active_module())
+    if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the merged copies now differ
+    model.__dict__.pop("lorakit_adapters", None)
+    return model
+
+
+def _dequantized_linear(layer: LoraLinear, dtype: torch.dtype | None) -> nn.Linear:
+    q = layer.base_layer
+    weight = q.dequantize_weight(torch.float32)
+    for name in layer.active_adapters:
+        weight += layer.delta_weight(name)
+    dtype = dtype or q.compute_dtype
+    linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=dtype, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if q.bias is not None:
+            linear.bias.copy_(q.bias)
+    linear.requires_grad_(False)
+    return linear
+
+
+@dataclass
+class TrainableReport:
+    """Parameter counts: what trains, against the whole model and the weights LoRA adapts."""
+
+    trainable: int
+    total: int
+    adapted: int  # parameters of the frozen weights that carry adapters
+    per_module: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    @property
+    def reduction(self) -> float:
+        """How many times fewer parameters train than the adapted weights hold."""
+        return self.adapted / self.trainable if self.trainable else float("inf")
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable: {self.percent:.4f}% || {self.reduction:.1f}x fewer than the adapted weights")
+
+
+def _numel(module_or_param) -> int:
+    """Logical parameter count; a 4-bit weight counts its unpacked elements."""
+    if isinstance(module_or_param, torch.Tensor):
+        return module_or_param.numel()
+    return module_or_param.in_features * module_or_param.out_features
+
+
+def trainable_parameters(model: nn.Module) -> TrainableReport:
+    per_module: dict[str, int] = {}
+    trainable = total = 0
+    for pname, p in model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            owner = pname.rsplit(".", 2)[0] if ".lora_" not in pname else pname.split(".lora_")[0]
+            per_module[owner] = per_module.get(owner, 0) + p.numel()
+    adapted = 0
+    for _, module in model.named_modules():
+        if _is_4bit(module):
+            total += _numel(module)  # its packed weight is a buffer, not a parameter
+        if isinstance(module, LoraLayer) and module.active_adapters:
+            base = module.base_layer
+            adapted += _numel(base) if _is_4bit(base) else base.weight.numel()
+    return TrainableReport(trainable, total, adapted, per_module)
+
+
+def combine_adapters(model: nn.Module, weights: dict[str, float], name: str,
+                     rank: int | None = None) -> nn.Module:
+    """Add adapter `name` whose ΔW is exactly Σ_i w_i ΔW_i on every layer.
+
+    Concatenating ranks makes this exact: B' = [w_1 s_1 B_1 | w_2 s_2 B_2 | ...], A' = [A_1; A_2; ...],
+    scale 1 (a zero block stands in where an adapter does not reach a layer). Combining A and B
+    separately, as PEFT's "linear" mode does, adds cross terms B_i A_j. With `rank`, each layer's
+    combined ΔW is compressed to its best rank-`rank` approximation (truncated SVD, Eckart–Young).
+    """
+    names = list(weights)
+    _check_names(model, names)
+    if rank is not None and (not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"rank={rank!r}: must be an integer > 0, or None for exact concatenation")
+    if any(isinstance(m, LoraEmbedding) for _, m in lora_layers(model)):
+        raise ValueError("combine_adapters supports linear layers only; this model has embedding adapters")
+    configs = adapter_configs(model)
+    blocks = {}
+    for full_name, layer in lora_layers(model):
+        present = [n for n in names if n in layer.rank]
+        if not present:
+            continue
+        a = torch.cat([layer.lora_A[n].weight.float() for n in present])               # (Σr, in)
+        b = torch.cat([weights[n] * layer.scaling[n] * layer.lora_B[n].weight.float()  # (out, Σr)
+                       for n in present], dim=1)
+        if rank is not None:
+            u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
+            b, a = u[:, :rank] * s[:rank], vh[:rank]
+        blocks[full_name] = (a, b)
+    new_rank = rank or max(a.shape[0] for a, _ in blocks.values())
+    # Full module names as targets: the new adapter reaches exactly the layers its parts reach.
+    first = configs[names[0]]
+    add_lora(model, LoraConfig(r=new_rank, alpha=new_rank, targets=sorted(blocks),
+                               task_type=first.task_type, base_model=first.base_model), name)
+    for full_name, layer in lora_layers(model):
+        if full_name in blocks:
+            a, b = blocks[full_name]
+            pad = new_rank - a.shape[0]  # zero rows of A / columns of B add nothing to ΔW
+            with torch.no_grad():
+                layer.lora_A[name].weight.copy_(torch.cat([a, a.new_zeros(pad, a.shape[1])]))
+                layer.lora_B[name].weight.copy_(torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1))
+    return model
+
+
+def check_config(model: nn.Module, config: LoraConfig) -> None:
+    """Raise ConfigError with every problem of `config` on this model (no change made)."""
+    problems = []
+    for resolver, arg in ((resolve_targets, config), (_resolve_modules_to_save, config.modules_to_save)):
+        try:
+            resolver(model, arg)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("LoRA targets", problems)

@@ -1,0 +1,106 @@
+import math
+
+import pytest
+from conftest import MLP, tiny_gpt2, tiny_llama
+
+from lorakit import ConfigError, LoraConfig, add_lora
+from lorakit.inject import check_config, resolve_targets
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        LoraConfig(r=0, alpha=-1, dropout=1.0, bias="some", init="xavier", targets="q_proj(",
+                   rank_pattern={"q_proj": 0}, layers=[-1])
+    problems = e.value.problems
+    assert len(problems) == 8
+    text = str(e.value)
+    for fragment in ("r=0", "alpha=-1", "dropout=1.0", "bias='some'", "none, all, lora_only",
+                     "init='xavier'", "default, gaussian, random", "not a valid regular expression",
+                     "rank_pattern['q_proj']=0", "layers=[-1]"):
+        assert fragment in text
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"r": 2.5}, "r=2.5"),
+    ({"r": True}, "r=True"),
+    ({"alpha": float("nan")}, "alpha=nan"),
+    ({"dropout": -0.1}, "dropout=-0.1"),
+    ({"targets": []}, "targets=[]"),
+    ({"targets": [1, 2]}, "targets=[1, 2]"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head'"),
+    ({"layers_pattern": "layers"}, "layers_pattern is set but layers is not"),
+    ({"alpha_pattern": {"v_proj": 0}}, "alpha_pattern['v_proj']=0"),
+])
+def test_single_errors_name_the_value(kwargs, fragment):
+    with pytest.raises(ConfigError, match=None) as e:
+        LoraConfig(**kwargs)
+    assert fragment in str(e.value) and len(e.value.problems) == 1
+
+
+def test_scaling_and_patterns():
+    c = LoraConfig(r=8, alpha=16, rank_pattern={"v_proj": 4}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2})
+    assert c.scaling("model.layers.0.self_attn.q_proj") == 2.0
+    assert c.rank_and_alpha("model.layers.0.self_attn.v_proj") == (4, 16)
+    assert c.scaling("model.layers.0.self_attn.v_proj") == 4.0
+    assert c.rank_and_alpha("model.layers.1.self_attn.q_proj") == (8, 2)
+    # "v_proj" must match at a dot boundary, not inside another name
+    assert c.rank_and_alpha("model.layers.0.self_attn.xv_proj") == (8, 16)
+    assert LoraConfig(r=16, alpha=8, rslora=True).scaling("x") == pytest.approx(8 / math.sqrt(16))
+
+
+def test_peft_dict_round_trip():
+    c = LoraConfig(r=4, alpha=8, dropout=0.1, targets=["v_proj", "q_proj"], bias="lora_only",
+                   modules_to_save=["lm_head"], layers=[1], rank_pattern={"q_proj": 2}, rslora=True,
+                   init="gaussian")
+    d = c.to_peft_dict()
+    assert d["peft_type"] == "LORA" and d["lora_alpha"] == 8 and d["use_rslora"] is True
+    assert d["init_lora_weights"] == "gaussian" and d["layers_to_transform"] == [1]
+    assert LoraConfig.from_peft_dict(d) == c
+
+
+def test_peft_features_lorakit_lacks_are_refused():
+    with pytest.raises(ConfigError) as e:
+        LoraConfig.from_peft_dict({"peft_type": "LORA", "r": 4, "use_dora": True, "lora_bias": True})
+    assert len(e.value.problems) == 2 and "use_dora=True" in str(e.value)
+    with pytest.raises(ConfigError, match="peft_type='IA3'"):
+        LoraConfig.from_peft_dict({"peft_type": "IA3"})
+
+
+def test_targets_matching_nothing_lists_the_linear_modules():
+    model = tiny_llama()
+    with pytest.raises(ValueError) as e:
+        add_lora(model, LoraConfig(targets=["qproj"]))
+    msg = str(e.value)
+    assert "['qproj']" in msg and "match no module" in msg
+    assert "linear modules here: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in msg
+    # the model was not touched
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unsupported_module_and_missing_default():
+    with pytest.raises(ValueError, match="LoRA cannot adapt: model.layers.0.self_attn \\(LlamaAttention\\)"):
+        add_lora(tiny_llama(), LoraConfig(targets=r"model\.layers\.0\.self_attn"))
+    with pytest.raises(ValueError, match="no default LoRA targets .* linear modules here: fc1, fc2"):
+        add_lora(MLP(), LoraConfig())
+
+
+def test_target_matching_rules():
+    model = tiny_llama()
+    names = lambda **kw: resolve_targets(model, LoraConfig(**kw))  # noqa: E731
+    assert names() == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                       "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert names(targets=["v_proj"], layers=[1]) == ["model.layers.1.self_attn.v_proj"]
+    assert names(targets=r".*\.1\..*_proj", exclude=["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]) == [
+        f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"]
+    all_linear = names(targets="all-linear")
+    assert len(all_linear) == 14 and "lm_head" not in all_linear
+    # "proj" alone is not a full name or a dotted suffix of any module
+    with pytest.raises(ValueError, match="match no module"):
+        names(targets=["proj"])
+    assert resolve_targets(tiny_gpt2(), LoraConfig()) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+
+
+def test_check_config_reports_targets_and_modules_to_save_together():
+    with pytest.raises(ConfigError) as e:
+        check_config(tiny_llama(), LoraConfig(targets=["nope"], modules_to_save=["head"]))
+    assert len(e.value.problems) == 2 and "['head'] match no module" in str(e.value)
