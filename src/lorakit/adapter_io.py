@@ -152,3 +152,29 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], di
     with torch.no_grad():
         for key, t in tensors.items():
             known[key].copy_(t.to(known[key].dtype))
+
+
+def adapter_report(directory: str | os.PathLike) -> dict:
+    """Config, parameter count, bytes on disk and per-module norms of a saved adapter."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory)
+    modules = []
+    for key in sorted(tensors):
+        for a_suffix, b_suffix in ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")):
+            if not key.endswith(a_suffix):
+                continue
+            module = key[len(PREFIX):-len(a_suffix)]
+            a = tensors[key].float()
+            b = tensors[key[:-len(a_suffix)] + b_suffix].float()
+            scale = config.scaling(module)
+            modules.append({"module": module, "r": a.shape[0], "scale": scale,
+                            "norm_A": a.norm().item(), "norm_B": b.norm().item(),
+                            "norm_delta": scale * (b @ a).norm().item()})
+    files = [directory / CONFIG_NAME, directory / WEIGHTS_NAME]
+    return {
+        "config": json.loads((directory / CONFIG_NAME).read_text()),
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "bytes": sum(f.stat().st_size for f in files),
+        "modules": modules,
+    }
