@@ -244,3 +244,253 @@ def _is_number(v) -> bool:
 
 def _is_str_list(v) -> bool:
     return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+# --- A training run: lorakit train's configuration ---------------------------------------------
+#
+# Grouped by concern, as in the YAML file and in `--set group.key=value` overrides. Every value
+# is checked by `RunConfig.problems()` (types, ranges, choices, cross-field rules) before any model
+# is loaded, and every problem is reported at once.
+
+METHODS = ("lora", "qlora", "full")
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("auto", "prompt_completion", "alpaca", "chat", "text")
+SCHEDULES = ("cosine", "linear", "constant")
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None          # local transformers directory (or hub id); None: SmolLM2-135M-Instruct
+    dtype: str = "float32"           # dtype of the frozen base
+    quantize: str = "none"           # "nf4" stores the frozen linear weights in 4 bits (QLoRA)
+
+    choices = {"dtype": DTYPES, "quantize": ("none", "nf4")}
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    targets: list[str] | str | None = "all-linear"
+    exclude: list[str] | str | None = None
+    rslora: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    init: str = "default"
+
+    choices = {"bias": BIAS_MODES, "init": INIT_MODES}
+
+    def lora_config(self, base_model: str | None = None) -> LoraConfig:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return LoraConfig(**fields, base_model=base_model)
+
+
+@dataclass
+class DataSection:
+    train: str = "builtin:zorbish"    # a .jsonl/.json/.csv file, or builtin:<task>
+    test: str | None = None           # held-out file scored by exact match (builtin tasks bring one)
+    validation: str | None = None     # a file, or None to split off `validation_fraction` of train
+    validation_fraction: float = 0.05
+    format: str = "auto"
+    max_length: int = 256
+    packing: bool = False
+    train_on_inputs: bool = False     # False: prompt tokens carry no loss
+    n_train: int | None = None        # builtin tasks: number of training examples
+    n_test: int | None = None         # builtin tasks: number of test examples
+
+    choices = {"format": DATA_FORMATS}
+
+
+@dataclass
+class TrainSection:
+    steps: int = 150
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 5
+    save_every: int = 50
+    threads: int | None = None       # torch CPU threads; None: torch's default
+
+    choices = {"schedule": SCHEDULES}
+
+
+@dataclass
+class EvalSection:
+    every: int = 50                  # held-out loss every N steps (0: only before and after)
+    generate: bool = True            # exact match on the test split before and after training
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    limit: int | None = None         # score only the first N test examples
+
+
+@dataclass
+class RunConfig:
+    method: str = "lora"
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    choices = {"method": METHODS}
+    SECTIONS = ("model", "lora", "data", "train", "eval")
+
+    def problems(self) -> list[str]:
+        out = [f"method={self.method!r}: valid choices are {', '.join(METHODS)}"] \
+            if self.method not in METHODS else []
+        for name in self.SECTIONS:
+            out += _section_problems(name, getattr(self, name))
+        if not out:
+            try:
+                self.lora.lora_config()
+            except ConfigError as e:
+                out += [f"lora: {p}" for p in e.problems]
+        d, t, e = self.data, self.train, self.eval
+        positive = [("data.max_length", d.max_length), ("train.steps", t.steps),
+                    ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                    ("train.log_every", t.log_every), ("train.save_every", t.save_every),
+                    ("eval.max_new_tokens", e.max_new_tokens), ("eval.batch_size", e.batch_size),
+                    ("data.n_train", d.n_train), ("data.n_test", d.n_test), ("eval.limit", e.limit),
+                    ("train.threads", t.threads)]
+        for key, value in positive:
+            if _is_int(value) and value <= 0:
+                out.append(f"{key}={value}: must be > 0")
+        for key, value in (("train.lr", t.lr), ("train.weight_decay", t.weight_decay),
+                           ("train.warmup_steps", t.warmup_steps), ("train.seed", t.seed),
+                           ("eval.every", e.every), ("train.max_grad_norm", t.max_grad_norm)):
+            if _is_number(value) and value < 0:
+                out.append(f"{key}={value}: must be >= 0")
+        if _is_number(t.lr) and t.lr == 0:
+            out.append("train.lr=0: must be > 0")
+        if _is_number(d.validation_fraction) and not 0 <= d.validation_fraction < 1:
+            out.append(f"data.validation_fraction={d.validation_fraction}: must be in [0, 1)")
+        if self.method == "full" and self.model.quantize == "nf4":
+            out.append("method='full' with model.quantize='nf4': a 4-bit base cannot be fine-tuned "
+                       "in full; use method=qlora")
+        if self.method == "lora" and self.model.quantize == "nf4":
+            out.append("method='lora' with model.quantize='nf4' is QLoRA: set method=qlora")
+        for key in ("train", "test", "validation"):
+            value = getattr(d, key)
+            if isinstance(value, str) and value.startswith(BUILTIN_PREFIX):
+                from .tasks import TASKS
+
+                task = value[len(BUILTIN_PREFIX):]
+                if task not in TASKS:
+                    out.append(f"data.{key}={value!r}: unknown built-in task; valid: "
+                               + ", ".join(BUILTIN_PREFIX + k for k in TASKS))
+        return out
+
+    def resolved(self) -> RunConfig:
+        """A copy with implied settings made explicit (qlora -> model.quantize=nf4)."""
+        if self.method == "qlora" and self.model.quantize == "none":
+            return dataclasses.replace(self, model=dataclasses.replace(self.model, quantize="nf4"))
+        return self
+
+    def validate(self) -> RunConfig:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("run configuration", problems)
+        return self.resolved()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **{s: dataclasses.asdict(getattr(self, s)) for s in self.SECTIONS}}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+        """Build from a nested dict (a YAML file) plus "group.key=value" overrides (values parsed as
+        YAML scalars). Unknown keys and bad values are collected and raised together."""
+        import yaml
+
+        problems: list[str] = []
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            if not sep:
+                problems.append(f"--set {item!r}: expected key=value, e.g. lora.r=32")
+                continue
+            try:
+                value = yaml.safe_load(text) if text != "" else None
+            except yaml.YAMLError as e:
+                problems.append(f"--set {item!r}: cannot parse the value ({e})")
+                continue
+            group, dot, name = key.partition(".")
+            if dot:
+                section = raw.setdefault(group, {})
+                if isinstance(section, dict):
+                    section[name] = value
+                else:
+                    problems.append(f"--set {item!r}: {group} is not a group")
+            else:
+                raw[group] = value
+        kwargs: dict[str, Any] = {}
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in raw.items():
+            if key not in sections:
+                problems.append(f"unknown key {key!r}: valid top-level keys are {', '.join(sections)}")
+            elif key == "method":
+                kwargs[key] = value
+            elif not isinstance(value, dict):
+                problems.append(f"{key}: expected a group of keys, got {value!r}")
+            else:
+                section_cls = type(sections[key].default_factory())
+                valid = [f.name for f in dataclasses.fields(section_cls)]
+                unknown = [k for k in value if k not in valid]
+                for k in unknown:
+                    problems.append(f"unknown key {key}.{k}: valid keys in {key} are {', '.join(valid)}")
+                kwargs[key] = section_cls(**{k: v for k, v in value.items() if k in valid})
+        config = cls(**kwargs)
+        problems += config.problems()
+        if problems:
+            raise ConfigError("run configuration", problems)
+        return config.resolved()
+
+
+def _section_problems(section: str, obj) -> list[str]:
+    """Type and choice checks for every field of one config group."""
+    import typing
+
+    out = []
+    hints = typing.get_type_hints(type(obj))
+    choices = getattr(obj, "choices", {})
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _type_ok(value, hints[f.name]):
+            out.append(f"{section}.{f.name}={value!r}: expected {_type_name(hints[f.name])}")
+        elif f.name in choices and value not in choices[f.name]:
+            out.append(f"{section}.{f.name}={value!r}: valid choices are {', '.join(choices[f.name])}")
+    return out
+
+
+def _type_ok(value, hint) -> bool:
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(hint) -> str:
+    name = getattr(hint, "__name__", None) if not hasattr(hint, "__args__") else None
+    return name or str(hint).replace("typing.", "").replace("NoneType", "null")

@@ -1,0 +1,152 @@
+import json
+
+import pytest
+from conftest import char_tokenizer
+
+from lorakit.data import (
+    IGNORE,
+    DataError,
+    Record,
+    batch_at,
+    build_dataset,
+    collate,
+    detect_format,
+    epoch_order,
+    pack,
+    read_records,
+    split_validation,
+)
+
+tok = char_tokenizer()
+EOS = tok.eos_token_id  # 2
+
+
+def ids(text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_prompt_completion_masks_the_prompt(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q:ab ", "completion": "cd"}])
+    (e,) = build_dataset(read_records(path), tok).examples
+    assert e.input_ids == ids("Q:ab ") + ids("cd") + [EOS]
+    assert e.labels == [IGNORE] * 5 + ids("cd") + [EOS]
+    assert (e.prompt, e.reference, e.source) == ("Q:ab ", "cd", f"{path}:1")
+    (e,) = build_dataset(read_records(path), tok, train_on_inputs=True).examples
+    assert e.labels == e.input_ids
+
+
+def test_completion_already_ending_in_eos_gets_no_second_one():
+    r = Record({"prompt": "p", "completion": "x<|im_end|>", "answer": "x"}, "mem:1")
+    (e,) = build_dataset([r], tok).examples
+    assert e.input_ids == ids("p") + ids("x") + [EOS] and e.reference == "x"
+
+
+def test_alpaca_with_and_without_input():
+    rows = [Record({"instruction": "Add", "input": "1 2", "output": "3"}, "a:1"),
+            Record({"instruction": "Hi", "output": "yo"}, "a:2")]
+    with_input, without = build_dataset(rows, tok).examples
+    prompt = ("Below is an instruction that describes a task, paired with an input that provides further "
+              "context. Write a response that appropriately completes the request.\n\n"
+              "### Instruction:\nAdd\n\n### Input:\n1 2\n\n### Response:\n")
+    assert with_input.prompt == prompt
+    assert with_input.input_ids == ids(prompt) + ids("3") + [EOS]
+    assert with_input.labels == [IGNORE] * len(prompt) + ids("3") + [EOS]
+    assert without.prompt.endswith("### Instruction:\nHi\n\n### Response:\n") and "Input" not in without.prompt
+
+
+def test_chat_masks_all_but_assistant_turns_including_end_of_turn():
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "ok"}, {"role": "assistant", "content": "k"}]
+    (e,) = build_dataset([Record({"messages": msgs}, "c:1")], tok).examples
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+    assert tok.decode(e.input_ids) == text
+    learned = [t for t, label in zip(e.input_ids, e.labels) if label != IGNORE]
+    # each assistant reply, its end-of-turn token and the newline the template puts after it
+    assert learned == ids("yo") + [EOS] + ids("\n") + ids("k") + [EOS] + ids("\n")
+    assert e.reference == "k" and e.prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_text_format_learns_every_token():
+    (e,) = build_dataset([Record({"text": "abc"}, "t:1")], tok).examples
+    assert e.input_ids == ids("abc") + [EOS] and e.labels == e.input_ids and e.reference is None
+
+
+def test_truncation_is_counted():
+    rows = [Record({"prompt": "p" * 6, "completion": "c" * 6}, f"x:{i}") for i in range(3)]
+    rows.append(Record({"prompt": "p", "completion": "c"}, "x:4"))
+    ds = build_dataset(rows, tok, max_length=5)
+    assert ds.truncated == 3 and ds.unsupervised == 3  # the cut left only prompt tokens
+    assert [len(e.input_ids) for e in ds.examples] == [5, 5, 5, 3]
+    assert ds.tokens == 18
+
+
+def test_packing_concatenates_into_full_rows():
+    rows = [Record({"text": "a" * n}, f"x:{n}") for n in (3, 5, 6)]  # 4 + 6 + 7 = 17 tokens
+    packed = pack(build_dataset(rows, tok), max_length=8)
+    assert [len(e.input_ids) for e in packed.examples] == [8, 8, 1]
+    flat = [t for e in packed.examples for t in e.input_ids]
+    assert flat == ids("aaa") + [EOS] + ids("aaaaa") + [EOS] + ids("aaaaaa") + [EOS]
+
+
+def test_collate_pads_right_with_ignored_labels():
+    rows = [Record({"prompt": "ab", "completion": "c"}, "x:1"), Record({"text": "a"}, "x:2")]
+    a, b = build_dataset([rows[0]], tok).examples + build_dataset([rows[1]], tok).examples
+    batch = collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [a.input_ids, b.input_ids + [0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, *ids("c"), EOS], [*ids("a"), EOS, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_batches_are_a_pure_function_of_step():
+    rows = [Record({"text": str(i)}, f"x:{i}") for i in range(10)]
+    ds = build_dataset(rows, tok)
+    first_epoch = [e.source for s in range(3) for e in batch_at(ds, s, 3, seed=7)]
+    order = epoch_order(10, 7, 0)
+    assert first_epoch == [f"x:{i}" for i in order[:9]]  # the 10th example is dropped this epoch
+    assert [e.source for e in batch_at(ds, 3, 3, seed=7)] == [f"x:{i}" for i in epoch_order(10, 7, 1)[:3]]
+    assert epoch_order(10, 7, 1) != order
+    with pytest.raises(DataError, match="fewer than one batch of 11"):
+        batch_at(ds, 0, 11, seed=0)
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    rows = [Record({"text": str(i)}, f"x:{i}") for i in range(100)]
+    train, val = split_validation(rows, 0.1, seed=3)
+    assert len(val) == 10 and len(train) == 90
+    assert {r.source for r in train}.isdisjoint(r.source for r in val)
+    assert [r.source for r in split_validation(rows, 0.1, seed=3)[1]] == [r.source for r in val]
+
+
+def test_file_formats_and_errors_name_file_and_line(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
+    assert [r.source for r in read_records(tmp_path / "d.json")] == [f"{tmp_path / 'd.json'}[{i}]" for i in (0, 1)]
+    (tmp_path / "d.csv").write_text("prompt,completion\nhi,yo\n")
+    (r,) = read_records(tmp_path / "d.csv")
+    assert r.fields == {"prompt": "hi", "completion": "yo"} and r.source.endswith("d.csv:2")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b"\n')
+    with pytest.raises(DataError, match=rf"{bad}:2: not valid JSON"):
+        read_records(bad)
+    bad.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a"}\n')
+    with pytest.raises(DataError, match=rf"{bad}:3: format prompt_completion needs key\(s\) completion"):
+        detect_format(read_records(bad))
+    bad.write_text('{"question": "a"}\n')
+    with pytest.raises(DataError, match="cannot tell the format from keys \\['question'\\]; prompt_completion"):
+        detect_format(read_records(bad))
+    bad.write_text('{"prompt": "a", "completion": 3}\n')
+    with pytest.raises(DataError, match=rf"{bad}:1: 'completion' must be a string, got int"):
+        build_dataset(read_records(bad), tok)
+    bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
+    with pytest.raises(DataError, match="the last message must be the assistant's"):
+        build_dataset(read_records(bad), tok)
+    with pytest.raises(DataError, match="unknown data file type '.txt'"):
+        (tmp_path / "x.txt").write_text("a")
+        read_records(tmp_path / "x.txt")
+    with pytest.raises(DataError, match="no such data file"):
+        read_records(tmp_path / "missing.jsonl")
