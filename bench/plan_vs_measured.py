@@ -1,0 +1,185 @@
+"""Predicted (lorakit.planner) vs measured peak memory of real training steps.
+
+    .venv/bin/python bench/plan_vs_measured.py            # all configs, CPU (or CUDA when present)
+    .venv/bin/python bench/plan_vs_measured.py --only 0,3 # a subset
+
+Each config builds a tiny randomly initialized decoder from a transformers config, runs one warm-up
+step (so AdamW's states exist, as in every later step), then measures the next full step
+(forward, backward, optimizer step, zero_grad):
+
+* CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), compared with the plan's
+  `peak_allocated` (the runtime overhead is not part of that counter).
+* CPU: PyTorch's CPU allocator, via the profiler. With profile_memory=True every allocation and free of
+  the c10 CPU allocator is reported together with the running total of bytes allocated since profiling
+  began (`total_allocated`); its maximum is the CPU analogue of max_memory_allocated, and it includes
+  kernels' internal temporaries. The bytes already resident when profiling starts (parameters, buffers,
+  optimizer states) are added. Peak RSS was rejected: glibc keeps freed pages, untouched pages of
+  torch.empty are not resident, and the interpreter and libraries dominate for small models.
+
+The LoRA step uses peft (adapters in fp32 around a frozen 16-bit base, like lorakit) as a stand-in:
+switch `model_under_training` to lorakit.add_lora once it exists. QLoRA is not measured here: the
+bitsandbytes 4-bit path needs CUDA in this setup; on a GPU machine add bitsandbytes' Linear4bit there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.planner import arch_from_config, plan
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    family: str  # llama | qwen2 | mixtral | phi3 | gemma2
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    method: str  # full | lora
+    batch: int
+    seq: int
+    ckpt: bool = False
+    dtype: str = "bf16"
+    targets: tuple[str, ...] | str | None = None
+    rank: int = 8
+    tied: bool = False
+
+
+CASES = [
+    Case("llama-12M full", "llama", 256, 688, 4, 8, 4, 8000, "full", 2, 128),
+    Case("llama-12M full fp32", "llama", 256, 688, 4, 8, 4, 8000, "full", 2, 128, dtype="fp32"),
+    Case("llama-30M lora qv", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 2, 256),
+    Case("llama-30M lora qv ckpt", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 2, 256, ckpt=True),
+    Case("llama-30M lora all b4", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 4, 128, targets="all-linear"),
+    Case("llama-30M full ckpt", "llama", 512, 1376, 6, 8, 4, 16000, "full", 2, 256, ckpt=True),
+    Case("llama-110M lora qv s512", "llama", 768, 2048, 12, 12, 4, 32000, "lora", 1, 512, tied=True),
+    Case("llama-110M lora all ckpt", "llama", 768, 2048, 12, 12, 4, 32000, "lora", 1, 512, ckpt=True,
+         targets="all-linear", tied=True),
+    Case("llama-110M full", "llama", 768, 2048, 12, 12, 4, 32000, "full", 1, 256, tied=True),
+    Case("qwen2-20M lora all", "qwen2", 384, 1024, 6, 6, 2, 16000, "lora", 2, 256, targets="all-linear"),
+    Case("phi3-25M lora qkv", "phi3", 512, 1376, 6, 8, 8, 8000, "lora", 2, 256, targets=("qkv_proj",)),
+    Case("llama-30M lora qv r64 fp32", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 2, 256, dtype="fp32",
+         rank=64),
+    # Small vocabulary: the layers, not the logits, set the peak.
+    Case("llama-20M-v1k lora qv s512", "llama", 512, 1376, 6, 8, 4, 1000, "lora", 2, 512),
+    Case("llama-20M-v1k full ckpt", "llama", 512, 1376, 6, 8, 4, 1000, "full", 2, 512, ckpt=True),
+    # Gemma 2: eager attention with soft-capping (s^2 probabilities), four norms, tied embeddings
+    Case("gemma2-15M lora qv eager", "gemma2", 256, 768, 4, 4, 2, 8000, "lora", 2, 256, tied=True),
+]
+
+
+def build_config(c: Case):
+    import transformers
+
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "mixtral": transformers.MixtralConfig, "phi3": transformers.Phi3Config,
+           "gemma2": transformers.Gemma2Config}[c.family]
+    kw = dict(hidden_size=c.hidden, intermediate_size=c.inter, num_hidden_layers=c.layers,
+              num_attention_heads=c.heads, num_key_value_heads=c.kv_heads, vocab_size=c.vocab,
+              tie_word_embeddings=c.tied, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2)
+    if c.family == "gemma2":
+        kw["head_dim"] = 2 * c.hidden // c.heads  # Gemma 2's head_dim is independent of hidden_size
+    return cls(**kw)
+
+
+def model_under_training(c: Case, dtype: torch.dtype, device: str):
+    """The model as trained: full (all parameters train) or LoRA via peft (switch to lorakit.add_lora)."""
+    from transformers import AutoModelForCausalLM
+
+    attention = "eager" if c.family == "gemma2" else "sdpa"  # Gemma 2 soft-caps: eager attention
+    model = AutoModelForCausalLM.from_config(build_config(c), attn_implementation=attention).to(dtype).to(device)
+    if c.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = list(c.targets or ("q_proj", "v_proj")) if c.targets != "all-linear" else "all-linear"
+        model = get_peft_model(model, LoraConfig(r=c.rank, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    if c.ckpt:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return model
+
+
+def _resident_bytes(*objs) -> int:
+    seen = {}
+    for t in objs:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def measure(c: Case, device: str) -> int:
+    torch.manual_seed(0)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[c.dtype]
+    model = model_under_training(c, dtype, device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, c.vocab, (c.batch, c.seq), device=device)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: optimizer states now exist
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    resident = _resident_bytes(*model.parameters(), *model.buffers(), *states, ids)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        total = getattr(event.extra_fields, "total_allocated", None)
+        if total is not None:
+            peak = max(peak, total)
+        stack.extend(event.children)
+    return resident + peak
+
+
+def predict(c: Case, device: str) -> int:
+    arch = arch_from_config(build_config(c).to_dict(), name=c.name)
+    result = plan(arch, method=c.method, rank=c.rank, targets=c.targets, batch_size=c.batch, seq_len=c.seq,
+                  grad_checkpointing=c.ckpt, dtype=c.dtype, device=device, recommend=False)
+    return result.peak_allocated, result.peak_phase
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated case indices")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(2)
+    cases = [CASES[int(i)] for i in args.only.split(",")] if args.only else CASES
+    print(f"device: {device} ({'max_memory_allocated' if device == 'cuda' else 'CPU allocator via profiler'})")
+    print(f"{'#':>2} {'config':28s} {'batch x seq':>11s} {'predicted':>10s} {'measured':>10s} {'ratio':>6s}  "
+          f"peak moment (predicted)")
+    worst = 0.0
+    for i, c in enumerate(cases):
+        t0 = time.time()
+        predicted, phase = predict(c, device)
+        measured = measure(c, device)
+        ratio = predicted / measured
+        worst = max(worst, abs(ratio - 1))
+        print(f"{CASES.index(c):2d} {c.name:28s} {f'{c.batch} x {c.seq}':>11s} {predicted / 2**20:7.1f} MiB "
+              f"{measured / 2**20:7.1f} MiB {ratio:6.3f}  {phase} [{time.time() - t0:.0f}s]", flush=True)
+    print(f"worst deviation: {100 * worst:.1f}%")
+    return 0 if worst <= 0.15 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
