@@ -10,13 +10,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def tiny_llama(tie: bool = False, seed: int = 0, hidden: int = 32, dtype=torch.float32):
+def tiny_llama(tie: bool = False, seed: int = 0, hidden: int = 32, dtype=torch.float32, vocab: int = 96,
+               init_range: float = 0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                         tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         initializer_range=init_range)
     return LlamaForCausalLM(config).to(dtype).eval()
 
 

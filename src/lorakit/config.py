@@ -407,8 +407,6 @@ class RunConfig:
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
         """Build from a nested dict (a YAML file) plus "group.key=value" overrides (values parsed as
         YAML scalars). Unknown keys and bad values are collected and raised together."""
-        import yaml
-
         problems: list[str] = []
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
         for item in overrides:
@@ -417,8 +415,8 @@ class RunConfig:
                 problems.append(f"--set {item!r}: expected key=value, e.g. lora.r=32")
                 continue
             try:
-                value = yaml.safe_load(text) if text != "" else None
-            except yaml.YAMLError as e:
+                value = load_yaml(text) if text != "" else None
+            except ValueError as e:
                 problems.append(f"--set {item!r}: cannot parse the value ({e})")
                 continue
             group, dot, name = key.partition(".")
@@ -451,6 +449,25 @@ class RunConfig:
         if problems:
             raise ConfigError("run configuration", problems)
         return config.resolved()
+
+
+def load_yaml(text: str):
+    """yaml.safe_load, except that 1e-4 is a float (YAML 1.1 wants 1.0e-4 and reads "1e-4" as a
+    string, a trap for learning rates)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    try:
+        return yaml.load(text, Loader=Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from e
 
 
 def _section_problems(section: str, obj) -> list[str]:

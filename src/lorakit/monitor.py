@@ -1,0 +1,145 @@
+"""Watching a run: the metrics log, loss-curve diagnostics, the loss plot, peak memory.
+
+Diagnostics read the training-loss curve the way the QLoRA/LoRA practice advises:
+  * a loss that turns NaN/inf, or climbs far above its best value, is divergence: the learning
+    rate is likely too high;
+  * a loss that stops falling while still far above where it started is a plateau: the rank may
+    be too low (or the learning rate too small).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# A loss this many times its best smoothed value (after warm-up) counts as divergence.
+DIVERGENCE_FACTOR = 3.0
+# Plateau: over the last third of the run the smoothed loss fell by less than this fraction...
+PLATEAU_MIN_DROP = 0.02
+# ...while it still stands above this fraction of the first smoothed loss.
+PLATEAU_MIN_PROGRESS = 0.5
+
+
+@dataclass
+class Diagnostic:
+    kind: str       # "diverged" or "plateau"
+    step: int
+    message: str
+
+
+def check_divergence(step: int, loss: float, best: float | None, lr: float, warmup_done: bool) -> Diagnostic | None:
+    """Divergence at this step: a non-finite loss, or (after warm-up) a loss above
+    DIVERGENCE_FACTOR x the best loss so far."""
+    if math.isfinite(loss) and not (warmup_done and best is not None and loss > DIVERGENCE_FACTOR * best):
+        return None
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"loss {loss:.4g} is over {DIVERGENCE_FACTOR:g}x its best ({best:.4g})"
+    return Diagnostic("diverged", step, f"training diverged at step {step}: {what}. The learning rate "
+                      f"({lr:.3g}) is likely too high: try {lr / 3:.3g} or lower, or a longer warm-up.")
+
+
+def smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def check_plateau(steps: list[int], losses: list[float], r: int | None, lr: float) -> Diagnostic | None:
+    """Plateau over the whole curve: the last third fell by < PLATEAU_MIN_DROP (relative) while the
+    loss is still above PLATEAU_MIN_PROGRESS x its start. Needs at least 6 points."""
+    if len(losses) < 6:
+        return None
+    s = smooth(losses)
+    third = len(s) // 3
+    start, before, end = s[0], s[-third - 1], s[-1]
+    if before <= 0 or (before - end) / before >= PLATEAU_MIN_DROP or end <= PLATEAU_MIN_PROGRESS * start:
+        return None
+    rank = f"the rank (r={r}) may be too low for this task" if r else "the model may lack capacity"
+    return Diagnostic("plateau", steps[-third - 1],
+                      f"the loss plateaued at {end:.4g} (from {start:.4g}) since step {steps[-third - 1]}: "
+                      f"{rank}, or the learning rate ({lr:.3g}) too small.")
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step or evaluation, flushed line by line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a kill: everything after it is gone too
+        return records
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records up to `step` (a resumed run rewrites what came after its checkpoint)."""
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def plot_losses(records: list[dict], path: str | Path) -> Path | None:
+    """loss.png: training loss (raw and smoothed) and held-out loss against the step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("lorakit: matplotlib is not installed; skipping loss.png (pip install matplotlib)", file=sys.stderr)
+        return None
+    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train" and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval" and r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, label="train loss")
+        ax.plot(steps, smooth(list(losses)), color="tab:blue", label="train loss (smoothed)")
+    if evals:
+        steps, losses = zip(*evals)
+        ax.plot(steps, losses, "o-", color="tab:orange", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak memory of this process: the CUDA allocator's peak on a GPU, else peak RSS."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def as_dict(d: Diagnostic | None) -> dict | None:
+    return asdict(d) if d else None
