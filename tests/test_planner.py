@@ -196,7 +196,7 @@ def _parse(argv):
 def test_cli_json(capsys):
     args = _parse(["plan", "--model", "llama-3.1-8b", "--method", "qlora", "--targets", "all-linear",
                    "--batch", "2", "--seq", "1024", "--grad-checkpointing", "--json"])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["config"]["targets"] == "all-linear" and d["config"]["grad_checkpointing"] is True
     assert d["parameters"]["trainable"] == 32 * 8 * (8192 + 5120 + 5120 + 8192 + 3 * 18432)  # r*(in+out), 7 linears

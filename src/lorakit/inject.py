@@ -20,12 +20,13 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, ConfigError, LoraConfig
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .nf4 import NF4Linear
 
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "blocks", "layer")
 
 
 def _is_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "NF4Linear"
+    return isinstance(module, NF4Linear)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -67,7 +68,7 @@ def _matches(spec: list[str] | str, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
+def output_head_names(model: nn.Module) -> set[str]:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     names = {n for n, m in _candidates(model) if head is not None and m is head}
@@ -98,7 +99,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Full names of the modules `config` adapts, in model order. Errors name the candidates."""
     targets = config.targets if config.targets is not None else default_targets(model)
     candidates = list(_candidates(model))
-    heads = _output_head_names(model) if targets == ALL_LINEAR else set()
+    heads = output_head_names(model) if targets == ALL_LINEAR else set()
     chosen, unsupported = [], []
     for name, module in candidates:
         if not name:

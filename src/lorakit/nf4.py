@@ -783,3 +783,19 @@ class NF4Linear(nn.Module):
 
 
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def quantize_linears(model: nn.Module, compute_dtype: torch.dtype | None = None, skip: set[str] = frozenset(),
+                     double_quant: bool = True, blocksize: int = 64, quant_type: str = "nf4") -> nn.Module:
+    """Replace every nn.Linear of `model` (except the names in `skip`, e.g. the output head) by
+    an NF4Linear, in place, one layer at a time (at most one full-precision layer is freed per
+    step). Embeddings and other modules are left as they are."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skip]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, attr)
+        q = NF4Linear.from_linear(linear, compute_dtype, double_quant, blocksize, quant_type)
+        q.requires_grad_(False)
+        setattr(parent, attr, q)
+    return model

@@ -9,6 +9,7 @@ import sys
 # subcommand -> module in lorakit.cli exposing add_parser(subparsers) and run(args) -> int
 COMMANDS = {
     "inspect": "inspect",
+    "plan": "plan",
 }
 
 

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--domain-shift", action="store_true",
                    help="the data is far from pretraining: consider full fine-tuning")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(run=run)
     return p
 
 
