@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -320,20 +321,23 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requantize: bool = False) -> nn.Module:
     """Merge the active adapters and return the plain model, with no lorakit module left.
 
-    A 4-bit base weight is dequantized, merged in float32 and stored as an nn.Linear in `dtype`
-    (default: the layer's compute dtype) — exact up to that dtype's rounding.
+    A 4-bit base weight is dequantized and merged in float32: W = deq(W_nf4) + scale · B A, stored
+    as an nn.Linear in `dtype` (default: the layer's compute dtype), exact up to that dtype's
+    rounding. requantize=True stores W in NF4 again instead, which is lossy: the relative error
+    ||deq(nf4(W)) - W|| / ||W|| of every layer is measured and reported in a warning.
     """
     shared = _shared_weights(model)
     untied = False
+    errors = []
     wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
     for full_name, module in wrappers:
         parent, attr = _parent(model, full_name)
         if isinstance(module, LoraLayer):
             if _is_4bit(module.base_layer):
-                base = _dequantized_linear(module, dtype)
+                base = _merged_4bit(module, dtype, requantize, errors)
             else:
                 untied |= id(module.base_layer.weight) in shared
                 module.merge(module.active_adapters, untie=id(module.base_layer.weight) in shared)
@@ -343,23 +347,60 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             setattr(parent, attr, module.active_module())
     if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the merged copies now differ
+    if errors:
+        warnings.warn(f"merged {len(errors)} layers back into NF4: relative weight error "
+                      f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f} "
+                      "(merge without requantize=True for an exact 16/32-bit model)", stacklevel=2)
     model.__dict__.pop("lorakit_adapters", None)
     return model
 
 
-def _dequantized_linear(layer: LoraLinear, dtype: torch.dtype | None) -> nn.Linear:
+def _merged_4bit(layer: LoraLinear, dtype: torch.dtype | None, requantize: bool,
+                 errors: list[float]) -> nn.Module:
     q = layer.base_layer
     weight = q.dequantize_weight(torch.float32)
     for name in layer.active_adapters:
         weight += layer.delta_weight(name)
-    dtype = dtype or q.compute_dtype
-    linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=dtype, device=weight.device)
+    if requantize:
+        linear = nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        merged = NF4Linear.from_linear(linear, dtype or q.compute_dtype, q.weight_nested_absmax is not None,
+                                       q.blocksize, q.quant_type)
+        merged.bias = q.bias
+        errors.append((torch.linalg.matrix_norm(merged.dequantize_weight(torch.float32) - weight)
+                       / torch.linalg.matrix_norm(weight)).item())
+        return merged
+    linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
+                       dtype=dtype or q.compute_dtype, device=weight.device)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if q.bias is not None:
             linear.bias.copy_(q.bias)
     linear.requires_grad_(False)
     return linear
+
+
+def memory_report(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the model, by kind: 4-bit base weights, their quantization constants
+    (absmax, nested absmax, code tables), adapters (LoRA and modules_to_save copies), and the
+    rest (embeddings, norms, unquantized layers)."""
+    report = {"quantized_weights": 0, "quantization_constants": 0, "adapters": 0, "other": 0}
+    seen = set()
+    for module in model.modules():
+        if _is_4bit(module):
+            state = module.quant_state
+            report["quantized_weights"] += state.packed.numel()
+            report["quantization_constants"] += sum(t.numel() * t.element_size() for t in state.tensors()
+                                                    if t is not state.packed)
+            seen.update(id(t) for t in state.tensors())
+    adapter_ids = {id(p) for name in adapter_configs(model) for p in _adapter_parameters(model, name)}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        report["adapters" if id(t) in adapter_ids else "other"] += t.numel() * t.element_size()
+    report["total"] = sum(report.values())
+    return report
 
 
 @dataclass
