@@ -61,10 +61,12 @@ def load_base(config: RunConfig):
 
 
 def prepare_model(model: torch.nn.Module, config: RunConfig) -> torch.nn.Module:
+    from .models import DEFAULT_MODEL
+
     if config.method == "full":
         model.requires_grad_(True)
     else:
-        add_lora(model, config.lora.lora_config(base_model=config.model.path))
+        add_lora(model, config.lora.lora_config(base_model=config.model.path or DEFAULT_MODEL))
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -122,6 +124,35 @@ def lr_lambda(config: RunConfig):
         return 1.0
 
     return factor
+
+
+def memory_check(model, config: RunConfig, log) -> int | None:
+    """Run the planner for this run and warn when the step will not fit the device; returns the
+    predicted peak in bytes (None when the planner does not know the architecture)."""
+    from .planner import GiB, arch_from_config, device_warning, plan
+
+    try:
+        arch = arch_from_config(model.config.to_dict())
+    except (ValueError, KeyError, AttributeError) as e:
+        log(f"memory plan: skipped ({e})")
+        return None
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.model.dtype]
+    device = getattr(model, "device", torch.device("cpu"))
+    p = plan(arch, method=config.method, rank=config.lora.r, targets=config.lora.targets,
+             batch_size=config.train.batch_size, seq_len=config.data.max_length,
+             grad_checkpointing=config.train.gradient_checkpointing, dtype=dtype,
+             lora_dropout=config.lora.dropout, device="cuda" if device.type == "cuda" else "cpu",
+             recommend=False)
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    log(f"memory plan: predicted peak {p.peak / GiB:.2f} GiB (batch {config.train.batch_size} x "
+        f"{config.data.max_length} tokens) of {available / GiB:.1f} GiB available on {device.type}")
+    warning = device_warning(p, available / GiB)
+    if warning:
+        log(warning)
+    return p.peak
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -289,6 +320,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         f"{prepared.train.truncated} truncated at {config.data.max_length}), "
         f"{len(prepared.validation.examples) if prepared.validation else 0} validation, "
         f"{len(prepared.test.examples) if prepared.test else 0} test")
+    planned_peak = memory_check(model, config, log)
     if prepared.train.unsupervised:
         log(f"warning: {prepared.train.unsupervised} training examples have no completion token left after "
             f"truncation at data.max_length={config.data.max_length}; they teach nothing")
@@ -398,6 +430,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         "train_seconds": state["train_seconds"],
         "wall_seconds": time.perf_counter() - wall["start"],
         "peak_memory_bytes": monitor.peak_memory_bytes(getattr(model, "device", "cpu")),
+        "planned_peak_bytes": planned_peak,
         "diagnostics": [dataclasses.asdict(d) for d in diagnostics],
         "result": str(result_dir),
         "loss_plot": str(plot) if plot else None,
