@@ -11,13 +11,18 @@ COMMANDS = {
     "inspect": "inspect",
     "plan": "plan",
     "train": "train",
+    "merge": "merge",
+    "generate": "generate",
+    "chat": "generate",
+    "eval": "eval",
+    "quantize": "quantize",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in COMMANDS.values():
+    for module in dict.fromkeys(COMMANDS.values()):
         importlib.import_module(f"lorakit.cli.{module}").add_parser(sub)
     return parser
 

@@ -1,0 +1,60 @@
+"""What the run-level commands share: finding the base model and adapter a user points at."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Source:
+    model: str | None      # base model path or name (None: the default model)
+    adapter: Path | None
+    quantize: str | None   # "nf4" when the adapter was trained on a 4-bit base (QLoRA)
+    dtype: str
+
+
+def add_model_arguments(p, adapter_required: bool = False) -> None:
+    p.add_argument("--model", help="base model directory (default: the adapter's base model, else SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", required=adapter_required,
+                   help="adapter directory, or a lorakit run directory (its adapter/ and config.yaml)")
+    p.add_argument("--quantize", choices=("none", "nf4"), default=None,
+                   help="load the base in NF4 (default: as the run was trained)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="base dtype (default: as trained, else float32)")
+
+
+def resolve_source(args) -> Source:
+    """Read a run directory's config.yaml (if given one) for the base model, its quantization and
+    dtype; explicit flags win."""
+    from lorakit.adapter_io import read_adapter_config
+    from lorakit.config import RunConfig, load_yaml
+
+    model, quantize, dtype, adapter = None, None, None, None
+    if args.adapter:
+        adapter = Path(args.adapter)
+        if (adapter / "config.yaml").is_file() and (adapter / "adapter").is_dir():
+            run = RunConfig.from_dict(load_yaml((adapter / "config.yaml").read_text()))
+            model, quantize, dtype = run.model.path, run.model.quantize, run.model.dtype
+            adapter = adapter / "adapter"
+        elif not (adapter / "adapter_config.json").is_file():
+            raise ValueError(f"--adapter {adapter}: neither an adapter directory (adapter_config.json) "
+                             "nor a lorakit run directory (config.yaml + adapter/)")
+        model = model or read_adapter_config(adapter).base_model
+    return Source(model=args.model or model, adapter=adapter,
+                  quantize=(args.quantize or quantize or "none"), dtype=args.dtype or dtype or "float32")
+
+
+def load(source: Source):
+    """(model, tokenizer) with the adapter applied (not merged)."""
+    import torch
+
+    from lorakit.adapter_io import load_adapter
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(source.model, dtype=getattr(torch, source.dtype),
+                                  quantize=None if source.quantize == "none" else source.quantize)
+    if source.adapter:
+        load_adapter(model, source.adapter)
+    return model, tokenizer

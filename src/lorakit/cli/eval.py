@@ -1,0 +1,50 @@
+"""`lorakit eval --data FILE`: held-out loss and exact match of a model (+ adapter) on a data file."""
+
+from __future__ import annotations
+
+import json
+
+from lorakit.cli.common import add_model_arguments, load, resolve_source
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="held-out loss and exact match on a data file",
+                       description="Score a base model (with an optional adapter) on a data file: mean loss per "
+                                   "completion token, perplexity, and greedy exact match where records have "
+                                   "references. Data formats as in `lorakit train`; builtin:<task> scores a "
+                                   "built-in task's test split.")
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help=".jsonl/.json/.csv file, or builtin:<task>")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import math
+
+    from lorakit.config import BUILTIN_PREFIX
+    from lorakit.data import Record, build_dataset, read_records
+    from lorakit.train import exact_match_accuracy, heldout_loss
+
+    if args.data.startswith(BUILTIN_PREFIX):
+        from lorakit.tasks import make_task
+
+        split = make_task(args.data[len(BUILTIN_PREFIX):]).test
+        records = [Record(r, f"{args.data}[test {i}]") for i, r in enumerate(split)]
+    else:
+        records = read_records(args.data)
+    records = records[:args.limit]
+    model, tokenizer = load(resolve_source(args))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = build_dataset(records, tokenizer, args.format, args.max_length)
+    loss = heldout_loss(model, data, tokenizer.pad_token_id, args.batch_size)
+    accuracy, rows = exact_match_accuracy(model, tokenizer, data, args.max_new_tokens, args.batch_size)
+    report = {"records": len(records), "loss": loss, "perplexity": math.exp(min(loss, 50)),
+              "exact_match": None if math.isnan(accuracy) else accuracy, "scored": len(rows)}
+    print(json.dumps(report, indent=2))
+    return 0

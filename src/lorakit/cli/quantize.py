@@ -1,0 +1,37 @@
+"""`lorakit quantize MODEL_DIR --out DIR`: a 4-bit checkpoint in transformers + bitsandbytes' layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="write an NF4 checkpoint that transformers + bitsandbytes loads",
+                       description="Quantize a model's linear layers (all but the output head) to NF4 with double "
+                                   "quantization, streaming tensor by tensor, and write a transformers + "
+                                   "bitsandbytes 4-bit checkpoint (config.json with quantization_config).")
+    p.add_argument("model", help="model directory (config.json + safetensors), or SmolLM2-135M-Instruct")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    p.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32 (4.5 bits/param)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from lorakit.inject import memory_report
+    from lorakit.models import load_model, save_model
+
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"--out {out} already exists; choose a new directory (nothing is overwritten)")
+    model, tokenizer = load_model(args.model, dtype=torch.float32, quantize="nf4",
+                                  compute_dtype=getattr(torch, args.compute_dtype),
+                                  double_quant=not args.no_double_quant)
+    save_model(model, tokenizer, out)
+    report = memory_report(model)
+    print(f"wrote {out}: 4-bit weights {report['quantized_weights'] / 2**20:.1f} MiB, quantization constants "
+          f"{report['quantization_constants'] / 2**20:.2f} MiB, other (embeddings, head, norms) "
+          f"{report['other'] / 2**20:.1f} MiB")
+    return 0

