@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .fused import lora_update
+
 
 class LoraLayer(nn.Module):
     """What the linear and embedding LoRA layers share: adapter bookkeeping and merge/unmerge.
@@ -97,7 +99,13 @@ class LoraLayer(nn.Module):
 
 class LoraLinear(LoraLayer):
     """LoRA on a linear map: nn.Linear, transformers' Conv1D (weight stored (in, out)), or a
-    frozen 4-bit linear. A: (r, in_features), B: (out_features, r)."""
+    frozen 4-bit linear. A: (r, in_features), B: (out_features, r).
+
+    fused: compute the adapters' update with fused.lora_update (the default; same loss and
+    gradients, less memory) or, if False, with the modules as written (the reference in tests).
+    """
+
+    fused = True
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -139,9 +147,15 @@ class LoraLinear(LoraLayer):
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            a, b = self.lora_A[name], self.lora_B[name]
+            a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            if self.fused:
+                # The same sum, computed by fused.lora_update: keeps x and a 1-byte dropout mask for
+                # backward instead of dropout(x) and the dropout noise.
+                p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+                y = lora_update(y, x, a.weight, b.weight, self.scaling[name], p)
+                continue
             # Adapters may be float32 on a bfloat16 base: compute in theirs, add in the base's.
-            h = self.lora_dropout[name](x.to(a.weight.dtype))
+            h = dropout(x.to(a.weight.dtype))
             y = y + (self.scaling[name] * b(a(h))).to(y.dtype)
         return y
 

@@ -1,0 +1,139 @@
+"""Cross-entropy over the vocabulary in chunks of tokens: the full logits never exist.
+
+A causal LM's loss is  L = Σ_t [logsumexp(z_t) - z_t[y_t]] / n,  z_t = W h_t (+ b),  over the n
+positions whose target is not ignored. For SmolLM2 (vocabulary 49152) and a batch of 8 x 128
+tokens, the float32 logits z are 200 MB; autograd keeps them, their log-softmax, and their
+gradient alive at once. Here the tokens are processed `chunk_size` at a time and the gradients are
+formed right away, with p_t = softmax(z_t):
+
+    dL/dz_t = (p_t - onehot(y_t)) / n      dL/dh_t = (dL/dz_t) W      dL/dW = Σ_t (dL/dz_t)ᵀ h_t
+
+so forward and backward need one (chunk_size, vocab) float32 block at a time and the logits
+matrix multiply runs once (no recomputation in backward). Backward only scales the stored
+gradients by dL/dloss. Logits are computed in the weight's dtype and upcast to float32, as
+transformers' loss does, so the value and gradients equal F.cross_entropy on the full logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 256  # tokens per block: 256 x 49152 float32 = 48 MiB
+
+# Model types whose logits are exactly lm_head(last hidden state): no soft-capping or scaling.
+CHUNKED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3")
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index: int, reduction: str, chunk_size: int,
+                want_grads: bool):
+        n_tokens = hidden.shape[0]
+        valid = targets != ignore_index  # (N,)
+        count = valid.sum()
+        denominator = count.float() if reduction == "mean" else torch.ones((), device=hidden.device)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3] if want_grads else (False, False, False)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n_tokens, chunk_size):
+            h = hidden[start:start + chunk_size]  # (C, d)
+            t = targets[start:start + chunk_size]  # (C,)
+            keep = valid[start:start + chunk_size]
+            safe_t = torch.where(keep, t, 0)[:, None]  # (C, 1) gather index for ignored rows
+            z = F.linear(h, weight, bias).float()  # (C, V) float32, the only large temporary
+            lse = torch.logsumexp(z, dim=1)  # (C,)
+            total += ((lse - z.gather(1, safe_t)[:, 0]) * keep).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            dz = z.sub_(lse[:, None]).exp_()  # softmax, in place: (C, V)
+            dz.scatter_add_(1, safe_t, torch.full_like(lse, -1.0)[:, None])  # p - onehot(y)
+            dz.mul_((keep / denominator)[:, None])  # ignored rows get no gradient
+            dz = dz.to(weight.dtype)  # as autograd casts dL/dz back through logits.float()
+            if need_h:
+                grad_h[start:start + chunk_size] = dz @ weight
+            if need_w:
+                grad_w += dz.t() @ h  # (V, d), summed over the chunks in float32
+            if need_b:
+                grad_b += dz.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        # The float32 accumulators are scaled in place (used once: the saved-tensor version check
+        # refuses a second backward) and cast to the parameters' dtypes.
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_loss).to(ctx.dtypes[0])
+        if grad_b is not None:
+            grad_b = grad_b.mul_(grad_loss).to(ctx.dtypes[1])
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+                          reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """F.cross_entropy(F.linear(hidden, weight, bias).float(), targets) without the full logits.
+
+    hidden: (N, d), weight: (V, d), bias: (V,) or None, targets: (N,) int64 (ignore_index skipped).
+    reduction: "mean" (over the targets not ignored) or "sum". Differentiable in hidden, weight
+    and bias; the gradients are computed during the forward call (see the module docstring).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: chunked_cross_entropy supports 'mean' and 'sum'")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (tokens per block)")
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1:] != hidden.shape[1:]:
+        raise ValueError(
+            f"chunked_cross_entropy needs hidden (N, d), weight (V, d), targets (N,); got hidden "
+            f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
+        )
+    want_grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _ChunkedCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, reduction, chunk_size,
+                                      want_grads)
+
+
+def causal_lm_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   bias: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
+                   ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """transformers' causal-LM loss from the last hidden states (B, T, d) and labels (B, T):
+    position t predicts labels[:, t + 1]; the mean over targets not ignored, or, given
+    num_items_in_batch (gradient accumulation), their sum divided by it."""
+    # Shift as transformers does: pad the labels with ignore_index on the right, drop the first.
+    targets = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].reshape(-1).to(hidden_states.device)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if num_items_in_batch is None:
+        return chunked_cross_entropy(hidden, weight, targets, bias, ignore_index, "mean", chunk_size)
+    return chunked_cross_entropy(hidden, weight, targets, bias, ignore_index, "sum", chunk_size) / num_items_in_batch
+
+
+def supports_chunked_loss(model: nn.Module) -> bool:
+    """True when `model`'s logits are exactly its plain linear output head applied to its backbone's
+    last hidden state, so that `model_loss` may skip the logits."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (getattr(config, "model_type", None) in CHUNKED_LOSS_MODEL_TYPES and type(head) is nn.Linear
+            and hasattr(model, "base_model") and model.base_model is not model)
+
+
+def model_loss(model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE, **batch) -> torch.Tensor:
+    """`model(**batch).loss` (batch holds input_ids, labels, optionally attention_mask, ...),
+    computed with chunked_cross_entropy when the model supports it, else by the model itself."""
+    if "labels" not in batch:
+        raise ValueError(f"model_loss needs labels in the batch; got keys {sorted(batch)}")
+    if not supports_chunked_loss(model):
+        return model(**batch).loss
+    labels = batch.pop("labels")
+    num_items = batch.pop("num_items_in_batch", None)
+    hidden = model.base_model(**batch).last_hidden_state  # (B, T, d): the backbone, without the head
+    head = model.get_output_embeddings()
+    return causal_lm_loss(hidden, head.weight, labels, head.bias, num_items, chunk_size=chunk_size)

@@ -1,0 +1,265 @@
+"""The optimised paths give the plain paths' numbers: fused.lora_update vs LoraLinear's modules,
+and loss.chunked_cross_entropy vs F.cross_entropy on the full logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_gpt2, tiny_llama
+from test_lora import randomize_adapters
+from torch import nn
+
+from lorakit import LoraConfig, add_lora, disable_adapters, merge, set_adapter, unmerge
+from lorakit.layer import LoraLinear
+from lorakit.loss import causal_lm_loss, chunked_cross_entropy, model_loss, supports_chunked_loss
+from lorakit.nf4 import quantize_linears
+
+
+def set_fused(model, fused: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.fused = fused
+
+
+def loss_and_grads(model, tokens, fused: bool, seed: int = 7):
+    """Loss and the gradients of everything trainable, with the dropout masks seeded."""
+    set_fused(model, fused)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_paths_agree(model, tokens, rtol=1e-5, atol=1e-6):
+    model.train()
+    loss_f, grads_f = loss_and_grads(model, tokens, fused=True)
+    loss_p, grads_p = loss_and_grads(model, tokens, fused=False)
+    torch.testing.assert_close(loss_f, loss_p, rtol=rtol, atol=atol)
+    assert grads_f.keys() == grads_p.keys() and len(grads_f) > 0
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=rtol, atol=atol, msg=name)
+    return loss_f, grads_f
+
+
+# ---- one layer: output and the gradients of x, A, B ----------------------------------------------
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_layer_output_and_gradients(dropout, base_dtype):
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(24, 20, dtype=base_dtype))
+    add_lora(layer, LoraConfig(r=4, alpha=8, dropout=dropout, targets=["0"], init="random"))
+    layer.train()
+    x0 = torch.randn(3, 5, 24, dtype=base_dtype)
+    results = []
+    for fused in (True, False):
+        set_fused(layer, fused)
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        y = layer(x)
+        (y.float() * torch.linspace(-1, 1, 20)).sum().backward()
+        lora = layer[0]
+        results.append((y, x.grad, lora.lora_A["default"].weight.grad, lora.lora_B["default"].weight.grad))
+    tol = dict(rtol=1e-5, atol=1e-5) if base_dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    for fused_t, plain_t in zip(*results):
+        assert fused_t.dtype == plain_t.dtype
+        torch.testing.assert_close(fused_t, plain_t, **tol)
+    if dropout:  # the masks really were the same: a different seed changes the fused output
+        set_fused(layer, True)
+        torch.manual_seed(2)
+        assert not torch.allclose(layer(x0), results[0][0])
+
+
+def test_layer_is_the_lora_equation_with_a_hand_set_mask():
+    """p = 0.5, scale 2: out = W x + 2 · B A (x ⊙ m / 0.5) for the mask nn.Dropout draws."""
+    lin = nn.Linear(4, 1, bias=False)
+    model = nn.Sequential(lin)
+    add_lora(model, LoraConfig(r=1, alpha=2, dropout=0.5, targets=["0"]))
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+        model[0].lora_A["default"].weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+        model[0].lora_B["default"].weight.fill_(1.0)
+    model.train()
+    x = torch.ones(1, 4)
+    torch.manual_seed(0)
+    mask = torch.empty(1, 4).bernoulli_(0.5)
+    torch.manual_seed(0)
+    expected = 1.0 + 2 * float((torch.tensor([1.0, 2.0, 3.0, 4.0]) * mask[0]).sum()) / 0.5
+    assert model(x).item() == pytest.approx(expected)
+
+
+def test_saves_x_once_and_one_byte_masks():
+    """Three adapters reading the same x (q, k, v): the fused path keeps x once plus 1-byte masks
+    and (N, r) products; the plain path keeps the noise and the dropped input per adapter."""
+    torch.manual_seed(0)
+    n, d, r = 64, 32, 4
+    block = nn.ModuleDict({k: nn.Linear(d, d, bias=False) for k in ("q", "k", "v")})
+    add_lora(block, LoraConfig(r=r, dropout=0.1, targets=["q", "k", "v"]))
+    block.train()
+
+    def saved_bytes(fused):
+        set_fused(block, fused)
+        storages = {}
+        weights = {p.untyped_storage().data_ptr() for p in block.parameters()}  # alive anyway
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(n, d, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outs = [block[k](x) for k in ("q", "k", "v")]
+        del outs
+        return sum(storages.values())
+
+    assert saved_bytes(True) == n * d * 4 + 3 * n * d * 1 + 3 * n * r * 4
+    assert saved_bytes(False) == 3 * (n * d * 4 + n * d * 4) + 3 * n * r * 4
+
+
+# ---- whole models: loss and gradients, fused vs plain --------------------------------------------
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_llama_fp32(tokens, dropout):
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, targets="all-linear"))
+    randomize_adapters(model)
+    assert_paths_agree(model, tokens)
+
+
+def test_llama_bf16_base_fp32_adapters(tokens):
+    model = tiny_llama(dtype=torch.bfloat16)
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, targets="all-linear"))
+    randomize_adapters(model)
+    _, grads = assert_paths_agree(model, tokens, rtol=2e-2, atol=2e-3)
+    assert all(g.dtype == torch.float32 for g in grads.values())
+
+
+def test_several_active_adapters_merged_unmerged_disabled(tokens):
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, targets="all-linear"), name="one")
+    add_lora(model, LoraConfig(r=2, alpha=4, dropout=0.2, targets=["q_proj", "v_proj"]), name="two")
+    randomize_adapters(model)
+    set_adapter(model, ["one", "two"])
+    _, grads = assert_paths_agree(model, tokens)
+    assert any(".one." in n for n in grads) and any(".two." in n for n in grads)
+
+    merge(model, ["two"])  # "two" is in the weights now; "one" still goes through the adapter path
+    _, grads = assert_paths_agree(model, tokens)
+    assert any(".one." in n for n in grads) and not any(".two." in n for n in grads)
+
+    unmerge(model)
+    model.eval()
+    base = tiny_llama()(tokens).logits.detach()
+    with disable_adapters(model), torch.no_grad():
+        for fused in (True, False):
+            set_fused(model, fused)
+            torch.testing.assert_close(model(tokens).logits, base, rtol=1e-6, atol=1e-6)
+
+
+def test_conv1d_fan_in_fan_out(tokens):
+    model = tiny_gpt2()
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, targets=["c_attn", "c_proj", "c_fc"]))
+    assert model.transformer.h[0].attn.c_attn.fan_in_fan_out
+    randomize_adapters(model)
+    assert_paths_agree(model, tokens)
+
+
+def test_nf4_base(tokens):
+    model = quantize_linears(tiny_llama(hidden=64), torch.float32, skip={"lm_head"})
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, targets="all-linear"))
+    randomize_adapters(model)
+    assert_paths_agree(model, tokens, rtol=1e-5, atol=1e-5)
+
+
+# ---- chunked cross-entropy -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_cross_entropy_equals_full_logits(dtype, reduction):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_(True)
+    weight = torch.randn(50, 16, generator=g).to(dtype).requires_grad_(True)
+    bias = torch.randn(50, generator=g).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    targets[[3, 10, 36]] = -100
+    results = []
+    for chunked in (True, False):
+        for t in (hidden, weight, bias):
+            t.grad = None
+        if chunked:  # 37 tokens in chunks of 8: the last chunk is partial
+            loss = chunked_cross_entropy(hidden, weight, targets, bias, reduction=reduction, chunk_size=8)
+        else:
+            loss = F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction=reduction)
+        (3 * loss).backward()  # a non-unit dL/dloss reaches the stored gradients
+        results.append((loss.detach(), hidden.grad, weight.grad, bias.grad))
+    for chunked_t, full_t in zip(*results):
+        assert chunked_t.dtype == full_t.dtype
+        # bfloat16: chunks round their partial sums of dL/dW separately; ~2 ulp of the largest entry
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=1e-2 * full_t.abs().max())
+        torch.testing.assert_close(chunked_t, full_t, **tol)
+
+
+def test_chunked_cross_entropy_hand_computed():
+    """Two tokens, logits [0, 0] and [log 3, 0]: losses log 2 and log(4/3) for targets 0, 0."""
+    hidden = torch.tensor([[0.0], [1.0]])
+    weight = torch.tensor([[torch.log(torch.tensor(3.0))], [0.0]])
+    loss = chunked_cross_entropy(hidden, weight, torch.tensor([0, 0]), chunk_size=1)
+    assert loss.item() == pytest.approx((torch.log(torch.tensor(2.0)) + torch.log(torch.tensor(4 / 3))).item() / 2)
+
+
+def test_chunked_cross_entropy_rejects_bad_arguments():
+    h, w, t = torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        chunked_cross_entropy(h, w, t, reduction="none")
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        chunked_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match=r"hidden \(4, 3\), weight \(5, 4\)"):
+        chunked_cross_entropy(h, torch.zeros(5, 4), t)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(), lambda: tiny_llama(tie=True), tiny_gpt2],
+                         ids=["llama", "llama-tied", "gpt2"])
+def test_model_loss_equals_the_models_loss_full_finetuning(make, tokens):
+    """Every parameter trains (the head too, tied or not): value and all gradients agree."""
+    model = make()
+    assert supports_chunked_loss(model)
+    labels = tokens.clone()
+    labels[0, :3] = -100  # a masked prompt
+    results = []
+    for chunked in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss = model_loss(model, chunk_size=7, input_ids=tokens, labels=labels) if chunked else \
+            model(input_ids=tokens, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_c, grads_c), (loss_f, grads_f) = results
+    torch.testing.assert_close(loss_c, loss_f, rtol=1e-6, atol=1e-6)
+    assert grads_c.keys() == grads_f.keys()
+    for name in grads_f:
+        torch.testing.assert_close(grads_c[name], grads_f[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_model_loss_with_lora_and_gradient_accumulation(tokens):
+    model = tiny_llama(tie=True)
+    add_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear"))
+    randomize_adapters(model)
+    mask = torch.ones_like(tokens)
+    mask[1, -2:] = 0
+    batch = dict(input_ids=tokens, attention_mask=mask, labels=tokens, num_items_in_batch=torch.tensor(40))
+    chunked = model_loss(model, chunk_size=5, **batch)
+    full = model(**batch).loss
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+    hidden = model.model(input_ids=tokens).last_hidden_state
+    direct = causal_lm_loss(hidden, model.lm_head.weight, tokens)
+    torch.testing.assert_close(direct, model(tokens, labels=tokens).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_model_loss_falls_back_for_heads_it_cannot_skip(tokens):
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=4, targets=["lm_head"]))  # the head is a LoraLinear now
+    assert not supports_chunked_loss(model)
+    torch.testing.assert_close(model_loss(model, input_ids=tokens, labels=tokens),
+                               model(input_ids=tokens, labels=tokens).loss)
