@@ -306,7 +306,7 @@ class DataSection:
 @dataclass
 class TrainSection:
     steps: int = 150
-    batch_size: int = 8
+    batch_size: int = 8              # examples per micro-batch per rank
     grad_accum: int = 1
     lr: float = 2e-3
     schedule: str = "cosine"
@@ -318,8 +318,11 @@ class TrainSection:
     log_every: int = 5
     save_every: int = 50
     threads: int | None = None       # torch CPU threads; None: torch's default
+    device: str = "auto"             # auto: CUDA when available (one GPU per rank under torchrun), else CPU
+    strategy: str = "ddp"            # several ranks: ddp (replicate, average gradients) or fsdp (shard)
+    dist_timeout_s: float = 600      # a collective waiting longer than this fails the run
 
-    choices = {"schedule": SCHEDULES}
+    choices = {"schedule": SCHEDULES, "device": ("auto", "cpu", "cuda"), "strategy": ("ddp", "fsdp")}
 
 
 @dataclass
@@ -365,6 +368,7 @@ class RunConfig:
                 out.append(f"{key}={value}: must be > 0")
         for key, value in (("train.lr", t.lr), ("train.weight_decay", t.weight_decay),
                            ("train.warmup_steps", t.warmup_steps), ("train.seed", t.seed),
+                           ("train.dist_timeout_s", t.dist_timeout_s),
                            ("eval.every", e.every), ("train.max_grad_norm", t.max_grad_norm)):
             if _is_number(value) and value < 0:
                 out.append(f"{key}={value}: must be >= 0")

@@ -15,6 +15,7 @@ Run directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import monitor
+from . import distributed, monitor
 from .adapter_io import save_adapter
 from .config import BUILTIN_PREFIX, RunConfig
 from .data import Dataset, batch_at, build_dataset, collate, pack, read_records, split_validation
@@ -227,22 +228,27 @@ def evaluate(model, tokenizer, prepared: Prepared, config: RunConfig, generation
 # --- checkpoints --------------------------------------------------------------------------------
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach() for n, p in distributed.unwrap(model).named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict,
+                    ctx: distributed.Context = distributed.Context()) -> Path | None:
     """checkpoints/step-N, written under a temporary name and renamed: a kill at any moment leaves
-    either the complete checkpoint or none."""
+    either the complete checkpoint or none. Every rank's RNG state is kept; rank 0 writes."""
     from safetensors.torch import save_file
 
+    cuda = ctx.device.type == "cuda"
+    rngs = distributed.all_gather_objects(
+        (torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if cuda else None), ctx)
+    if not ctx.main:
+        distributed.barrier(ctx)
+        return None
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
     save_file({k: v.contiguous().cpu() for k, v in _trainable_state(model).items()}, tmp / "trainable.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               tmp / "optimizer.pt")
+                "rng": [cpu for cpu, _ in rngs], "cuda_rng": [gpu for _, gpu in rngs]}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     final = root / f"step-{step}"
     if final.exists():
@@ -250,6 +256,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     os.replace(tmp, final)
     for old in sorted(checkpoints(run_dir))[:-CHECKPOINTS_KEPT]:
         shutil.rmtree(old[1])
+    distributed.barrier(ctx)
     return final
 
 
@@ -260,20 +267,25 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if (p / "state.json").is_file())
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler,
+                    ctx: distributed.Context = distributed.Context()) -> dict:
     from safetensors.torch import load_file
 
     weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
+    params = dict(distributed.unwrap(model).named_parameters())
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v)
     extra = torch.load(path / "optimizer.pt", weights_only=True)  # tensors and numbers only: no code
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"])
-    if extra.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    rngs = extra["rng"]
+    if len(rngs) != ctx.world:
+        raise ValueError(f"checkpoint {path} was written by {len(rngs)} ranks; resume it with "
+                         f"the same number of processes (now {ctx.world})")
+    torch.set_rng_state(rngs[ctx.rank])
+    if extra["cuda_rng"][ctx.rank] is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(extra["cuda_rng"][ctx.rank], ctx.device)
     return json.loads((path / "state.json").read_text())
 
 
@@ -295,57 +307,97 @@ def write_config(config: RunConfig, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "config.yaml")
 
 
+def micro_batches(dataset: Dataset, step: int, config: RunConfig, ctx: distributed.Context, pad_id: int) -> list[dict]:
+    """This rank's micro-batches of optimizer step `step` (1-based). Global micro-batch i holds
+    batch_size x world examples; rank r takes the r-th slice, so N ranks see exactly the examples a
+    single process with batch_size x N sees."""
+    t = config.train
+    out = []
+    for micro in range(t.grad_accum):
+        examples = batch_at(dataset, (step - 1) * t.grad_accum + micro, t.batch_size * ctx.world, t.seed)
+        out.append(collate(examples[ctx.rank * t.batch_size:(ctx.rank + 1) * t.batch_size], pad_id))
+    return out
+
+
+def summed_loss(model, batch: dict) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the supervised tokens of a batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                             ignore_index=-100, reduction="sum")
+
+
+def supervised_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, prepared: Prepared | None = None,
           log=print, progress: bool = True) -> dict:
-    """Run (or resume) a fine-tuning run into `run_dir`; returns the summary (also summary.json)."""
+    """Run (or resume) a fine-tuning run into `run_dir`; returns the summary (also summary.json).
+
+    Under torchrun every rank calls this; only rank 0 logs and writes files.
+    """
     config = config.validate()
     t = config.train
+    ctx = distributed.setup(t.device, t.dist_timeout_s)
+    if not ctx.main:
+        log, progress = (lambda *_: None), False
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if t.threads:
         torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
-    wall = {"start": time.perf_counter()}
+    torch.manual_seed(t.seed)  # the same adapter initialisation on every rank
+    wall_start = time.perf_counter()
 
     if prepared is None:
         model, tokenizer = load_base(config)
         prepare_model(model, config)
         prepared = Prepared(model, tokenizer, *load_data(config, tokenizer))
-    model, tokenizer = prepared.model, prepared.tokenizer
+    raw, tokenizer = prepared.model.to(ctx.device), prepared.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    counts = trainable_parameters(model)
-    log(f"model: {config.model.path or 'SmolLM2-135M-Instruct'} ({config.method}); {counts}")
+    counts = trainable_parameters(raw)
+    log(f"model: {config.model.path or 'SmolLM2-135M-Instruct'} ({config.method}) on {ctx.device}"
+        + (f" x {ctx.world} ranks ({t.strategy})" if ctx.active else "") + f"; {counts}")
     log(f"data: {len(prepared.train.examples)} train examples ({prepared.train.tokens:,} tokens, "
         f"{prepared.train.truncated} truncated at {config.data.max_length}), "
         f"{len(prepared.validation.examples) if prepared.validation else 0} validation, "
-        f"{len(prepared.test.examples) if prepared.test else 0} test")
-    planned_peak = memory_check(model, config, log)
+        f"{len(prepared.test.examples) if prepared.test else 0} test; global batch "
+        f"{t.batch_size} x {t.grad_accum} accumulation x {ctx.world} ranks = "
+        f"{t.batch_size * t.grad_accum * ctx.world} examples per step")
+    planned_peak = memory_check(raw, config, log)
     if prepared.train.unsupervised:
         log(f"warning: {prepared.train.unsupervised} training examples have no completion token left after "
             f"truncation at data.max_length={config.data.max_length}; they teach nothing")
 
+    metrics = monitor.MetricsLog(run_dir / "metrics.jsonl")
+    state = {"tokens": 0, "train_seconds": 0.0, "best_loss": None, "before": None}
+    found = checkpoints(run_dir) if resume else []
+    if not found:
+        if ctx.main:
+            if (run_dir / "metrics.jsonl").exists():
+                (run_dir / "metrics.jsonl").unlink()
+            write_config(config, run_dir)
+            log("evaluating the base model...")
+            before = evaluate(raw, tokenizer, prepared, config, generation=True)
+            state["before"] = {k: v for k, v in before.items() if k != "samples"}
+            metrics.write({"type": "eval", "step": 0, **state["before"]})
+            log("before: " + _fmt(state["before"]))
+        distributed.barrier(ctx)
+
+    model = distributed.wrap(raw, ctx, t.strategy)
+    torch.manual_seed(t.seed + ctx.rank)  # dropout masks differ across ranks, as for independent examples
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    metrics = monitor.MetricsLog(run_dir / "metrics.jsonl")
-    state = {"tokens": 0, "train_seconds": 0.0, "best_loss": None, "before": None}
-
-    if resume and checkpoints(run_dir):
-        step0, path = checkpoints(run_dir)[-1]
-        state = load_checkpoint(path, model, optimizer, scheduler)
-        metrics.truncate_after(step0)
+    step0 = 0
+    if found:
+        step0, path = found[-1]
+        state = load_checkpoint(path, model, optimizer, scheduler, ctx)
+        if ctx.main:
+            metrics.truncate_after(step0)
         log(f"resumed from {path} (step {step0})")
-    else:
-        step0 = 0
-        if (run_dir / "metrics.jsonl").exists():
-            (run_dir / "metrics.jsonl").unlink()
-        write_config(config, run_dir)
-        log("evaluating the base model...")
-        before = evaluate(model, tokenizer, prepared, config, generation=True)
-        state["before"] = {k: v for k, v in before.items() if k != "samples"}
-        metrics.write({"type": "eval", "step": 0, **state["before"]})
-        log("before: " + _fmt(state["before"]))
 
     model.train()
     diagnostics: list[monitor.Diagnostic] = []
@@ -355,16 +407,22 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     step = step0
     for step in range(step0 + 1, t.steps + 1):
         start = time.perf_counter()
-        loss_sum, tokens_step = 0.0, 0
-        for micro in range(t.grad_accum):
-            batch = collate(batch_at(prepared.train, (step - 1) * t.grad_accum + micro, t.batch_size, t.seed),
-                            tokenizer.pad_token_id)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            (loss / t.grad_accum).backward()
-            loss_sum += loss.item()
+        batches = micro_batches(prepared.train, step, config, ctx, tokenizer.pad_token_id)
+        # The step's loss is the mean over every supervised token of the global batch (all ranks,
+        # all micro-batches); DDP averages gradients over ranks, hence the factor world.
+        n_tokens = distributed.all_reduce_sum(sum(supervised_tokens(b) for b in batches), ctx)
+        local_sum, tokens_step = 0.0, 0
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            sync = contextlib.nullcontext() if i == len(batches) - 1 or not hasattr(model, "no_sync") \
+                else model.no_sync()  # all-reduce once per step, after the last micro-batch
+            with sync:
+                loss = summed_loss(model, batch)
+                (loss * (ctx.world / max(n_tokens, 1))).backward()
+            local_sum += loss.item()
             tokens_step += int(batch["attention_mask"].sum())
-        loss_value = loss_sum / t.grad_accum
+        loss_value = distributed.all_reduce_sum(local_sum, ctx) / max(n_tokens, 1)
+        tokens_step = int(distributed.all_reduce_sum(tokens_step, ctx))
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
                      if t.max_grad_norm else None)
         lr = scheduler.get_last_lr()[0]
@@ -382,7 +440,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         state["tokens"] += tokens_step
         tokens_since += tokens_step
 
-        if step % t.log_every == 0 or step == t.steps:
+        if ctx.main and (step % t.log_every == 0 or step == t.steps):
             now = state["train_seconds"]
             record = {"type": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                       "tokens": state["tokens"], "tokens_per_s": tokens_since / max(now - last_log, 1e-9),
@@ -391,20 +449,22 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             tokens_since, last_log = 0, now
             _update(bar, step, record)
         if config.eval.every and step % config.eval.every == 0 and step != t.steps and prepared.validation:
-            ev = evaluate(model, tokenizer, prepared, config, generation=False)
-            metrics.write({"type": "eval", "step": step, **ev})
+            if ctx.main:
+                ev = evaluate(raw, tokenizer, prepared, config, generation=False)
+                metrics.write({"type": "eval", "step": step, **ev})
+            distributed.barrier(ctx)
         if step % t.save_every == 0 and step != t.steps:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, state)
+            save_checkpoint(run_dir, step, model, optimizer, scheduler, state, ctx)
     if bar is not None:
         bar.close()
 
     if diagnostics and diagnostics[0].kind == "diverged":
         good = checkpoints(run_dir)
         if good:
-            load_checkpoint(good[-1][1], model, optimizer, scheduler)
+            load_checkpoint(good[-1][1], model, optimizer, scheduler, ctx)
             log(f"kept the last good checkpoint: {good[-1][1]} (step {good[-1][0]})")
         step = good[-1][0] if good else 0
-    else:
+    elif ctx.main:
         curve = [r for r in metrics.read() if r.get("type") == "train"]
         plateau = monitor.check_plateau([r["step"] for r in curve], [r["loss"] for r in curve],
                                         None if config.method == "full" else config.lora.r, t.lr)
@@ -412,36 +472,41 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             diagnostics.append(plateau)
             log(plateau.message)
 
-    log("evaluating the fine-tuned model...")
-    after = evaluate(model, tokenizer, prepared, config, generation=True)
-    samples = after.pop("samples", [])
-    metrics.write({"type": "eval", "step": step, **after})
-    result_dir = save_result(model, config, tokenizer, run_dir)
-    plot = monitor.plot_losses(metrics.read(), run_dir / "loss.png")
-    summary = {
-        "method": config.method,
-        "model": config.model.path or "SmolLM2-135M-Instruct",
-        "steps": step,
-        "trainable_parameters": counts.trainable,
-        "total_parameters": counts.total,
-        "before": state["before"],
-        "after": after,
-        "tokens_seen": state["tokens"],
-        "train_seconds": state["train_seconds"],
-        "wall_seconds": time.perf_counter() - wall["start"],
-        "peak_memory_bytes": monitor.peak_memory_bytes(getattr(model, "device", "cpu")),
-        "planned_peak_bytes": planned_peak,
-        "diagnostics": [dataclasses.asdict(d) for d in diagnostics],
-        "result": str(result_dir),
-        "loss_plot": str(plot) if plot else None,
-        "samples": samples[:5],
-    }
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, run_dir / "summary.json")
-    log(before_after_table(state["before"], after))
-    log(f"wrote {result_dir}, {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}"
-        + (f", {plot}" if plot else ""))
+    summary = None
+    if ctx.main:
+        log("evaluating the fine-tuned model...")
+        after = evaluate(raw, tokenizer, prepared, config, generation=True)
+        samples = after.pop("samples", [])
+        metrics.write({"type": "eval", "step": step, **after})
+        result_dir = save_result(raw, config, tokenizer, run_dir)
+        plot = monitor.plot_losses(metrics.read(), run_dir / "loss.png")
+        summary = {
+            "method": config.method,
+            "model": config.model.path or "SmolLM2-135M-Instruct",
+            "steps": step,
+            "world_size": ctx.world,
+            "trainable_parameters": counts.trainable,
+            "total_parameters": counts.total,
+            "before": state["before"],
+            "after": after,
+            "tokens_seen": state["tokens"],
+            "train_seconds": state["train_seconds"],
+            "wall_seconds": time.perf_counter() - wall_start,
+            "peak_memory_bytes": monitor.peak_memory_bytes(ctx.device),
+            "planned_peak_bytes": planned_peak,
+            "diagnostics": [dataclasses.asdict(d) for d in diagnostics],
+            "result": str(result_dir),
+            "loss_plot": str(plot) if plot else None,
+            "samples": samples[:5],
+        }
+        tmp = run_dir / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, run_dir / "summary.json")
+        log(before_after_table(state["before"], after))
+        log(f"wrote {result_dir}, {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}"
+            + (f", {plot}" if plot else ""))
+    summary = distributed.all_gather_objects(summary, ctx)[0]
+    distributed.teardown(ctx)
     return summary
 
 
