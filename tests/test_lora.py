@@ -299,3 +299,13 @@ def test_rank_pattern_and_rslora_scaling():
     q, v = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.v_proj
     assert q.rank["default"] == 8 and q.scaling["default"] == pytest.approx(16 / math.sqrt(8))
     assert v.lora_A["default"].weight.shape == (4, 32) and v.scaling["default"] == 8.0
+
+
+def test_adapters_added_to_a_model_in_eval_mode_do_not_drop_out(tokens):
+    model = tiny_llama()  # in eval mode
+    add_lora(model, LoraConfig(r=4, dropout=0.5, targets="all-linear", init="random"))
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(logits(model, tokens), logits(model, tokens), rtol=0, atol=0)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(tokens).logits, model(tokens).logits)  # dropout on in train mode

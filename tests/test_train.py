@@ -196,3 +196,25 @@ def test_no_loss_on_prompt_tokens():
     assert logits.grad[:, prompt_len - 1].abs().sum() > 0  # the first completion token is learned
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).loss, loss)
+
+
+def test_summed_loss_head_only_at_targets_equals_full_logits():
+    from lorakit.train import SummedLoss
+
+    config, prepared = tiny_run()
+    model = prepared.model
+    batch = collate(prepared.train.examples[:6], 0)
+    fast = SummedLoss(model)
+    assert fast.chunked
+    loss = fast(**batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                            ignore_index=-100, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)

@@ -270,9 +270,9 @@ class ModelSection:
 
 @dataclass
 class LoraSection:
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.05
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
     targets: list[str] | str | None = "all-linear"
     exclude: list[str] | str | None = None
     rslora: bool = False
@@ -289,12 +289,12 @@ class LoraSection:
 
 @dataclass
 class DataSection:
-    train: str = "builtin:zorbish"    # a .jsonl/.json/.csv file, or builtin:<task>
+    train: str = "builtin:stardate"   # a .jsonl/.json/.csv file, or builtin:<task>
     test: str | None = None           # held-out file scored by exact match (builtin tasks bring one)
     validation: str | None = None     # a file, or None to split off `validation_fraction` of train
     validation_fraction: float = 0.05
     format: str = "auto"
-    max_length: int = 256
+    max_length: int = 64
     packing: bool = False
     train_on_inputs: bool = False     # False: prompt tokens carry no loss
     n_train: int | None = None        # builtin tasks: number of training examples
@@ -305,18 +305,18 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    steps: int = 150
-    batch_size: int = 8              # examples per micro-batch per rank
+    steps: int = 30
+    batch_size: int = 16             # examples per micro-batch per rank
     grad_accum: int = 1
     lr: float = 2e-3
     schedule: str = "cosine"
-    warmup_steps: int = 10
+    warmup_steps: int = 5
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
-    log_every: int = 5
-    save_every: int = 50
+    log_every: int = 1
+    save_every: int = 10
     threads: int | None = None       # torch CPU threads; None: torch's default
     device: str = "auto"             # auto: CUDA when available (one GPU per rank under torchrun), else CPU
     strategy: str = "ddp"            # several ranks: ddp (replicate, average gradients) or fsdp (shard)
@@ -327,9 +327,9 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
-    every: int = 50                  # held-out loss every N steps (0: only before and after)
+    every: int = 10                  # held-out loss every N steps (0: only before and after)
     generate: bool = True            # exact match on the test split before and after training
-    max_new_tokens: int = 32
+    max_new_tokens: int = 12
     batch_size: int = 32
     limit: int | None = None         # score only the first N test examples
 

@@ -166,6 +166,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
         dtype = adapter_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
         module.add_adapter(name, r, config.scaling(full_name), config.dropout, config.init,
                            dtype=dtype, device=weight.device)
+        module.train(module.base_layer.training)  # new dropout modules follow the model's mode
         if first:
             module.active_adapters = [name]
     for full_name in to_save:

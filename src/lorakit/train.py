@@ -35,6 +35,7 @@ from .adapter_io import save_adapter
 from .config import BUILTIN_PREFIX, RunConfig
 from .data import Dataset, batch_at, build_dataset, collate, pack, read_records, split_validation
 from .inject import add_lora, trainable_parameters
+from .loss import chunked_cross_entropy, supports_chunked_loss
 
 CHECKPOINTS_KEPT = 2
 
@@ -228,7 +229,7 @@ def evaluate(model, tokenizer, prepared: Prepared, config: RunConfig, generation
 # --- checkpoints --------------------------------------------------------------------------------
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in distributed.unwrap(model).named_parameters() if p.requires_grad}
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict,
@@ -272,7 +273,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler,
     from safetensors.torch import load_file
 
     weights = load_file(path / "trainable.safetensors")
-    params = dict(distributed.unwrap(model).named_parameters())
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v)
@@ -319,12 +320,31 @@ def micro_batches(dataset: Dataset, step: int, config: RunConfig, ctx: distribut
     return out
 
 
-def summed_loss(model, batch: dict) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the supervised tokens of a batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                             ignore_index=-100, reduction="sum")
+class SummedLoss(torch.nn.Module):
+    """The model under training, returning the sum of next-token cross-entropies over the
+    supervised tokens of a batch (what DDP wraps, so every computation happens in forward).
+
+    Where the logits are exactly head(last hidden state), the head runs only at the positions
+    that have a target, in chunks (loss.chunked_cross_entropy): prompt positions cost no
+    vocabulary projection and full float32 logits never exist. Otherwise the model's logits are used.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.chunked = supports_chunked_loss(model)
+
+    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        targets = labels[:, 1:]                                    # position t predicts token t + 1
+        if not self.chunked:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                     ignore_index=-100, reduction="sum")
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        keep = targets != -100
+        head = self.model.get_output_embeddings()
+        return chunked_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], head.bias,
+                                     reduction="sum")                # (n_supervised, d) rows only
 
 
 def supervised_tokens(batch: dict) -> int:
@@ -386,7 +406,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             log("before: " + _fmt(state["before"]))
         distributed.barrier(ctx)
 
-    model = distributed.wrap(raw, ctx, t.strategy)
+    model = distributed.wrap(SummedLoss(raw), ctx, t.strategy)
     torch.manual_seed(t.seed + ctx.rank)  # dropout masks differ across ranks, as for independent examples
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
@@ -394,7 +414,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     step0 = 0
     if found:
         step0, path = found[-1]
-        state = load_checkpoint(path, model, optimizer, scheduler, ctx)
+        state = load_checkpoint(path, raw, optimizer, scheduler, ctx)
         if ctx.main:
             metrics.truncate_after(step0)
         log(f"resumed from {path} (step {step0})")
@@ -417,7 +437,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             sync = contextlib.nullcontext() if i == len(batches) - 1 or not hasattr(model, "no_sync") \
                 else model.no_sync()  # all-reduce once per step, after the last micro-batch
             with sync:
-                loss = summed_loss(model, batch)
+                loss = model(**batch)
                 (loss * (ctx.world / max(n_tokens, 1))).backward()
             local_sum += loss.item()
             tokens_step += int(batch["attention_mask"].sum())
@@ -454,14 +474,14 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
                 metrics.write({"type": "eval", "step": step, **ev})
             distributed.barrier(ctx)
         if step % t.save_every == 0 and step != t.steps:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, state, ctx)
+            save_checkpoint(run_dir, step, raw, optimizer, scheduler, state, ctx)
     if bar is not None:
         bar.close()
 
     if diagnostics and diagnostics[0].kind == "diverged":
         good = checkpoints(run_dir)
         if good:
-            load_checkpoint(good[-1][1], model, optimizer, scheduler, ctx)
+            load_checkpoint(good[-1][1], raw, optimizer, scheduler, ctx)
             log(f"kept the last good checkpoint: {good[-1][1]} (step {good[-1][0]})")
         step = good[-1][0] if good else 0
     elif ctx.main:
