@@ -124,7 +124,7 @@ KILL_SCRIPT = textwrap.dedent("""
         time.sleep(0.3)  # a window for the kill after the checkpoint
         return out
     t.save_checkpoint = slow
-    config, prepared = tiny_run(["train.steps=40"])
+    config, prepared = tiny_run(["train.steps=24"])
     t.train(config, sys.argv[1], resume=len(sys.argv) > 2, prepared=prepared, progress=False, log=lambda *_: None)
     print("done", flush=True)
 """)
@@ -150,7 +150,7 @@ def test_kill_9_then_resume_reproduces_the_curve(tmp_path):
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "full")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert curve(tmp_path / "cut") == curve(tmp_path / "full")
-    assert len(curve(tmp_path / "full")) == 40
+    assert len(curve(tmp_path / "full")) == 24
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
