@@ -218,3 +218,22 @@ def test_summed_loss_head_only_at_targets_equals_full_logits():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_curve(tmp_path):
+    run_tiny(tmp_path / "plain", ["lora.dropout=0.0", "train.steps=4", "eval.every=0"])
+    run_tiny(tmp_path / "ckpt", ["lora.dropout=0.0", "train.steps=4", "eval.every=0",
+                                 "train.gradient_checkpointing=true"])
+    for (sa, la), (sb, lb) in zip(curve(tmp_path / "plain"), curve(tmp_path / "ckpt"), strict=True):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-5)
+
+
+def test_grad_accumulation_weights_every_token_equally(tmp_path):
+    """2 micro-batches of 4 = 1 batch of 8: the step loss is the mean over all supervised tokens."""
+    run_tiny(tmp_path / "one", ["lora.dropout=0.0", "train.steps=4", "eval.every=0", "train.batch_size=8"])
+    run_tiny(tmp_path / "acc", ["lora.dropout=0.0", "train.steps=4", "eval.every=0", "train.batch_size=4",
+                                "train.grad_accum=2"])
+    one, acc = curve(tmp_path / "one"), curve(tmp_path / "acc")
+    assert [s for s, _ in one] == [s for s, _ in acc]
+    for (_, la), (_, lb) in zip(one, acc):
+        assert la == pytest.approx(lb, rel=1e-5)
