@@ -17,8 +17,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# A loss this many times its best smoothed value (after warm-up) counts as divergence.
+# A loss this many times its best value (after warm-up), and at least DIVERGENCE_MIN_RISE nats
+# above it, counts as divergence. The absolute margin keeps the noise of a nearly converged run
+# (0.004 -> 0.02 nats/token) from reading as divergence.
 DIVERGENCE_FACTOR = 3.0
+DIVERGENCE_MIN_RISE = 1.0
 # Plateau: over the last third of the run the smoothed loss fell by less than this fraction...
 PLATEAU_MIN_DROP = 0.02
 # ...while it still stands above this fraction of the first smoothed loss.
@@ -33,9 +36,10 @@ class Diagnostic:
 
 
 def check_divergence(step: int, loss: float, best: float | None, lr: float, warmup_done: bool) -> Diagnostic | None:
-    """Divergence at this step: a non-finite loss, or (after warm-up) a loss above
-    DIVERGENCE_FACTOR x the best loss so far."""
-    if math.isfinite(loss) and not (warmup_done and best is not None and loss > DIVERGENCE_FACTOR * best):
+    """Divergence at this step: a non-finite loss, or (after warm-up) a loss above both
+    DIVERGENCE_FACTOR x the best loss so far and best + DIVERGENCE_MIN_RISE."""
+    limit = None if best is None else max(DIVERGENCE_FACTOR * best, best + DIVERGENCE_MIN_RISE)
+    if math.isfinite(loss) and not (warmup_done and limit is not None and loss > limit):
         return None
     what = f"loss is {loss}" if not math.isfinite(loss) else f"loss {loss:.4g} is over {DIVERGENCE_FACTOR:g}x its best ({best:.4g})"
     return Diagnostic("diverged", step, f"training diverged at step {step}: {what}. The learning rate "
