@@ -1,0 +1,146 @@
+"""What the benchmarks share: the model and data, alternating timing, and peak-memory accounting.
+
+Timing. The machine is shared (2 cores, other jobs come and go), so absolute times drift by tens of
+percent between minutes. Every contender is therefore timed in the same process, interleaved:
+repetition k runs A, B, C, ... (the order rotated each repetition so that no contender always
+follows the same one), and we report the median over repetitions and the ratio of medians. A ratio
+measured this way is far steadier than any single absolute time.
+
+Peak memory (CPU). PyTorch's CPU allocator, via the profiler, as bench/plan_vs_measured.py does:
+with profile_memory=True every allocation and free of the c10 CPU allocator is reported with the
+running total of bytes allocated since profiling began (`total_allocated`); its maximum over one
+training step is the CPU analogue of torch.cuda.max_memory_allocated (kernels' temporaries
+included). The bytes already resident when the step starts (parameters, buffers, optimizer states,
+4-bit quantization states, the batch) are added. Peak RSS was rejected: glibc keeps freed pages,
+torch.empty pages are not resident until touched, and the interpreter and libraries would dominate
+the difference between two configurations of a 135M-parameter model. The memory step is a separate
+step from the timed ones (the profiler slows every op).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The issue's configuration: SmolLM2-135M, fp32, CPU, batch 8 x 128 tokens, r=16 on all linear
+# layers (not the output head), dropout 0.05.
+BATCH, SEQ, RANK, ALPHA, DROPOUT = 8, 128, 16, 32, 0.05
+
+
+def setup(threads: int = 2) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+_BASE: dict[torch.dtype, torch.nn.Module] = {}
+
+
+def base_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A fresh copy of SmolLM2-135M-Instruct in `dtype` (loaded once per process, then deep-copied),
+    with transformers' default attention (SDPA), in train mode."""
+    if dtype not in _BASE:
+        from lorakit.models import load_model
+
+        _BASE[dtype], _ = load_model(dtype=dtype)
+    model = copy.deepcopy(_BASE[dtype])
+    model.train()
+    return model
+
+
+def token_batch(vocab: int, batch: int = BATCH, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
+    """Seeded random token ids (batch, seq): every contender trains on exactly these."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+@dataclass
+class Contender:
+    """One thing to time: `step()` runs one unit of work (e.g. a training step)."""
+
+    name: str
+    step: Callable[[], object]
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def time_alternating(contenders: list[Contender], reps: int, warmup: int = 1, verbose: bool = True) -> None:
+    """Fill each contender's `times`: `warmup` untimed runs each, then `reps` interleaved timed runs,
+    the order rotated every repetition."""
+    for c in contenders:
+        for _ in range(warmup):
+            c.step()
+    for k in range(reps):
+        order = contenders[k % len(contenders):] + contenders[: k % len(contenders)]
+        for c in order:
+            gc.collect()
+            t0 = time.perf_counter()
+            c.step()
+            c.times.append(time.perf_counter() - t0)
+        if verbose:
+            print(f"  rep {k + 1}/{reps}: " + ", ".join(f"{c.name} {c.times[-1]:.2f}s" for c in contenders),
+                  flush=True)
+
+
+def resident_bytes(*objs) -> int:
+    """Bytes of the distinct storages behind the given tensors (shared storage counted once)."""
+    seen = {}
+    for t in objs:
+        if t is not None and t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters, buffers and bitsandbytes' 4-bit quantization states (which are neither)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        while state is not None:  # bnb QuantState: absmax, code, and state2 for double quantization
+            tensors += [t for t in vars(state).values() if torch.is_tensor(t)]
+            state = getattr(state, "state2", None)
+    return tensors
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+
+
+def allocator_peak(step: Callable[[], object]) -> int:
+    """Peak bytes allocated by PyTorch's CPU allocator during `step()`, above what was allocated
+    before it (see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        total = getattr(event.extra_fields, "total_allocated", None)
+        if total is not None:
+            peak = max(peak, total)
+        stack.extend(event.children)
+    return peak
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (pastes into bench/README.md as is)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

@@ -1,0 +1,177 @@
+"""Training-step time, tokens/s and peak memory: lorakit vs peft (+ bitsandbytes) vs full fine-tuning.
+
+    .venv/bin/python bench/lora_step.py --suite lora    # lorakit LoRA vs peft LoRA vs full fine-tuning
+    .venv/bin/python bench/lora_step.py --suite qlora   # lorakit QLoRA vs peft + bitsandbytes QLoRA
+    .venv/bin/python bench/lora_step.py --suite levers  # each lorakit lever on its own
+    .venv/bin/python bench/lora_step.py --suite adamw   # AdamW foreach vs fused, optimizer step only
+
+Same model (SmolLM2-135M-Instruct, float32), data (seeded random tokens, batch 8 x 128), adapter
+config (r=16, alpha=32, dropout 0.05, all linear layers but the head) and optimizer (AdamW,
+foreach) for every contender. A step is forward, loss, backward, optimizer step, zero_grad.
+The contenders are timed interleaved in one process (see common.py: the machine is shared, so
+only ratios measured side by side mean anything), then each one's peak memory is measured on one
+more step with the profiler's allocator accounting (also common.py).
+
+lorakit's step is what its training loop runs: LoraLinear's fused update (fused.py) and the loss
+from the last hidden states in chunks (loss.model_loss). peft's and the full fine-tuning step
+are what their users run: `model(input_ids, labels=...).loss`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common as C  # noqa: E402
+
+
+def adamw(model, fused: bool = False):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-4, foreach=not fused, fused=fused or None)
+
+
+def lorakit_model(quantized: bool = False, fused: bool = True):
+    import lorakit
+    from lorakit.layer import LoraLinear
+    from lorakit.nf4 import quantize_linears
+
+    model = C.base_model()
+    if quantized:  # NF4 with double quantization, blocksize 64, float32 compute: QLoRA's recipe
+        quantize_linears(model, torch.float32, skip={"lm_head"})
+    lorakit.add_lora(model, lorakit.LoraConfig(r=C.RANK, alpha=C.ALPHA, dropout=C.DROPOUT, targets="all-linear"))
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.fused = fused
+    return model
+
+
+def peft_model(quantized: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    if quantized:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from lorakit.models import default_model_dir
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(default_model_dir(), quantization_config=bnb,
+                                                     dtype=torch.float32, device_map="cpu")
+        model.train()
+    else:
+        model = C.base_model()
+    config = LoraConfig(r=C.RANK, lora_alpha=C.ALPHA, lora_dropout=C.DROPOUT, target_modules="all-linear")
+    return get_peft_model(model, config)
+
+
+class Trainer:
+    """One contender: a model, its optimizer, and how it computes the loss."""
+
+    def __init__(self, name, model, ids, chunked_loss: bool, fused_adamw: bool = False):
+        from lorakit.loss import model_loss
+
+        self.name, self.model, self.ids = name, model, ids
+        self.opt = adamw(model, fused_adamw)
+        if chunked_loss:
+            self.loss = lambda: model_loss(model, input_ids=ids, labels=ids)
+        else:
+            self.loss = lambda: model(input_ids=ids, labels=ids).loss
+
+    def step(self):
+        loss = self.loss()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def peak_memory(self) -> int:
+        """Resident model, optimizer state and batch, plus the allocator's peak during one step."""
+        resident = C.resident_bytes(*C.model_tensors(self.model), *C.optimizer_tensors(self.opt), self.ids)
+        return resident + C.allocator_peak(self.step)
+
+
+def contenders(suite: str, ids) -> list[Trainer]:
+    if suite == "lora":
+        return [Trainer("lorakit LoRA", lorakit_model(), ids, chunked_loss=True),
+                Trainer("peft LoRA", peft_model(), ids, chunked_loss=False),
+                Trainer("full fine-tuning", C.base_model(), ids, chunked_loss=False)]
+    if suite == "qlora":
+        return [Trainer("lorakit QLoRA", lorakit_model(quantized=True), ids, chunked_loss=True),
+                Trainer("peft+bnb QLoRA", peft_model(quantized=True), ids, chunked_loss=False)]
+    if suite == "levers":
+        return [Trainer("plain", lorakit_model(fused=False), ids, chunked_loss=False),
+                Trainer("fused update", lorakit_model(fused=True), ids, chunked_loss=False),
+                Trainer("chunked loss", lorakit_model(fused=False), ids, chunked_loss=True),
+                Trainer("both", lorakit_model(fused=True), ids, chunked_loss=True)]
+    raise ValueError(f"unknown suite {suite!r}")
+
+
+def run_steps(suite: str, reps: int, memory: bool) -> None:
+    vocab = C.base_model().config.vocab_size
+    ids = C.token_batch(vocab)
+    trainers = contenders(suite, ids)
+    losses = {t.name: t.step().item() for t in trainers}  # also the warm-up step (optimizer states exist)
+    print("first-step loss: " + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()))
+    timed = [C.Contender(t.name, t.step) for t in trainers]
+    C.time_alternating(timed, reps=reps, warmup=0)
+    peaks = {t.name: t.peak_memory() for t in trainers} if memory else {}
+    ref = timed[1] if suite in ("lora", "qlora") else timed[0]
+    tokens = ids.numel()
+    rows = []
+    for c in timed:
+        row = [c.name, f"{c.median:.2f} s", f"{tokens / c.median:,.0f}", f"{c.median / ref.median:.2f}"]
+        if memory:
+            row += [C.mib(peaks[c.name]), f"{peaks[c.name] / peaks[ref.name]:.2f}"]
+        rows.append(row)
+    header = ["step", "median time", "tokens/s", f"time / {ref.name}"]
+    if memory:
+        header += ["peak memory", f"memory / {ref.name}"]
+    print(f"\n{suite}: SmolLM2-135M fp32, batch {C.BATCH} x {C.SEQ}, r={C.RANK}, dropout {C.DROPOUT}, "
+          f"{reps} interleaved reps, {torch.get_num_threads()} threads")
+    print(C.table(header, rows))
+    if suite == "lora":
+        print(f"lorakit LoRA / full fine-tuning step time: {timed[0].median / timed[2].median:.2f}")
+
+
+def run_adamw(reps: int) -> None:
+    """The optimizer step alone, foreach vs fused, on the LoRA adapters and on the full model."""
+    rows = []
+    for what, make in (("LoRA adapters (r=16, all linear)", lambda: lorakit_model()),
+                       ("full model (134.5M)", C.base_model)):
+        model = make()
+        opts = {}
+        for fused in (False, True):
+            params = [p for p in model.parameters() if p.requires_grad]
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-3
+            opts[fused] = torch.optim.AdamW(params, lr=1e-4, foreach=not fused, fused=fused or None)
+        timed = [C.Contender("foreach", opts[False].step), C.Contender("fused", opts[True].step)]
+        C.time_alternating(timed, reps=reps, warmup=1, verbose=False)
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append([what, f"{n / 1e6:.2f}M", f"{timed[0].median * 1e3:.1f} ms", f"{timed[1].median * 1e3:.1f} ms",
+                     f"{timed[1].median / timed[0].median:.2f}"])
+    print(f"\nAdamW step alone, {reps} interleaved reps, {torch.get_num_threads()} threads")
+    print(C.table(["parameters", "count", "foreach", "fused", "fused / foreach"], rows))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=["lora", "qlora", "levers", "adamw"], default="lora")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions (median reported)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the profiled peak-memory step")
+    args = parser.parse_args(argv)
+    C.setup(args.threads)
+    if args.suite == "adamw":
+        run_adamw(args.reps * 4)
+    else:
+        run_steps(args.suite, args.reps, not args.no_memory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
