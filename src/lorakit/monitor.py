@@ -41,7 +41,7 @@ def check_divergence(step: int, loss: float, best: float | None, lr: float, warm
     limit = None if best is None else max(DIVERGENCE_FACTOR * best, best + DIVERGENCE_MIN_RISE)
     if math.isfinite(loss) and not (warmup_done and limit is not None and loss > limit):
         return None
-    what = f"loss is {loss}" if not math.isfinite(loss) else f"loss {loss:.4g} is over {DIVERGENCE_FACTOR:g}x its best ({best:.4g})"
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"loss {loss:.4g} rose far above its best ({best:.4g})"
     return Diagnostic("diverged", step, f"training diverged at step {step}: {what}. The learning rate "
                       f"({lr:.3g}) is likely too high: try {lr / 3:.3g} or lower, or a longer warm-up.")
 
