@@ -173,8 +173,9 @@ def test_errors_name_value_and_choices(monkeypatch):
                   "dtype 'int8' is not one of bf16, fp16, fp32", "batch_size must be a positive integer, got 0",
                   "lora_dropout must be in [0, 1)"):
         assert piece in msg
-    with pytest.raises(ValueError, match="QLoRA computes in bf16 or fp16"):
-        plan("llama-2-7b", method="qlora", dtype="fp32")
+    # lorakit's NF4 layers compute in float32 too (CPU QLoRA): a valid plan, base in 4 bits
+    fp32 = plan("llama-2-7b", method="qlora", dtype="fp32", recommend=False)
+    assert fp32.components["base_weights"] < plan("llama-2-7b", method="lora", dtype="bf16", recommend=False).components["base_weights"]
     with pytest.raises(ValueError, match=r"targets \('q_proj', 'v_proj'\) match no linear module of phi-3-mini; "
                                          r"its linear modules: qkv_proj, o_proj, gate_up_proj, down_proj"):
         plan("phi-3-mini", method="lora")

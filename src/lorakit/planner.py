@@ -192,8 +192,6 @@ class PlanConfig:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.method == "qlora" and self.dtype == "fp32":
-            problems.append("dtype 'fp32' with method 'qlora': QLoRA computes in bf16 or fp16")
         if problems:
             raise ValueError("invalid plan configuration: " + "; ".join(problems))
 
