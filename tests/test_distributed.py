@@ -1,5 +1,5 @@
 """Data-parallel training with torchrun on CPU (gloo): 2 processes equal 1 process with the same
-global batch."""
+global batch, with DDP (replicated model) and FSDP (sharded model, also on an NF4 base)."""
 
 import json
 import os
@@ -17,23 +17,38 @@ from lorakit import monitor
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
-    import sys
+    import json, os, sys
     import torch
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
+    from conftest import tiny_llama
     from test_train import tiny_run
-    from lorakit.train import train
-    out, resume, *overrides = sys.argv[1:]
+    from lorakit.nf4 import quantize_linears
+    from lorakit.train import prepare_model, train
+    out, resume, base, *overrides = sys.argv[1:]
     config, prepared = tiny_run(["lora.dropout=0.0", *overrides])
+    if base == "nf4":  # QLoRA: the same tiny model with NF4 linear layers (head kept), then LoRA
+        model = quantize_linears(tiny_llama(vocab=len(prepared.tokenizer), init_range=0.1), skip={{"lm_head"}})
+        prepared.model = prepare_model(model, config)
     train(config, out, resume=resume == "resume", prepared=prepared, progress=False, log=lambda *_: None)
+    # bytes of this rank's parameters (local shards under FSDP), frozen NF4 codes/scales apart
+    sizes = {{"nf4": [0, 0], "frozen": [0, 0], "trainable": [0, 0]}}
+    for name, p in prepared.model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        kind = "trainable" if p.requires_grad else "nf4" if p.dtype == torch.uint8 or "weight_" in name else "frozen"
+        sizes[kind][0] += local.numel() * local.element_size()
+        sizes[kind][1] += p.numel() * p.element_size()
+    rank = os.environ.get("RANK", "0")
+    with open(out + f".rank{{rank}}.json", "w") as f:
+        json.dump({{k: {{"local": v[0], "full": v[1]}} for k, v in sizes.items()}}, f)
 """)
 
 
-def run(tmp_path, out, nproc, overrides=(), resume=False):
+def run(tmp_path, out, nproc, overrides=(), resume=False, nf4=False):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    args = [str(tmp_path / out), "resume" if resume else "fresh", *overrides]
+    args = [str(tmp_path / out), "resume" if resume else "fresh", "nf4" if nf4 else "float", *overrides]
     if nproc == 1:
         cmd = [sys.executable, str(script), *args]
     else:
@@ -85,3 +100,63 @@ def test_resume_with_two_processes(tmp_path):
     (cut / "summary.json").unlink()
     run(tmp_path, "cut", 2, ["train.batch_size=4", "train.schedule=constant"], resume=True)
     assert_same_run(full, cut)
+
+
+def shard_sizes(tmp_path, out, rank):
+    return json.loads((tmp_path / f"{out}.rank{rank}.json").read_text())
+
+
+def test_fsdp_equals_ddp_and_one_process(tmp_path):
+    single = run(tmp_path, "single", 1, ["train.batch_size=8", "train.grad_accum=2"])
+    ddp = run(tmp_path, "ddp", 2, ["train.batch_size=4", "train.grad_accum=2"])
+    fsdp = run(tmp_path, "fsdp", 2, ["train.batch_size=4", "train.grad_accum=2", "train.strategy=fsdp"])
+    assert_same_run(single, fsdp)
+    assert_same_run(ddp, fsdp)
+    evals = [[(r["step"], r.get("val_loss")) for r in monitor.MetricsLog(d / "metrics.jsonl").read()
+              if r["type"] == "eval"] for d in (single, fsdp)]
+    assert [s for s, _ in evals[0]] == [s for s, _ in evals[1]] == [0, 4, 8, 12]
+    for (_, a), (_, b) in zip(*evals):  # evaluated through the sharded model on both ranks
+        assert a == pytest.approx(b, rel=1e-5)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (single, fsdp)]
+    assert summaries[1]["world_size"] == 2
+    assert [s["after"]["exact_match"] for s in summaries] == [summaries[0]["after"]["exact_match"]] * 2
+    # each rank holds half of every parameter (dim-0 shards), single process all of it
+    for rank in (0, 1):
+        sizes = shard_sizes(tmp_path, "fsdp", rank)
+        for kind in ("frozen", "trainable"):
+            assert sizes[kind]["local"] == pytest.approx(sizes[kind]["full"] / 2, rel=0.05), (rank, kind)
+    single_sizes = shard_sizes(tmp_path, "single", 0)
+    assert all(v["local"] == v["full"] for v in single_sizes.values())
+
+
+def test_fsdp_resume_with_two_processes(tmp_path):
+    fsdp = ["train.batch_size=4", "train.schedule=constant", "train.strategy=fsdp"]
+    full = run(tmp_path, "full", 2, fsdp)
+    cut = run(tmp_path, "cut", 2, [*fsdp, "train.steps=6"])
+    import shutil
+
+    shutil.rmtree(cut / "adapter")
+    (cut / "summary.json").unlink()
+    run(tmp_path, "cut", 2, fsdp, resume=True)
+    assert_same_run(full, cut)
+    # the checkpoint holds full tensors, as a single process writes them
+    ckpt = load_file(cut / "checkpoints" / "step-4" / "trainable.safetensors")
+    assert ckpt.keys() == {k.replace("base_model.model.", "").replace(".weight", ".default.weight")
+                           for k in adapter(cut)}
+    assert ckpt["model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape == (4, 32)
+
+
+def test_qlora_with_fsdp_equals_one_process_and_shards_the_nf4_base(tmp_path):
+    qlora = ["train.grad_accum=2"]  # method stays lora: the planner refuses qlora in float32
+    single = run(tmp_path, "single", 1, [*qlora, "train.batch_size=8"], nf4=True)
+    fsdp = run(tmp_path, "fsdp", 2, [*qlora, "train.batch_size=4", "train.strategy=fsdp"], nf4=True)
+    assert_same_run(single, fsdp)
+    # single process: the 4-bit state stays in buffers (not parameters); FSDP: sharded parameters
+    assert shard_sizes(tmp_path, "single", 0)["nf4"] == {"local": 0, "full": 0}
+    ranks = [shard_sizes(tmp_path, "fsdp", r) for r in (0, 1)]
+    nf4_full = ranks[0]["nf4"]["full"]
+    # 14 NF4Linear layers, 2 x 32 x 32 + ... weights: 0.5 byte + DQ absmax 1/64 byte per weight, + nested scales
+    assert nf4_full > 0
+    for sizes in ranks:
+        assert sizes["nf4"]["local"] == pytest.approx(nf4_full / 2, rel=0.05)
+    assert sum(s["nf4"]["local"] for s in ranks) == nf4_full

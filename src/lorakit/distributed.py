@@ -7,10 +7,21 @@ gloo on CPU), wraps the model in DistributedDataParallel (strategy "ddp") or sha
 (strategy "fsdp"), and gives each rank its slice of every global micro-batch. Only rank 0 writes
 files. A rank that dies makes torchrun stop the others; a collective that waits longer than
 train.dist_timeout_s fails instead of hanging.
+
+What FSDP2 shards (strategy "fsdp", one FSDP unit per decoder layer plus the root, which holds the
+embeddings, the final norm and the output head): every parameter, frozen or trainable, as a
+DTensor split along dim 0 over the ranks; hence also the gradients and the optimizer states
+(created like their parameter). NF4 bases: the packed 4-bit codes and the block scales (absmax, DQ
+scales) are re-registered as frozen uint8/float32 parameters so they are sharded too; the code
+tables (16 + 256 floats) and the DQ offset (one float) stay replicated buffers, as do non-NF4
+buffers (rotary inv_freq). A layer's parameters exist in full only while it runs (all-gathered in
+its forward and again in its backward); the root's (embeddings, head) from the step's forward to
+the end of its backward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -59,23 +70,115 @@ def teardown(ctx: Context) -> None:
 
 def wrap(model: torch.nn.Module, ctx: Context, strategy: str) -> torch.nn.Module:
     """DDP averages the gradients of the trainable parameters; FSDP2 shards every parameter
-    (frozen base and adapters) across ranks, one decoder layer at a time."""
+    (frozen base, NF4 codes and scales, adapters) across ranks, one decoder layer at a time.
+
+    `model` is train.SummedLoss(raw): the root of the FSDP tree, so its forward (which runs the
+    embeddings, the layers and the output head) all-gathers the root's parameters once."""
     if not ctx.active:
         return model
     if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        layers = getattr(getattr(model, "model", None), "layers", None)
+        raw = model.model  # SummedLoss(raw)
+        layers = getattr(getattr(raw, "model", None), "layers", None)
         if layers is None:
             raise ValueError(f"strategy 'fsdp' needs a transformers decoder (model.model.layers); "
-                             f"{type(model).__name__} has none: use strategy 'ddp'")
+                             f"{type(raw).__name__} has none: use strategy 'ddp'")
+        _nf4_state_as_parameters(raw)
+        mesh = init_device_mesh(ctx.device.type, (ctx.world,))  # explicit: gloo on CPU even with CUDA present
         for layer in layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+
+
+# NF4Linear's per-weight tensors (sizes proportional to the weight): packed codes, block absmax, DQ scales.
+_NF4_SHARDED = ("weight", "weight_absmax", "weight_nested_absmax")
+
+
+def _nf4_state_as_parameters(model: torch.nn.Module) -> None:
+    """FSDP2 shards parameters, never buffers, and NF4Linear keeps its 4-bit weight in buffers:
+    re-register the per-weight ones as frozen parameters (uint8 codes, uint8/float32 scales) so
+    they are sharded like any frozen weight. NF4Linear reads them by attribute name, so its
+    forward is unchanged; FSDP swaps in the all-gathered tensors around each layer's forward and
+    backward. Only done under FSDP: a single process keeps the buffers (and their state_dict)."""
+    from .nf4 import NF4Linear
+
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            for name in _NF4_SHARDED:
+                tensor = module._buffers.get(name)
+                if tensor is not None:
+                    del module._buffers[name]
+                    module.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def _dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` was wrapped by FSDP (its parameters are DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (an all-gather: every rank calls it, in the same order)."""
+    return t.full_tensor() if _dtensor(t) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` split as the DTensor `like` is (this rank's part); `full` itself when `like` is a
+    plain tensor. Collective under FSDP: every rank calls it, in the same order."""
+    if not _dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+
+@contextlib.contextmanager
+def full_trainable_weights(model: torch.nn.Module):
+    """Inside: every trainable parameter of `model` is its full tensor (all-gathered on every
+    rank), so code that reads weights (save_adapter, save_pretrained) sees what a single process
+    sees. The shards are put back on exit. A no-op without FSDP."""
+    swapped, full = [], {}  # full: one gathered tensor per parameter, also when tied (embeddings)
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.requires_grad and _dtensor(p):
+                if id(p) not in full:
+                    full[id(p)] = torch.nn.Parameter(p.full_tensor(), requires_grad=True)
+                swapped.append((module, name, p))
+                module._parameters[name] = full[id(p)]
+    try:
+        yield model
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+@contextlib.contextmanager
+def unsharded_root(model: torch.nn.Module):
+    """Inside: the FSDP root's own parameters (embeddings, final norm, output head) are gathered,
+    so the raw model's forward and generate() run outside SummedLoss.forward; each decoder layer
+    gathers its own in its forward hooks. Collective: every rank must run the same computation
+    inside. The root must have run one forward (FSDP's lazy initialisation). A no-op without FSDP."""
+    if not sharded(model):
+        yield model
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

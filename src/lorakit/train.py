@@ -128,14 +128,15 @@ def lr_lambda(config: RunConfig):
     return factor
 
 
-def memory_check(model, config: RunConfig, log) -> int | None:
+def memory_check(model, config: RunConfig, log, n_gpus: int = 1) -> int | None:
     """Run the planner for this run and warn when the step will not fit the device; returns the
-    predicted peak in bytes (None when the planner does not know the architecture)."""
+    predicted peak in bytes (None when the planner does not know the architecture). n_gpus > 1:
+    FSDP sharding over that many ranks (DDP replicates: plan it with n_gpus=1)."""
     from .planner import GiB, arch_from_config, device_warning, plan
 
     try:
         arch = arch_from_config(model.config.to_dict())
-    except (ValueError, KeyError, AttributeError) as e:
+    except (ValueError, KeyError, AttributeError) as e:  # an architecture the planner does not know
         log(f"memory plan: skipped ({e})")
         return None
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.model.dtype]
@@ -144,13 +145,14 @@ def memory_check(model, config: RunConfig, log) -> int | None:
              batch_size=config.train.batch_size, seq_len=config.data.max_length,
              grad_checkpointing=config.train.gradient_checkpointing, dtype=dtype,
              lora_dropout=config.lora.dropout, device="cuda" if device.type == "cuda" else "cpu",
-             recommend=False)
+             n_gpus=n_gpus, recommend=False)
     if device.type == "cuda":
         available = torch.cuda.get_device_properties(device).total_memory
     else:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    sharding = f", sharded over {n_gpus} ranks" if n_gpus > 1 else ""
     log(f"memory plan: predicted peak {p.peak / GiB:.2f} GiB (batch {config.train.batch_size} x "
-        f"{config.data.max_length} tokens) of {available / GiB:.1f} GiB available on {device.type}")
+        f"{config.data.max_length} tokens{sharding}) of {available / GiB:.1f} GiB available on {device.type}")
     warning = device_warning(p, available / GiB)
     if warning:
         log(warning)
@@ -226,18 +228,59 @@ def evaluate(model, tokenizer, prepared: Prepared, config: RunConfig, generation
     return out
 
 
+def evaluate_run(model, raw, tokenizer, prepared: Prepared, config: RunConfig, ctx: distributed.Context,
+                 generation: bool) -> dict | None:
+    """evaluate(raw) during or after training; the result on rank 0, None elsewhere.
+
+    Without FSDP rank 0 evaluates alone (the others wait). Under FSDP every forward all-gathers
+    shards, a collective: every rank runs the same evaluation on the same examples, with the
+    root's parameters gathered (distributed.unsharded_root). The ranks stay in step because they
+    compute bit-identical logits (same gathered weights, same inputs), so greedy decoding stops
+    at the same length everywhere. Memory stays sharded: only the root's parameters and one
+    layer at a time are gathered. The root has run forward by then (FSDP initialises lazily in
+    the first forward): the loop always runs a step, checkpoints are never of the last one.
+    """
+    if not (ctx.main or distributed.sharded(model)):
+        return None
+    with distributed.unsharded_root(model):
+        out = evaluate(raw, tokenizer, prepared, config, generation)
+    return out if ctx.main else None
+
+
 # --- checkpoints --------------------------------------------------------------------------------
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _full_optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with FSDP-sharded states gathered into full tensors (collective),
+    so the file is the one a single process writes: integer parameter ids, full-size states."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: distributed.full_tensor(v) for k, v in s.items()}
+                      for i, s in state["state"].items()}
+    return state
+
+
+def _sharded_optimizer_state(state: dict, optimizer) -> dict:
+    """The inverse of _full_optimizer_state: states of a sharded parameter are split like it
+    (step counters are plain scalars). Collective under FSDP."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state["state"] = {i: {k: distributed.shard_like(v, params[i]) if v.dim() else v for k, v in s.items()}
+                      for i, s in state["state"].items()}
+    return state
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict,
                     ctx: distributed.Context = distributed.Context()) -> Path | None:
     """checkpoints/step-N, written under a temporary name and renamed: a kill at any moment leaves
-    either the complete checkpoint or none. Every rank's RNG state is kept; rank 0 writes."""
+    either the complete checkpoint or none. Every rank's RNG state is kept; rank 0 writes. Under
+    FSDP every rank first gathers the full trainable weights and optimizer states, so the files
+    are the ones a single process writes."""
     from safetensors.torch import save_file
 
+    weights = {k: distributed.full_tensor(v).contiguous().cpu() for k, v in _trainable_state(model).items()}
+    optimizer_state = _full_optimizer_state(optimizer)
     cuda = ctx.device.type == "cuda"
     rngs = distributed.all_gather_objects(
         (torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if cuda else None), ctx)
@@ -247,8 +290,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
-    save_file({k: v.contiguous().cpu() for k, v in _trainable_state(model).items()}, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    save_file(weights, tmp / "trainable.safetensors")
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": [cpu for cpu, _ in rngs], "cuda_rng": [gpu for _, gpu in rngs]}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     final = root / f"step-{step}"
@@ -270,15 +313,16 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler,
                     ctx: distributed.Context = distributed.Context()) -> dict:
+    """Every rank reads the checkpoint; under FSDP each keeps its shard of the weights and states."""
     from safetensors.torch import load_file
 
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in weights.items():
-            params[k].copy_(v)
+            params[k].copy_(distributed.shard_like(v, params[k]))
     extra = torch.load(path / "optimizer.pt", weights_only=True)  # tensors and numbers only: no code
-    optimizer.load_state_dict(extra["optimizer"])
+    optimizer.load_state_dict(_sharded_optimizer_state(extra["optimizer"], optimizer))
     scheduler.load_state_dict(extra["scheduler"])
     rngs = extra["rng"]
     if len(rngs) != ctx.world:
@@ -386,7 +430,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         f"{len(prepared.test.examples) if prepared.test else 0} test; global batch "
         f"{t.batch_size} x {t.grad_accum} accumulation x {ctx.world} ranks = "
         f"{t.batch_size * t.grad_accum * ctx.world} examples per step")
-    planned_peak = memory_check(raw, config, log)
+    planned_peak = memory_check(raw, config, log, ctx.world if ctx.active and t.strategy == "fsdp" else 1)
     if prepared.train.unsupervised:
         log(f"warning: {prepared.train.unsupervised} training examples have no completion token left after "
             f"truncation at data.max_length={config.data.max_length}; they teach nothing")
@@ -429,7 +473,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         start = time.perf_counter()
         batches = micro_batches(prepared.train, step, config, ctx, tokenizer.pad_token_id)
         # The step's loss is the mean over every supervised token of the global batch (all ranks,
-        # all micro-batches); DDP averages gradients over ranks, hence the factor world.
+        # all micro-batches); DDP and FSDP average gradients over ranks, hence the factor world.
+        # FSDP has no no_sync: it reduce-scatters after every micro-batch and sums into the shards.
         n_tokens = distributed.all_reduce_sum(sum(supervised_tokens(b) for b in batches), ctx)
         local_sum, tokens_step = 0.0, 0
         for i, batch in enumerate(batches):
@@ -443,8 +488,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             tokens_step += int(batch["attention_mask"].sum())
         loss_value = distributed.all_reduce_sum(local_sum, ctx) / max(n_tokens, 1)
         tokens_step = int(distributed.all_reduce_sum(tokens_step, ctx))
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
-                     if t.max_grad_norm else None)
+        grad_norm = (distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)).item()
+                     if t.max_grad_norm else None)  # under FSDP the norm over all shards, replicated
         lr = scheduler.get_last_lr()[0]
         diverged = monitor.check_divergence(step, loss_value, state["best_loss"], lr, step > t.warmup_steps)
         if diverged:
@@ -469,8 +514,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             tokens_since, last_log = 0, now
             _update(bar, step, record)
         if config.eval.every and step % config.eval.every == 0 and step != t.steps and prepared.validation:
+            ev = evaluate_run(model, raw, tokenizer, prepared, config, ctx, generation=False)
             if ctx.main:
-                ev = evaluate(raw, tokenizer, prepared, config, generation=False)
                 metrics.write({"type": "eval", "step": step, **ev})
             distributed.barrier(ctx)
         if step % t.save_every == 0 and step != t.steps:
@@ -492,13 +537,14 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             diagnostics.append(plateau)
             log(plateau.message)
 
+    log("evaluating the fine-tuned model...")
+    after = evaluate_run(model, raw, tokenizer, prepared, config, ctx, generation=True)
+    with distributed.full_trainable_weights(model):  # under FSDP: gathered on every rank, written by rank 0
+        result_dir = save_result(raw, config, tokenizer, run_dir) if ctx.main else None
     summary = None
     if ctx.main:
-        log("evaluating the fine-tuned model...")
-        after = evaluate(raw, tokenizer, prepared, config, generation=True)
         samples = after.pop("samples", [])
         metrics.write({"type": "eval", "step": step, **after})
-        result_dir = save_result(raw, config, tokenizer, run_dir)
         plot = monitor.plot_losses(metrics.read(), run_dir / "loss.png")
         summary = {
             "method": config.method,
