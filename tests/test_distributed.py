@@ -41,6 +41,8 @@ SCRIPT = textwrap.dedent("""
     rank = os.environ.get("RANK", "0")
     with open(out + f".rank{{rank}}.json", "w") as f:
         json.dump({{k: {{"local": v[0], "full": v[1]}} for k, v in sizes.items()}}, f)
+    from lorakit.distributed import exit_process
+    exit_process(0)  # as `lorakit train` does under torchrun
 """)
 
 

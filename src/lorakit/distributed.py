@@ -181,6 +181,18 @@ def unsharded_root(model: torch.nn.Module):
         model.reshard()
 
 
+def exit_process(code: int) -> None:
+    """End a torchrun worker without Python's interpreter teardown, which sometimes hangs after a
+    gloo process group was used (seen in about 1 run in 7 here: rank 0 stuck in native code after
+    train() returned and every file was written). Outside torchrun: does nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 

@@ -34,10 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.run(args)
+        code = args.run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    from lorakit.distributed import exit_process
+
+    exit_process(code)  # under torchrun only
+    return code
 
 
 if __name__ == "__main__":
