@@ -540,10 +540,14 @@ def plan(model: str | Architecture | dict, config: PlanConfig | None = None, *,
     if n > 1:
         per_layer_weight = (arch.quantizable_layer_parameters() // 2 + (layer_params - arch.quantizable_layer_parameters()) * p
                             if config.method == "qlora" else layer_params * p)
-        fsdp_extra = 2 * per_layer_weight + (layer_params * p if full else 0)
+        # The FSDP root (embeddings, final norm, head) is gathered from the step's forward to the
+        # end of its backward: whole on every rank, not 1/n of it.
+        root_weight = (arch.embedding_parameters() + arch.hidden_size) * p
+        fsdp_extra = 2 * per_layer_weight + (layer_params * p if full else 0) + root_weight - root_weight // n
     persistent = math.ceil((base + quant_constants + adapters + states) / n) + fsdp_extra
     grads_shard = math.ceil(grads / n)
-    head_grad = math.ceil(arch.vocab_size * arch.hidden_size * p / n) if full else 0
+    # full fine-tuning: the head's gradient stays whole until the root's backward ends
+    head_grad = arch.vocab_size * arch.hidden_size * p if full else 0
     layer_grad = math.ceil(layer_params * p / n) if full else math.ceil(grads / arch.num_layers / n)
 
     # Backward through the layers: after k of L layers, their grads exist and their activations are gone.

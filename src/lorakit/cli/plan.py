@@ -27,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs sharing the model with FSDP")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs sharding the model with FSDP (train.strategy: fsdp); plan DDP runs with 1")
     p.add_argument("--gpu-gb", type=float, default=None,
                    help="memory per GPU in GiB for the recommendation (default 24)")
     p.add_argument("--domain-shift", action="store_true",
