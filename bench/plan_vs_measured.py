@@ -137,18 +137,9 @@ def measure(c: Case, device: str) -> int:
         return torch.cuda.max_memory_allocated()
     states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
     resident = _resident_bytes(*model.parameters(), *model.buffers(), *states, ids)
-    from torch.profiler import ProfilerActivity, profile
+    from common import allocator_peak  # bench/common.py, beside this script
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        total = getattr(event.extra_fields, "total_allocated", None)
-        if total is not None:
-            peak = max(peak, total)
-        stack.extend(event.children)
-    return resident + peak
+    return resident + allocator_peak(step)
 
 
 def predict(c: Case, device: str) -> int:
