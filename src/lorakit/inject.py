@@ -270,10 +270,11 @@ def disable_adapters(model: nn.Module):
     try:
         yield model
     finally:
+        shared = _shared_weights(model)
         for m in layers:
             m.disabled = False
             if merged.get(id(m)):
-                m.merge(merged[id(m)], untie=id(m.base_layer.weight) in _shared_weights(model))
+                m.merge(merged[id(m)], untie=id(m.base_layer.weight) in shared)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
