@@ -85,3 +85,10 @@ def test_train_refuses_to_overwrite_a_run_and_checks_resume(tmp_path, capsys):
     assert "no config.yaml there" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run"), "--set", "lora.r=4"]) == 2
     assert "drop CONFIG, --set and --out" in capsys.readouterr().err
+
+
+def test_adapter_argument_must_be_an_adapter_or_run_directory(tmp_path, capsys):
+    assert main(["generate", "--adapter", str(tmp_path), "hello"]) == 2
+    assert "neither an adapter directory (adapter_config.json) nor a lorakit run directory" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err
