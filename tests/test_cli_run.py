@@ -92,3 +92,25 @@ def test_adapter_argument_must_be_an_adapter_or_run_directory(tmp_path, capsys):
     assert "neither an adapter directory (adapter_config.json) nor a lorakit run directory" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_chat_keeps_the_conversation_and_ends_on_an_empty_line(base_dir, capsys, monkeypatch):
+    import io
+
+    seen = []
+    import lorakit.cli.generate as g
+
+    real = g._reply
+
+    def recording_reply(model, tokenizer, prompt, args):
+        seen.append(prompt)
+        return real(model, tokenizer, prompt, args)
+
+    monkeypatch.setattr(g, "_reply", recording_reply)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nok\n\nnot read\n"))
+    assert main(["chat", "--model", str(base_dir), "--max-new-tokens", "2"]) == 0
+    replies = capsys.readouterr().out.splitlines()
+    assert len(seen) == 2 and len(replies) == 2
+    # the second prompt holds the first exchange, rendered by the chat template
+    assert seen[1].startswith(f"<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n{replies[0]}<|im_end|>\n")
+    assert seen[1].endswith("<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n")
