@@ -165,15 +165,12 @@ def heldout_loss(model, dataset: Dataset, pad_id: int, batch_size: int) -> float
     """Mean cross-entropy per supervised token over the dataset."""
     was_training = model.training
     model.eval()
+    summed = SummedLoss(model)  # the training loss itself, so held-out and training losses agree
     total, count = 0.0, 0
     for i in range(0, len(dataset.examples), batch_size):
-        batch = collate(dataset.examples[i:i + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += (labels != -100).sum().item()
+        batch = {k: v.to(model.device) for k, v in collate(dataset.examples[i:i + batch_size], pad_id).items()}
+        total += summed(**batch).item()
+        count += supervised_tokens(batch)
     model.train(was_training)
     return total / max(count, 1)
 
