@@ -341,8 +341,9 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requant
             if _is_4bit(module.base_layer):
                 base = _merged_4bit(module, dtype, requantize, errors)
             else:
-                untied |= id(module.base_layer.weight) in shared
-                module.merge(module.active_adapters, untie=id(module.base_layer.weight) in shared)
+                tied = id(module.base_layer.weight) in shared
+                module.merge(module.active_adapters, untie=tied)
+                untied |= tied
                 base = module.base_layer
             setattr(parent, attr, base)
         else:
