@@ -68,12 +68,16 @@ def teardown(ctx: Context) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, ctx: Context, strategy: str) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, ctx: Context, strategy: str, fill=None) -> torch.nn.Module:
     """DDP averages the gradients of the trainable parameters; FSDP2 shards every parameter
     (frozen base, NF4 codes and scales, adapters) across ranks, one decoder layer at a time.
 
     `model` is train.SummedLoss(raw): the root of the FSDP tree, so its forward (which runs the
-    embeddings, the layers and the output head) all-gathers the root's parameters once."""
+    embeddings, the layers and the output head) all-gathers the root's parameters once.
+    fill (FSDP only): the base is still on the meta device and fill(part) loads a part of it
+    (models.CheckpointLoader.fill): each decoder layer is loaded, then sharded, before the next
+    one, and the root last, so no rank ever holds more of the base than its shards plus one layer
+    (or the root). Every rank reads the checkpoint itself; nothing is sent between ranks."""
     if not ctx.active:
         return model
     if strategy == "fsdp":
@@ -85,15 +89,30 @@ def wrap(model: torch.nn.Module, ctx: Context, strategy: str) -> torch.nn.Module
         if layers is None:
             raise ValueError(f"strategy 'fsdp' needs a transformers decoder (model.model.layers); "
                              f"{type(raw).__name__} has none: use strategy 'ddp'")
-        _nf4_state_as_parameters(raw)
         mesh = init_device_mesh(ctx.device.type, (ctx.world,))  # explicit: gloo on CPU even with CUDA present
         for layer in layers:
-            fully_shard(layer, mesh=mesh)
+            if fill is not None:
+                fill(layer)
+            _nf4_state_as_parameters(layer)
+            fully_shard(layer, mesh=mesh)  # moves the layer to the device, keeps this rank's shards
+        if fill is not None:
+            fill(None)  # the rest: embeddings, final norm, output head, buffers
+        _nf4_state_as_parameters(raw)
         fully_shard(model, mesh=mesh)
+        _initialise_root(model, ctx.device)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+
+
+@torch.no_grad()
+def _initialise_root(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 decides which module is the root in the first forward it sees: run one (a single
+    token) through the root, so that evaluation, which calls the raw model, can come first."""
+    one = torch.zeros(1, 2, dtype=torch.long, device=device)
+    model(input_ids=one, attention_mask=torch.ones_like(one), labels=one)
+    model.reshard()
 
 
 # NF4Linear's per-weight tensors (sizes proportional to the weight): packed codes, block absmax, DQ scales.

@@ -164,8 +164,11 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
         r, _ = config.rank_and_alpha(full_name)
         weight = module.base_layer.weight
         dtype = adapter_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+        # a base still on the meta device (loaded later, part by part) gets its adapters on the
+        # CPU, initialised now: the same values, in the same order, as on a loaded base
+        device = torch.device("cpu") if weight.is_meta else weight.device
         module.add_adapter(name, r, config.scaling(full_name), config.dropout, config.init,
-                           dtype=dtype, device=weight.device)
+                           dtype=dtype, device=device)
         module.train(module.base_layer.training)  # new dropout modules follow the model's mode
         if first:
             module.active_adapters = [name]

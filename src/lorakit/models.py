@@ -15,6 +15,7 @@ weights*, not of the original bf16 checkpoint.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 import json
@@ -127,6 +128,12 @@ def resolve_model_dir(path_or_name: str | os.PathLike | None) -> Path:
     return path
 
 
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def load_model(path_or_name: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                quantize: str | None = None, compute_dtype: torch.dtype | None = None,
                double_quant: bool = True):
@@ -138,12 +145,12 @@ def load_model(path_or_name: str | os.PathLike | None = None, dtype: torch.dtype
     quantized while the checkpoint streams in; `compute_dtype` (default: `dtype`) is what the
     4-bit layers compute in. A transformers + bitsandbytes 4-bit checkpoint loads in NF4 as it is.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize={quantize!r}: valid choices are None and 'nf4'")
     path = resolve_model_dir(path_or_name)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = load_tokenizer(path)
     if quantize == "nf4" or _is_bnb_4bit(AutoConfig.from_pretrained(path, local_files_only=True)):
         model = load_quantized(path, dtype, compute_dtype, double_quant)
     else:
@@ -152,7 +159,7 @@ def load_model(path_or_name: str | os.PathLike | None = None, dtype: torch.dtype
     return model, tokenizer
 
 
-# --- 4-bit loading (QLoRA) -------------------------------------------------------------------------
+# --- loading a checkpoint part by part (QLoRA, FSDP) -----------------------------------------------
 
 def _is_bnb_4bit(config) -> bool:
     q = getattr(config, "quantization_config", None)
@@ -160,67 +167,169 @@ def _is_bnb_4bit(config) -> bool:
     return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
 
 
+class CheckpointLoader:
+    """A causal LM built on the meta device from a checkpoint directory, whose tensors are then
+    read from its safetensors files one part at a time.
+
+        loader = CheckpointLoader(path, quantize="nf4")
+        add_lora(loader.model, ...)        # optional: adapters are created (on the CPU) right away
+        for layer in loader.model.model.layers:
+            loader.fill(layer)             # this layer's tensors, and nothing else
+            shard(layer)                   # e.g. FSDP: keep this rank's part, free the rest
+        loader.fill()                      # the rest (embeddings, head); checks nothing is missing
+
+    At most one full-precision tensor is in memory at a time besides the parts already filled.
+    quantize="nf4" makes every linear layer but the output head an NF4Linear, quantized as its
+    weight streams in; a transformers + bitsandbytes 4-bit checkpoint loads in NF4 as it is (its
+    packed weights are taken byte for byte). Modules may be wrapped after construction (LoRA,
+    modules_to_save): tensors are found by the module objects, not by name.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, quantize: str | None = None,
+                 compute_dtype: torch.dtype | None = None, double_quant: bool = True):
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .inject import output_head_names
+        from .nf4 import NF4Linear
+
+        self.path, self.dtype, self.double_quant = Path(path), dtype, double_quant
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.prequantized = _is_bnb_4bit(config)
+        if self.prequantized:
+            q = config.quantization_config
+            q = q if isinstance(q, dict) else q.to_dict()
+            compute_dtype = compute_dtype or getattr(
+                torch, str(q.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", ""))
+            del config.quantization_config
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.linears: dict[str, NF4Linear] = {}  # checkpoint name -> its NF4 layer
+        if quantize == "nf4" or self.prequantized:
+            heads = output_head_names(self.model)
+            for name, module in list(self.model.named_modules()):
+                if type(module) is nn.Linear and name not in heads:
+                    parent_name, _, attr = name.rpartition(".")
+                    q4 = NF4Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                   compute_dtype=compute_dtype or dtype, double_quant=double_quant, device="meta")
+                    setattr(self.model.get_submodule(parent_name) if parent_name else self.model, attr, q4)
+                    self.linears[name] = q4
+        # checkpoint key -> every (module, attribute) holding that tensor (tied weights: several)
+        self.slots: dict[str, list[tuple[nn.Module, str]]] = {}
+        holders: dict[int, list[tuple[nn.Module, str]]] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            tensors = {**module._parameters, **module._buffers}
+            if isinstance(module, NF4Linear):  # its 4-bit state is set from the weight, not assigned
+                tensors = {"bias": module.bias}
+            for leaf, tensor in tensors.items():
+                if tensor is not None:
+                    self.slots[f"{name}.{leaf}" if name else leaf] = holders.setdefault(id(tensor), [])
+                    holders[id(tensor)].append((module, leaf))
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no .safetensors weights (lorakit never loads pickle checkpoints)")
+        self.files: dict[str, Path] = {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                self.files.update(dict.fromkeys(f.keys(), file))
+        self.unexpected: list[str] = []
+
+    def fill(self, part: nn.Module | None = None) -> None:
+        """Read the checkpoint's tensors that belong to `part` (a submodule of the model), or all
+        that are left when `part` is None, which also checks that the model is complete."""
+        from safetensors import safe_open
+
+        from .nf4 import from_bnb_tensors, quantize_nf4
+
+        inside = {id(m) for m in (part or self.model).modules()}
+        todo: dict[Path, list[str]] = {}
+        for key, file in self.files.items():
+            owner = self._owner(key)
+            if part is None or (owner is not None and id(owner) in inside):
+                todo.setdefault(file, []).append(key)
+        packed: dict[str, dict[str, torch.Tensor]] = {}  # bnb tensors of one layer, until complete
+        for file, keys in todo.items():
+            with safe_open(file, framework="pt") as f:
+                for key in keys:
+                    del self.files[key]
+                    layer, leaf = _split_key(key, self.linears)
+                    if layer is not None and leaf != "bias":
+                        if self.prequantized:
+                            packed.setdefault(layer, {})[key] = f.get_tensor(key)
+                        elif leaf == "weight":
+                            self.linears[layer]._set_state(quantize_nf4(f.get_tensor(key), double_quant=self.double_quant))
+                        else:
+                            self.unexpected.append(key)
+                    elif key in self.slots:
+                        self._assign(key, f.get_tensor(key))
+                    else:
+                        self.unexpected.append(key)
+        for layer, tensors in packed.items():
+            self.linears[layer]._set_state(from_bnb_tensors(tensors, layer))
+        self._materialize_leftovers(part or self.model)
+        if part is None:
+            missing = self._missing()
+            if missing or self.unexpected:
+                raise ValueError(f"checkpoint {self.path} does not fit {type(self.model).__name__}: "
+                                 f"missing {missing[:8]}, unexpected {self.unexpected[:8]}")
+
+    def _missing(self) -> list[str]:
+        """Names of what is still on the meta device: NF4 layers as a whole, other tensors by name."""
+        from .nf4 import NF4Linear
+
+        out = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, NF4Linear):
+                out += [name] if module.weight.is_meta else []
+            else:
+                out += [f"{name}.{leaf}" for leaf, t in [*module.named_parameters(recurse=False),
+                                                         *module.named_buffers(recurse=False)] if t.is_meta]
+        return out
+
+    def _owner(self, key: str) -> nn.Module | None:
+        layer, _ = _split_key(key, self.linears)
+        if layer is not None:
+            return self.linears[layer]
+        return self.slots[key][0][0] if key in self.slots else None
+
+    def _assign(self, key: str, tensor: torch.Tensor) -> None:
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        holders = self.slots[key]
+        module, leaf = holders[0]
+        if leaf in module._parameters:  # trainable or not, as set on the skeleton (e.g. by add_lora)
+            tensor = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+        for module, leaf in holders:
+            (module._parameters if leaf in module._parameters else module._buffers)[leaf] = tensor
+
+    def _materialize_leftovers(self, part: nn.Module) -> None:
+        """Build what a checkpoint does not hold: buffers such as rotary frequencies (with the
+        model's own initialisation), and modules_to_save copies of modules just filled."""
+        from .layer import ModulesToSave
+        from .nf4 import NF4Linear
+
+        for module in part.modules():
+            meta = [b for b, t in module._buffers.items() if t is not None and t.is_meta]
+            if meta and not isinstance(module, NF4Linear):  # an NF4 layer still on meta is missing
+                for b in meta:
+                    module._buffers[b] = torch.empty_like(module._buffers[b], device="cpu")
+                self.model._init_weights(module)
+            if isinstance(module, ModulesToSave):
+                for name, copy_ in module.modules_to_save.items():
+                    if any(p.is_meta for p in copy_.parameters()) and not any(
+                            p.is_meta for p in module.original_module.parameters()):
+                        module.modules_to_save[name] = copy.deepcopy(module.original_module).requires_grad_(True)
+
+
 def load_quantized(path: Path, dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
                    double_quant: bool = True) -> nn.Module:
     """A causal LM whose linear layers (all but the output head) are NF4Linear, quantized while
-    the checkpoint is streamed tensor by tensor: at most one full-precision tensor is in memory
-    at a time besides the 4-bit model. Reads plain checkpoints and transformers + bitsandbytes
-    4-bit checkpoints (whose packed weights are taken as they are, byte for byte)."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .inject import output_head_names
-    from .nf4 import NF4Linear, from_bnb_tensors, quantize_nf4
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    prequantized = _is_bnb_4bit(config)
-    if prequantized:
-        q = config.quantization_config
-        q = q if isinstance(q, dict) else q.to_dict()
-        compute_dtype = compute_dtype or getattr(torch, str(q.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", ""))
-        del config.quantization_config
-    compute_dtype = compute_dtype or dtype
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    heads = output_head_names(model)
-    linears = {}
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and name not in heads:
-            parent_name, _, attr = name.rpartition(".")
-            q4 = NF4Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           compute_dtype=compute_dtype, double_quant=double_quant, device="meta")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, q4)
-            linears[name] = q4
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no .safetensors weights (lorakit never loads pickle checkpoints)")
-    pending: dict[str, dict[str, torch.Tensor]] = {}  # bnb tensors of one layer, until complete
-    unexpected = []
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                owner, leaf = _split_key(key, linears)
-                if owner is not None and leaf != "bias":
-                    if prequantized:
-                        pending.setdefault(owner, {})[key] = f.get_tensor(key)
-                    elif leaf == "weight":
-                        linears[owner]._set_state(quantize_nf4(f.get_tensor(key), double_quant=double_quant))
-                    else:
-                        unexpected.append(key)
-                    continue
-                if not _assign(model, key, f.get_tensor(key), dtype):
-                    unexpected.append(key)
-    for owner, tensors in pending.items():
-        linears[owner]._set_state(from_bnb_tensors(tensors, owner))
-    _materialize_leftovers(model)
-    missing = [n for n, p in model.named_parameters() if p.is_meta] + \
-              [n for n, m in linears.items() if m.weight.is_meta]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: "
-                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    model.requires_grad_(False)
-    return model.eval()
+    the checkpoint is streamed tensor by tensor (CheckpointLoader). Reads plain checkpoints and
+    transformers + bitsandbytes 4-bit checkpoints."""
+    loader = CheckpointLoader(path, dtype, "nf4", compute_dtype, double_quant)
+    loader.fill()
+    loader.model.requires_grad_(False)
+    return loader.model.eval()
 
 
 def _split_key(key: str, linears: dict) -> tuple[str | None, str]:
@@ -230,40 +339,6 @@ def _split_key(key: str, linears: dict) -> tuple[str | None, str]:
         if sep and owner in linears:
             return owner, (marker[1:] + rest)
     return None, key
-
-
-def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> bool:
-    module_name, _, leaf = key.rpartition(".")
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        return False
-    if tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    elif leaf in module._buffers:
-        module._buffers[leaf] = tensor
-    else:
-        return False
-    return True
-
-
-def _materialize_leftovers(model: nn.Module) -> None:
-    """Tie the output head to the embeddings where the config says so, and build the buffers a
-    checkpoint does not hold (rotary frequencies) with the model's own initialisation."""
-    from .nf4 import NF4Linear
-
-    if getattr(model.config, "tie_word_embeddings", False):
-        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-        if out is not None and out.weight.is_meta:
-            out.weight = inp.weight
-    for name, module in model.named_modules():
-        meta = [b for b, t in module._buffers.items() if t is not None and t.is_meta]
-        if meta and not isinstance(module, NF4Linear):  # an NF4 layer still on meta is missing
-            for b in meta:
-                module._buffers[b] = torch.empty_like(module._buffers[b], device="cpu")
-            model._init_weights(module)
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:

@@ -55,11 +55,18 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_base(config: RunConfig):
-    from .models import load_model
+def load_base(config: RunConfig, lazy: bool = False):
+    """(model, tokenizer, fill) for the run's base model. lazy: the model is still on the meta
+    device and fill(part) loads it part by part (models.CheckpointLoader), for FSDP to shard each
+    part as it arrives; otherwise it is loaded and fill is None."""
+    from .models import CheckpointLoader, load_model, load_tokenizer, resolve_model_dir
 
-    return load_model(config.model.path, dtype=_dtype(config.model.dtype),
-                      quantize=None if config.model.quantize == "none" else config.model.quantize)
+    quantize = None if config.model.quantize == "none" else config.model.quantize
+    if lazy:
+        path = resolve_model_dir(config.model.path)
+        loader = CheckpointLoader(path, _dtype(config.model.dtype), quantize)
+        return loader.model.eval(), load_tokenizer(path), loader.fill
+    return *load_model(config.model.path, dtype=_dtype(config.model.dtype), quantize=quantize), None
 
 
 def prepare_model(model: torch.nn.Module, config: RunConfig) -> torch.nn.Module:
@@ -128,14 +135,13 @@ def lr_lambda(config: RunConfig):
     return factor
 
 
-def memory_check(model, config: RunConfig, log, n_gpus: int = 1) -> int | None:
+def memory_check(model, config: RunConfig, log, device: torch.device, n_gpus: int = 1) -> int | None:
     """Run the planner for this run and warn when the step will not fit the device; returns the
     predicted peak in bytes (None when the planner does not know the architecture). n_gpus > 1:
     FSDP sharding over that many ranks (DDP replicates: plan it with n_gpus=1)."""
     from .planner import GiB, arch_from_config, device_warning, plan
 
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.model.dtype]
-    device = getattr(model, "device", torch.device("cpu"))
     try:
         p = plan(arch_from_config(model.config.to_dict()), method=config.method, rank=config.lora.r,
                  targets=config.lora.targets, batch_size=config.train.batch_size,
@@ -233,8 +239,7 @@ def evaluate_run(model, raw, tokenizer, prepared: Prepared, config: RunConfig, c
     root's parameters gathered (distributed.unsharded_root). The ranks stay in step because they
     compute bit-identical logits (same gathered weights, same inputs), so greedy decoding stops
     at the same length everywhere. Memory stays sharded: only the root's parameters and one
-    layer at a time are gathered. The root has run forward by then (FSDP initialises lazily in
-    the first forward): the loop always runs a step, checkpoints are never of the last one.
+    layer at a time are gathered.
     """
     if not (ctx.main or distributed.sharded(model)):
         return None
@@ -407,14 +412,18 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         run_dir.mkdir(parents=True, exist_ok=True)
     if t.threads:
         torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)  # the same adapter initialisation on every rank
     wall_start = time.perf_counter()
 
+    fsdp = ctx.active and t.strategy == "fsdp"
+    fill = None
     if prepared is None:
-        model, tokenizer = load_base(config)
+        # under FSDP the base stays on the meta device here, and is loaded part by part while
+        # it is sharded (distributed.wrap): no rank ever holds the whole model
+        model, tokenizer, fill = load_base(config, lazy=fsdp)
+        torch.manual_seed(t.seed)  # the same adapter initialisation on every rank, however loaded
         prepare_model(model, config)
         prepared = Prepared(model, tokenizer, *load_data(config, tokenizer))
-    raw, tokenizer = prepared.model.to(ctx.device), prepared.tokenizer
+    raw, tokenizer = prepared.model if fill else prepared.model.to(ctx.device), prepared.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     counts = trainable_parameters(raw)
@@ -426,7 +435,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         f"{len(prepared.test.examples) if prepared.test else 0} test; global batch "
         f"{t.batch_size} x {t.grad_accum} accumulation x {ctx.world} ranks = "
         f"{t.batch_size * t.grad_accum * ctx.world} examples per step")
-    planned_peak = memory_check(raw, config, log, ctx.world if ctx.active and t.strategy == "fsdp" else 1)
+    planned_peak = memory_check(raw, config, log, ctx.device, ctx.world if fsdp else 1)
     if prepared.train.unsupervised:
         log(f"warning: {prepared.train.unsupervised} training examples have no completion token left after "
             f"truncation at data.max_length={config.data.max_length}; they teach nothing")
@@ -434,19 +443,20 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     metrics = monitor.MetricsLog(run_dir / "metrics.jsonl")
     state = {"tokens": 0, "train_seconds": 0.0, "best_loss": None, "before": None}
     found = checkpoints(run_dir) if resume else []
+    model = distributed.wrap(SummedLoss(raw), ctx, t.strategy, fill)
     if not found:
         if ctx.main:
             if (run_dir / "metrics.jsonl").exists():
                 (run_dir / "metrics.jsonl").unlink()
             write_config(config, run_dir)
             log("evaluating the base model...")
-            before = evaluate(raw, tokenizer, prepared, config, generation=True)
+        before = evaluate_run(model, raw, tokenizer, prepared, config, ctx, generation=True)
+        if ctx.main:
             state["before"] = {k: v for k, v in before.items() if k != "samples"}
             metrics.write({"type": "eval", "step": 0, **state["before"]})
             log("before: " + _fmt(state["before"]))
         distributed.barrier(ctx)
 
-    model = distributed.wrap(SummedLoss(raw), ctx, t.strategy)
     torch.manual_seed(t.seed + ctx.rank)  # dropout masks differ across ranks, as for independent examples
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for the whole update (0.26x the time of foreach on the adapters,
