@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -24,41 +25,82 @@ SCRIPT = textwrap.dedent("""
     from conftest import tiny_llama
     from test_train import tiny_run
     from lorakit.nf4 import quantize_linears
+    import lorakit.train
     from lorakit.train import prepare_model, train
+    import torch.distributed.fsdp as fsdp
+    from torch.distributed.tensor import DTensor
     out, resume, base, *overrides = sys.argv[1:]
     config, prepared = tiny_run(["lora.dropout=0.0", *overrides])
     if base == "nf4":  # QLoRA: the same tiny model with NF4 linear layers (head kept), then LoRA
         model = quantize_linears(tiny_llama(vocab=len(prepared.tokenizer), init_range=0.1), skip={{"lm_head"}})
         prepared.model = prepare_model(model, config)
+    if base == "path":  # train() loads model.path and data.* itself
+        prepared = None
+    # bytes of whole (unsharded) frozen parameters each time FSDP shards a part (replicated
+    # buffers apart: rotary frequencies, NF4 code tables)
+    models_seen, whole_at_shard = [], []
+    shard = fsdp.fully_shard
+    def prepare(model, config):
+        models_seen.append(model)
+        return prepare_model(model, config)
+    def whole(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters()
+                   if not p.requires_grad and not p.is_meta and not isinstance(p, DTensor))
+    def counting_shard(module, *args, **kwargs):  # (in the whole model, in the part being sharded)
+        whole_at_shard.append((whole(models_seen[0] if models_seen else prepared.model), whole(module)))
+        return shard(module, *args, **kwargs)
+    lorakit.train.prepare_model, fsdp.fully_shard = prepare, counting_shard
     train(config, out, resume=resume == "resume", prepared=prepared, progress=False, log=lambda *_: None)
+    model = models_seen[0] if models_seen else prepared.model
     # bytes of this rank's parameters (local shards under FSDP), frozen NF4 codes/scales apart
     sizes = {{"nf4": [0, 0], "frozen": [0, 0], "trainable": [0, 0]}}
-    for name, p in prepared.model.named_parameters():
+    for name, p in model.named_parameters():
         local = p.to_local() if hasattr(p, "to_local") else p
         kind = "trainable" if p.requires_grad else "nf4" if p.dtype == torch.uint8 or "weight_" in name else "frozen"
         sizes[kind][0] += local.numel() * local.element_size()
         sizes[kind][1] += p.numel() * p.element_size()
     rank = os.environ.get("RANK", "0")
     with open(out + f".rank{{rank}}.json", "w") as f:
-        json.dump({{k: {{"local": v[0], "full": v[1]}} for k, v in sizes.items()}}, f)
+        json.dump({{**{{k: {{"local": v[0], "full": v[1]}} for k, v in sizes.items()}},
+                   "whole_at_shard": whole_at_shard}}, f)
     from lorakit.distributed import exit_process
     exit_process(0)  # as `lorakit train` does under torchrun
 """)
 
 
-def run(tmp_path, out, nproc, overrides=(), resume=False, nf4=False):
+def run(tmp_path, out, nproc, overrides=(), resume=False, nf4=False, base=None, check=True):
+    """Train the tiny run with `nproc` processes (torchrun when > 1). base: "path" lets train()
+    load model.path and the data files itself; default: a model built in memory (NF4 if nf4)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    args = [str(tmp_path / out), "resume" if resume else "fresh", "nf4" if nf4 else "float", *overrides]
+    args = [str(tmp_path / out), "resume" if resume else "fresh", base or ("nf4" if nf4 else "float"), *overrides]
     if nproc == 1:
         cmd = [sys.executable, str(script), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(script), *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if not check:
+        return done
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path / out
+
+
+def on_disk(tmp_path) -> list[str]:
+    """The tiny model, tokenizer and reverse-task data written out, as `lorakit train` reads them."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import char_tokenizer, tiny_llama
+    from test_train import reverse_task
+
+    tok = char_tokenizer()
+    tiny_llama(vocab=len(tok), init_range=0.1).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    for name, n, seed in (("train", 64, 0), ("val", 16, 1), ("test", 8, 2)):
+        rows = [json.dumps(r.fields) for r in reverse_task(n, seed)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    return [f"model.path={tmp_path / 'model'}", f"data.train={tmp_path / 'train.jsonl'}",
+            f"data.validation={tmp_path / 'val.jsonl'}", f"data.test={tmp_path / 'test.jsonl'}"]
 
 
 def curve(run_dir):
@@ -162,3 +204,60 @@ def test_qlora_with_fsdp_equals_one_process_and_shards_the_nf4_base(tmp_path):
     for sizes in ranks:
         assert sizes["nf4"]["local"] == pytest.approx(nf4_full / 2, rel=0.05)
     assert sum(s["nf4"]["local"] for s in ranks) == nf4_full
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_fsdp_start_up_never_holds_the_whole_base_and_equals_one_process(tmp_path, method):
+    files = [*on_disk(tmp_path), f"method={method}", "train.grad_accum=2"]
+    single = run(tmp_path, "single", 1, [*files, "train.batch_size=8"], base="path")
+    fsdp = run(tmp_path, "fsdp", 2, [*files, "train.batch_size=4", "train.strategy=fsdp"], base="path")
+    assert_same_run(single, fsdp)
+    for rank in (0, 1):
+        sizes = shard_sizes(tmp_path, "fsdp", rank)
+        base = sizes["frozen"]["full"] + sizes["nf4"]["full"]
+        # one entry per fully_shard call (2 decoder layers, then the root): the only whole tensors
+        # in the model are those of the part being sharded, never the whole base
+        whole = sizes["whole_at_shard"]
+        assert len(whole) == 3 and all(in_model == in_part > 0 for in_model, in_part in whole), whole
+        assert max(in_model for in_model, _ in whole) < 0.8 * base, (rank, whole, base)
+        assert sizes["frozen"]["local"] + sizes["nf4"]["local"] == pytest.approx(base / 2, rel=0.05)
+    if method == "lora":  # a model built in memory before train() is whole when sharding starts
+        run(tmp_path, "built", 2, ["train.batch_size=4", "train.strategy=fsdp", "train.steps=1"])
+        sizes = shard_sizes(tmp_path, "built", 0)
+        assert sizes["whole_at_shard"][0][0] == sizes["frozen"]["full"]
+
+
+def test_fsdp_with_gradient_checkpointing_equals_one_process(tmp_path):
+    ckpt = ["train.grad_accum=2", "train.gradient_checkpointing=true"]
+    single = run(tmp_path, "single", 1, [*ckpt, "train.batch_size=8"])
+    fsdp = run(tmp_path, "fsdp", 2, [*ckpt, "train.batch_size=4", "train.strategy=fsdp"])
+    assert_same_run(single, fsdp)
+
+
+def test_a_rank_that_dies_fails_the_run_instead_of_hanging(tmp_path):
+    # rank 1 raises in step 7 (after the step-4 checkpoint); rank 0 is then waiting in a collective
+    script = tmp_path / "dies.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import lorakit.train as train_module
+        batches = train_module.micro_batches
+        def dying(dataset, step, config, ctx, pad_id):
+            if ctx.rank == 1 and step == 7:
+                raise RuntimeError("rank 1 fails on purpose")
+            return batches(dataset, step, config, ctx, pad_id)
+        train_module.micro_batches = dying
+        exec(open(sys.argv.pop(1)).read())
+    """))
+    run(tmp_path, "ok", 1, ["train.steps=1"])  # writes run.py
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "run.py"), str(tmp_path / "dead"), "fresh", "float", "train.batch_size=4"]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "rank 1 fails on purpose" in done.stderr
+    assert time.perf_counter() - start < 120  # torchrun stopped rank 0; no collective timeout needed
+    dead = tmp_path / "dead"
+    assert not (dead / "summary.json").exists() and not (dead / "adapter").exists()
+    assert (dead / "checkpoints" / "step-4" / "trainable.safetensors").is_file()  # work so far is kept
+    assert [s for s, _ in curve(dead)] == [1, 2, 3, 4, 5, 6]

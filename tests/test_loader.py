@@ -1,0 +1,89 @@
+"""models.CheckpointLoader: a model built on the meta device and read from its checkpoint part by
+part (what FSDP start-up uses) equals the model transformers loads, adapters included."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from lorakit import LoraConfig, add_lora
+from lorakit.models import CheckpointLoader
+
+
+def saved(tmp_path, tie=False):
+    model = tiny_llama(tie=tie, init_range=0.1)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def real(model) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_part_by_part_load_equals_the_loaded_model_with_the_same_adapters(tmp_path, tie, tokens):
+    from transformers import AutoModelForCausalLM
+
+    saved(tmp_path, tie)
+    config = LoraConfig(r=4, alpha=8, init="random")  # B != 0: the adapters change the logits
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.manual_seed(3)
+    add_lora(reference, config)
+
+    loader = CheckpointLoader(tmp_path)
+    torch.manual_seed(3)
+    add_lora(loader.model, config)  # before any weight is read: adapters on the CPU, initialised
+    adapters = real(loader.model)
+    assert adapters and all("lora_" in n for n in adapters)
+    first, second = loader.model.model.layers
+    loader.fill(first)
+    loaded = real(loader.model).keys() - adapters.keys()
+    assert loaded == {n for n, _ in first.named_parameters(prefix="model.layers.0") if "lora_" not in n}
+    loader.fill(second)
+    assert not any(t.is_meta for t in second.parameters())
+    assert loader.model.model.embed_tokens.weight.is_meta  # the root comes last
+    loader.fill()
+
+    model = loader.model.eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    theirs = dict(reference.state_dict())
+    ours = model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.requires_grad
+    assert not model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad
+    assert torch.equal(model(tokens).logits, reference(tokens).logits)
+
+
+def test_modules_to_save_copies_are_filled_from_the_checkpoint(tmp_path):
+    base = saved(tmp_path)
+    loader = CheckpointLoader(tmp_path)
+    add_lora(loader.model, LoraConfig(r=4, modules_to_save=["lm_head"]))
+    loader.fill()
+    head = loader.model.lm_head
+    copy = head.modules_to_save["default"]
+    assert torch.equal(copy.weight, base.lm_head.weight) and copy.weight.requires_grad
+    assert copy.weight.data_ptr() != head.original_module.weight.data_ptr()
+    assert not head.original_module.weight.requires_grad
+
+
+def test_full_fine_tuning_keeps_the_skeleton_trainable(tmp_path):
+    saved(tmp_path)
+    loader = CheckpointLoader(tmp_path)
+    loader.model.requires_grad_(True)
+    loader.fill()
+    assert all(p.requires_grad and not p.is_meta for p in loader.model.parameters())
+
+
+def test_a_checkpoint_that_does_not_fit_names_what_is_missing_and_unexpected(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    saved(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.mlp.extra.weight"] = tensors.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loader = CheckpointLoader(tmp_path)
+    loader.fill(loader.model.model.layers[1])  # a part may lack tensors: only the end checks
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\], "
+                                         r"unexpected \['model.layers.0.mlp.extra.weight'\]"):
+        loader.fill()
