@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/lora_step.py --suite lora    # lorakit LoRA vs peft LoRA vs full fine-tuning
     .venv/bin/python bench/lora_step.py --suite qlora   # lorakit QLoRA vs peft + bitsandbytes QLoRA
-    .venv/bin/python bench/lora_step.py --suite levers  # each lorakit lever on its own
+    .venv/bin/python bench/lora_step.py --suite levers  # each lorakit lever on its own (+ nn.Dropout masks)
     .venv/bin/python bench/lora_step.py --suite adamw   # AdamW foreach vs fused, optimizer step only
 
 Same model (SmolLM2-135M-Instruct, float32), data (seeded random tokens, batch 8 x 128), adapter
@@ -34,7 +34,9 @@ def adamw(model, fused: bool = False):
     return torch.optim.AdamW(params, lr=1e-4, foreach=not fused, fused=fused or None)
 
 
-def lorakit_model(quantized: bool = False, fused: bool = True):
+def lorakit_model(quantized: bool = False, fused: bool = True, torch_dropout: bool = False):
+    """torch_dropout: the adapters' dropout is nn.Dropout (a Bernoulli draw per element and a bool
+    mask, as peft's) instead of lorakit's (dropout.py); only meaningful with fused=False."""
     import lorakit
     from lorakit.layer import LoraLinear
     from lorakit.nf4 import quantize_linears
@@ -46,6 +48,8 @@ def lorakit_model(quantized: bool = False, fused: bool = True):
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.fused = fused
+            if torch_dropout:
+                module.lora_dropout["default"] = torch.nn.Dropout(C.DROPOUT).train()
     return model
 
 
@@ -104,6 +108,7 @@ def contenders(suite: str, ids) -> list[Trainer]:
                 Trainer("peft+bnb QLoRA", peft_model(quantized=True), ids, chunked_loss=False)]
     if suite == "levers":
         return [Trainer("plain", lorakit_model(fused=False), ids, chunked_loss=False),
+                Trainer("plain, nn.Dropout", lorakit_model(fused=False, torch_dropout=True), ids, chunked_loss=False),
                 Trainer("fused update", lorakit_model(fused=True), ids, chunked_loss=False),
                 Trainer("chunked loss", lorakit_model(fused=False), ids, chunked_loss=True),
                 Trainer("both", lorakit_model(fused=True), ids, chunked_loss=True)]

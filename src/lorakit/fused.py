@@ -2,12 +2,14 @@
 
     out = y + scale · B A dropout(x),   y = base(x),  dropout(x) = x ⊙ m / (1 - p),  m ~ Bernoulli(1 - p)
 
-Written with nn.Dropout and two nn.Linear (layer.LoraLinear's plain path), autograd keeps, per
-adapter, the dropout noise m / (1 - p) and the dropped input dropout(x): two full-precision copies
-of x. Three adapters reading the same x (q, k, v projections) keep six. This function keeps x
-itself (one tensor shared by every adapter reading it; for a 16-bit base, in 16 bits) and the mask
-m as one byte per element, and recomputes x ⊙ m in backward (one elementwise pass). It also adds
-the update to y inside the matrix multiply (addmm) instead of materialising scale · B A h.
+Written with a dropout module and two nn.Linear (layer.LoraLinear's plain path), autograd keeps,
+per adapter, the dropped input dropout(x), a full-precision copy of x (with nn.Dropout, also the
+noise m / (1 - p): a second one). Three adapters reading the same x (q, k, v projections) keep
+three. This function keeps x itself (one tensor shared by every adapter reading it; for a 16-bit
+base, in 16 bits) and the dropout sample (dropout.py: the dropped positions on the CPU, ~0.4 bytes
+per element at p = 0.05; a 1-byte mask on CUDA), and recomputes x ⊙ m in backward (a copy and a
+sparse fill). It also adds the update to y inside the matrix multiply (addmm) instead of
+materialising scale · B A h.
 
 The gradients, with u = (x ⊙ m) Aᵀ / (1 - p)  (N, r) and g = dL/dout  (N, out):
     dL/dy = g
@@ -15,8 +17,8 @@ The gradients, with u = (x ⊙ m) Aᵀ / (1 - p)  (N, r) and g = dL/dout  (N, ou
     dL/dA = scale / (1 - p) · (g B)ᵀ (x ⊙ m)           (r, in)
     dL/dx = scale / (1 - p) · ((g B) A) ⊙ m            (N, in)
 
-The mask is drawn exactly as nn.Dropout draws it (Bernoulli(1 - p) from the global generator, one
-draw per element, in the same order), so under the same seed both paths drop the same elements and
+The sample is drawn as the plain path's dropout.Dropout draws it (the same function, from the
+global generator, in the same order), so under the same seed both paths drop the same elements and
 give the same loss and gradients (tests/test_fused.py).
 """
 
@@ -24,53 +26,53 @@ from __future__ import annotations
 
 import torch
 
+from .dropout import inverse_keep, sample, zero_dropped
+
+
+def _dropped_input(x2: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor | None) -> torch.Tensor:
+    """x ⊙ m in the adapters' dtype (a contiguous copy), or x itself in that dtype without dropout."""
+    if dropped is None:
+        return x2.to(dtype)
+    return zero_dropped(torch.empty(x2.shape, dtype=dtype, device=x2.device).copy_(x2), dropped)
+
 
 class _LoraUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, a, b, scale: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        keep = None
-        if p > 0:
-            keep = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)  # (N, in)
-        h = x2.to(a.dtype)  # adapters may be float32 on a 16-bit base: compute in theirs
-        if keep is not None:
-            h = h * keep
+        dropped = sample(x2.numel(), p, x.device) if p > 0 else None
+        h = _dropped_input(x2, a.dtype, dropped)  # adapters may be float32 on a 16-bit base: compute in theirs
         u = h @ a.t()  # (N, r)
-        if keep is not None:
-            u.mul_(_inverse_keep(p))
+        if dropped is not None:
+            u.mul_(inverse_keep(p))
         y2 = y.reshape(-1, y.shape[-1])  # (N, out)
         if y.dtype == a.dtype:
             out = torch.addmm(y2, u, b.t(), alpha=scale)
         else:  # as the plain path: the update is rounded to the base's dtype, then added
             out = y2 + (scale * (u @ b.t())).to(y.dtype)
-        ctx.save_for_backward(x, keep, u, a, b)
+        ctx.save_for_backward(x, dropped, u, a, b)
         ctx.scale, ctx.p = scale, p
         return out.view(y.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, keep, u, a, b = ctx.saved_tensors
+        x, dropped, u, a, b = ctx.saved_tensors
         need_y, need_x, need_a, need_b = ctx.needs_input_grad[:4]
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)  # (N, out)
         grad_a = grad_b = grad_x = None
         if need_b:
             grad_b = (g.t() @ u).mul_(ctx.scale)  # (out, r)
         if need_a or need_x:
-            factor = ctx.scale * (_inverse_keep(ctx.p) if keep is not None else 1.0)
+            factor = ctx.scale * (inverse_keep(ctx.p) if dropped is not None else 1.0)
             gu = (g @ b).mul_(factor)  # (N, r): dL/d(x ⊙ m A^T)
             if need_a:
-                h = x.reshape(-1, x.shape[-1]).to(a.dtype)
-                grad_a = gu.t() @ (h * keep if keep is not None else h)  # (r, in)
+                grad_a = gu.t() @ _dropped_input(x.reshape(-1, x.shape[-1]), a.dtype, dropped)  # (r, in)
             if need_x:
-                gx = gu @ a  # (N, in)
-                if keep is not None:
-                    gx.mul_(keep)
+                gx = gu @ a  # (N, in), contiguous
+                if dropped is not None:
+                    zero_dropped(gx, dropped)
                 grad_x = gx.to(x.dtype).view(x.shape)
         return grad_out if need_y else None, grad_x, grad_a, grad_b, None, None
-
-
-def _inverse_keep(p: float) -> float:
-    return 0.0 if p >= 1 else 1 / (1 - p)  # p = 1 drops everything (nn.Dropout returns zeros)
 
 
 def lora_update(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,

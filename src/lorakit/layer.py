@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .dropout import Dropout
 from .fused import lora_update
 
 
@@ -132,7 +133,7 @@ class LoraLinear(LoraLayer):
         else:
             nn.init.zeros_(b.weight)  # ΔW = 0 at the start: the adapted model equals the base
         self.lora_A[name], self.lora_B[name] = a, b
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name], self.rank[name] = scaling, r
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -149,9 +150,9 @@ class LoraLinear(LoraLayer):
                 continue
             a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             if self.fused:
-                # The same sum, computed by fused.lora_update: keeps x and a 1-byte dropout mask for
-                # backward instead of dropout(x) and the dropout noise.
-                p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+                # The same sum, computed by fused.lora_update: keeps x and the dropout sample for
+                # backward instead of dropout(x).
+                p = dropout.p if isinstance(dropout, (Dropout, nn.Dropout)) and dropout.training else 0.0
                 y = lora_update(y, x, a.weight, b.weight, self.scaling[name], p)
                 continue
             # Adapters may be float32 on a bfloat16 base: compute in theirs, add in the base's.
