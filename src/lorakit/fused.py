@@ -9,13 +9,16 @@ three. This function keeps x itself (one tensor shared by every adapter reading 
 base, in 16 bits) and the dropout sample (dropout.py: the dropped positions on the CPU, ~0.4 bytes
 per element at p = 0.05; a 1-byte mask on CUDA), and recomputes x ⊙ m in backward (a copy and a
 sparse fill). It also adds the update to y inside the matrix multiply (addmm) instead of
-materialising scale · B A h.
+materialising scale · B A h. `lora_linear` also computes the frozen base y = x Wᵀ + b, so that its
+backward accumulates the base's input gradient g W into the adapter's (one addmm) instead of
+autograd summing two (N, in) tensors.
 
 The gradients, with u = (x ⊙ m) Aᵀ / (1 - p)  (N, r) and g = dL/dout  (N, out):
     dL/dy = g
     dL/dB = scale · gᵀ u                               (out, r)
     dL/dA = scale / (1 - p) · (g B)ᵀ (x ⊙ m)           (r, in)
-    dL/dx = scale / (1 - p) · ((g B) A) ⊙ m            (N, in)
+    dL/dx = scale / (1 - p) · ((g B) A) ⊙ m  [+ g W]   (N, in)
+    dL/db = Σ_N g                                      (out,), a trainable bias of the base
 
 The sample is drawn as the plain path's dropout.Dropout draws it (the same function, from the
 global generator, in the same order), so under the same seed both paths drop the same elements and
@@ -37,9 +40,14 @@ def _dropped_input(x2: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor |
 
 
 class _LoraUpdate(torch.autograd.Function):
+    """out = y + scale · B A dropout(x), where y is given, or (weight given) y = x Wᵀ + b of a
+    frozen linear layer computed here too."""
+
     @staticmethod
-    def forward(ctx, y, x, a, b, scale: float, p: float):
+    def forward(ctx, y, x, a, b, scale: float, p: float, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if weight is not None:
+            y = torch.nn.functional.linear(x, weight, bias)  # (..., out)
         dropped = sample(x2.numel(), p, x.device) if p > 0 else None
         h = _dropped_input(x2, a.dtype, dropped)  # adapters may be float32 on a 16-bit base: compute in theirs
         u = h @ a.t()  # (N, r)
@@ -47,19 +55,20 @@ class _LoraUpdate(torch.autograd.Function):
             u.mul_(inverse_keep(p))
         y2 = y.reshape(-1, y.shape[-1])  # (N, out)
         if y.dtype == a.dtype:
-            out = torch.addmm(y2, u, b.t(), alpha=scale)
+            out = torch.addmm(y2, u, b.t(), alpha=scale) if weight is None else y2.addmm_(u, b.t(), alpha=scale)
         else:  # as the plain path: the update is rounded to the base's dtype, then added
             out = y2 + (scale * (u @ b.t())).to(y.dtype)
-        ctx.save_for_backward(x, dropped, u, a, b)
+        ctx.save_for_backward(x, dropped, u, a, b, weight)
         ctx.scale, ctx.p = scale, p
         return out.view(y.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, dropped, u, a, b = ctx.saved_tensors
-        need_y, need_x, need_a, need_b = ctx.needs_input_grad[:4]
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(a.dtype)  # (N, out)
-        grad_a = grad_b = grad_x = None
+        x, dropped, u, a, b, weight = ctx.saved_tensors
+        need_y, need_x, need_a, need_b, _, _, _, need_bias = ctx.needs_input_grad
+        g_out = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        g = g_out.to(a.dtype)
+        grad_a = grad_b = grad_x = grad_bias = None
         if need_b:
             grad_b = (g.t() @ u).mul_(ctx.scale)  # (out, r)
         if need_a or need_x:
@@ -71,8 +80,14 @@ class _LoraUpdate(torch.autograd.Function):
                 gx = gu @ a  # (N, in), contiguous
                 if dropped is not None:
                     zero_dropped(gx, dropped)
+                if weight is not None and gx.dtype == weight.dtype:
+                    gx.addmm_(g_out, weight)  # + g W: the base's input gradient, into the same buffer
+                elif weight is not None:
+                    gx = (g_out @ weight) + gx.to(x.dtype)
                 grad_x = gx.to(x.dtype).view(x.shape)
-        return grad_out if need_y else None, grad_x, grad_a, grad_b, None, None
+        if need_bias:
+            grad_bias = g_out.sum(0)
+        return grad_out if need_y else None, grad_x, grad_a, grad_b, None, None, None, grad_bias
 
 
 def lora_update(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
@@ -81,4 +96,16 @@ def lora_update(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tens
 
     p is the dropout probability to apply now (0 outside training). See the module docstring.
     """
-    return _LoraUpdate.apply(y, x, a, b, float(scale), float(p))
+    return _LoraUpdate.apply(y, x, a, b, float(scale), float(p), None, None)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
+    """F.linear(x, weight, bias) + scale · dropout_p(x) @ a.T @ b.T for a frozen weight (out, in).
+
+    The same as lora_update(F.linear(x, weight, bias), ...), but backward writes the base's input
+    gradient g W into the adapter's, in one addmm, instead of autograd adding two (N, in) tensors.
+    """
+    if weight.requires_grad:
+        raise ValueError("lora_linear needs a frozen weight (requires_grad=False); use lora_update")
+    return _LoraUpdate.apply(None, x, a, b, float(scale), float(p), weight, bias)

@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .dropout import Dropout
-from .fused import lora_update
+from .fused import lora_linear, lora_update
 
 
 class LoraLayer(nn.Module):
@@ -142,23 +142,31 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.disabled:
-            return y
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        live = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        base = self.base_layer
+        if self.fused and live and type(base) is nn.Linear and not base.weight.requires_grad:
+            # base(x) and the first adapter in one function (fused.lora_linear): backward adds
+            # both input gradients in one matrix multiply
+            y = lora_linear(x, base.weight, base.bias, *self._fused_args(live.pop(0)))
+        else:
+            y = base(x)
+        for name in live:
             if self.fused:
                 # The same sum, computed by fused.lora_update: keeps x and the dropout sample for
                 # backward instead of dropout(x).
-                p = dropout.p if isinstance(dropout, (Dropout, nn.Dropout)) and dropout.training else 0.0
-                y = lora_update(y, x, a.weight, b.weight, self.scaling[name], p)
+                y = lora_update(y, x, *self._fused_args(name))
                 continue
+            a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             # Adapters may be float32 on a bfloat16 base: compute in theirs, add in the base's.
             h = dropout(x.to(a.weight.dtype))
             y = y + (self.scaling[name] * b(a(h))).to(y.dtype)
         return y
+
+    def _fused_args(self, name: str) -> tuple:
+        """(A, B, scale, p) of adapter `name` for fused.py; p = 0 outside training."""
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, (Dropout, nn.Dropout)) and dropout.training else 0.0
+        return self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
 
 
 class LoraEmbedding(LoraLayer):
