@@ -17,6 +17,12 @@ tables (16 + 256 floats) and the DQ offset (one float) stay replicated buffers, 
 buffers (rotary inv_freq). A layer's parameters exist in full only while it runs (all-gathered in
 its forward and again in its backward); the root's (embeddings, head) from the step's forward to
 the end of its backward.
+
+Start-up under FSDP (train() loading the model itself): every rank builds the model on the meta
+device, adds the adapters (on the CPU, from the same seed), then reads the checkpoint one decoder
+layer at a time and shards it before reading the next (wrap's `fill`), the root last. So a rank
+holds at most its shards plus one whole layer (or the root) of the base: a model larger than one
+device starts. A model passed in already built (train(prepared=...)) is sharded as it is.
 """
 
 from __future__ import annotations
