@@ -241,7 +241,7 @@ class CheckpointLoader:
 
         from .nf4 import from_bnb_tensors, quantize_nf4
 
-        inside = {id(m) for m in (part or self.model).modules()}
+        inside = {id(m) for m in (self.model if part is None else part).modules()}
         todo: dict[Path, list[str]] = {}
         for key, file in self.files.items():
             owner = self._owner(key)
@@ -266,7 +266,7 @@ class CheckpointLoader:
                         self.unexpected.append(key)
         for layer, tensors in packed.items():
             self.linears[layer]._set_state(from_bnb_tensors(tensors, layer))
-        self._materialize_leftovers(part or self.model)
+        self._materialize_leftovers(self.model if part is None else part)
         if part is None:
             missing = self._missing()
             if missing or self.unexpected:
