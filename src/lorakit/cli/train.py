@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "train", help="fine-tune a causal LM with LoRA, QLoRA or in full",
         description="Fine-tune a causal LM. With no arguments: LoRA on SmolLM2-135M-Instruct, teaching it "
-                    "the built-in 'zorbish' task, with a before/after evaluation on held-out data.")
+                    "the built-in 'stardate' task, with a before/after evaluation on held-out data.")
     p.add_argument("config", nargs="?", help="YAML file with groups model, lora, data, train, eval (and method)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set lora.r=32 --set method=qlora (repeatable)")
