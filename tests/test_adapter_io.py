@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +146,24 @@ def test_save_leaves_no_temporary_files_and_keeps_old_adapter_on_failure(tmp_pat
         save_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == old
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_save_that_fails_on_the_config_keeps_the_old_weights_with_it(tmp_path, monkeypatch):
+    model = add_lora(tiny_llama(), LoraConfig(r=4))
+    save_adapter(model, tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    randomize_adapters(model)
+    write_text = Path.write_text
+
+    def fail_on_config(self, *args, **kwargs):
+        if ".adapter_config.json." in self.name:
+            raise OSError("disk full")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", fail_on_config)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, tmp_path)  # the new weights were written in full before the config failed
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
 
 
 def test_second_adapter_saves_and_loads_under_its_name(tmp_path, tokens):

@@ -64,27 +64,37 @@ def _fan_in_fan_out(model: nn.Module, name: str) -> bool:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` to `directory` in PEFT's layout. Files are written to temporary names
-    and renamed, so an interrupted save never leaves a half-written adapter behind."""
+    """Write adapter `name` to `directory` in PEFT's layout. Both files are first written in full
+    to temporary names, then renamed back to back, so a failed or interrupted save leaves the
+    previous adapter (weights and config together) as it was, and never a half-written file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: t.detach().contiguous().clone().cpu() for k, t in adapter_state_dict(model, name).items()}
     peft_config = adapter_configs(model)[name].to_peft_dict(fan_in_fan_out=_fan_in_fan_out(model, name))
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    written: dict[str, str] = {}  # final name -> its temporary file
+    try:
+        written[WEIGHTS_NAME] = _write_temporary(directory, WEIGHTS_NAME,
+                                                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        written[CONFIG_NAME] = _write_temporary(directory, CONFIG_NAME, lambda p: Path(p).write_text(text))
+        for final, tmp in written.items():
+            os.replace(tmp, directory / final)
+    finally:
+        for tmp in written.values():
+            Path(tmp).unlink(missing_ok=True)  # only left if a rename did not happen
     return directory
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_temporary(directory: Path, name: str, write) -> str:
+    """A new temporary file next to `name` in `directory`, filled by write(path); its path."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
