@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def run(args) -> int:
     except ConfigError as e:
         print(f"lorakit train: {e}", file=sys.stderr)
         return 2
-    print(f"run directory: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(f"run directory: {run_dir}")
     summary = train(config, run_dir, resume=resume, progress=not args.no_progress)
     return 1 if any(d["kind"] == "diverged" for d in summary["diagnostics"]) else 0
