@@ -16,9 +16,9 @@ step (so AdamW's states exist, as in every later step), then measures the next f
   optimizer states) are added. Peak RSS was rejected: glibc keeps freed pages, untouched pages of
   torch.empty are not resident, and the interpreter and libraries dominate for small models.
 
-The LoRA step uses peft (adapters in fp32 around a frozen 16-bit base, like lorakit) as a stand-in:
-switch `model_under_training` to lorakit.add_lora once it exists. QLoRA is not measured here: the
-bitsandbytes 4-bit path needs CUDA in this setup; on a GPU machine add bitsandbytes' Linear4bit there.
+The step is lorakit's, as `lorakit train` runs it: lorakit.add_lora (fused update, fp32 adapters
+around the frozen base) for LoRA, and lorakit.loss.model_loss (chunked cross-entropy where the
+family supports it) as the loss. QLoRA is not measured here.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.loss import model_loss
 from lorakit.planner import arch_from_config, plan
 
 
@@ -51,6 +52,7 @@ class Case:
     targets: tuple[str, ...] | str | None = None
     rank: int = 8
     tied: bool = False
+    dropout: float = 0.0
 
 
 CASES = [
@@ -92,18 +94,20 @@ def build_config(c: Case):
 
 
 def model_under_training(c: Case, dtype: torch.dtype, device: str):
-    """The model as trained: full (all parameters train) or LoRA via peft (switch to lorakit.add_lora)."""
+    """The model as trained: full (all parameters train) or LoRA via lorakit.add_lora."""
     from transformers import AutoModelForCausalLM
 
     attention = "eager" if c.family == "gemma2" else "sdpa"  # Gemma 2 soft-caps: eager attention
     model = AutoModelForCausalLM.from_config(build_config(c), attn_implementation=attention).to(dtype).to(device)
     if c.method == "lora":
-        from peft import LoraConfig, get_peft_model
+        import lorakit
 
-        targets = list(c.targets or ("q_proj", "v_proj")) if c.targets != "all-linear" else "all-linear"
-        model = get_peft_model(model, LoraConfig(r=c.rank, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+        targets = list(c.targets) if isinstance(c.targets, tuple) else c.targets  # None: q_proj, v_proj
+        lorakit.add_lora(model, lorakit.LoraConfig(r=c.rank, alpha=16, dropout=c.dropout, targets=targets))
     if c.ckpt:
         model.gradient_checkpointing_enable()
+        if c.method == "lora":
+            model.enable_input_require_grads()  # as lorakit.train.prepare_model does
     model.train()
     return model
 
@@ -123,7 +127,7 @@ def measure(c: Case, device: str) -> int:
     ids = torch.randint(3, c.vocab, (c.batch, c.seq), device=device)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model_loss(model, input_ids=ids, labels=ids)  # lorakit's loss: chunked where supported
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -84,8 +84,11 @@ def test_trainable_count_matches_peft(targets):
 
 
 def test_activation_formula_matches_saved_tensors():
-    # Bytes autograd saves in a forward pass (unique storages, parameters excluded) equal the plan's
-    # activations + the fp32 log_softmax output (4TV of the 12TV logits term).
+    # Bytes autograd saves in a forward pass with lorakit's loss (unique storages, parameters
+    # excluded) equal the plan's activations + what the chunked loss keeps for backward: the
+    # gradients of the hidden states (T x h, bf16) and of the head (V x h, float32).
+    from lorakit.loss import model_loss
+
     cfg, model = _tiny_llama()
     model = model.to(torch.bfloat16)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -99,9 +102,9 @@ def test_activation_formula_matches_saved_tensors():
 
     ids = torch.randint(0, 500, (2, 32))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        model_loss(model, input_ids=ids, labels=ids)
     p = plan(arch_from_config(cfg.to_dict()), method="full", batch_size=2, seq_len=32, recommend=False)
-    expected = p.activations_without_checkpointing + 4 * 64 * 500
+    expected = p.activations_without_checkpointing + 2 * 32 * 64 * 2 + 500 * 64 * 4
     assert sum(saved.values()) == pytest.approx(expected, rel=0.005)  # + RoPE cos/sin
 
 

@@ -48,18 +48,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             z = F.linear(h, weight, bias).float()  # (C, V) float32, the only large temporary
             lse = torch.logsumexp(z, dim=1)  # (C,)
             total += ((lse - z.gather(1, safe_t)[:, 0]) * keep).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            dz = z.sub_(lse[:, None]).exp_()  # softmax, in place: (C, V)
-            dz.scatter_add_(1, safe_t, torch.full_like(lse, -1.0)[:, None])  # p - onehot(y)
-            dz.mul_((keep / denominator)[:, None])  # ignored rows get no gradient
-            dz = dz.to(weight.dtype)  # as autograd casts dL/dz back through logits.float()
-            if need_h:
-                grad_h[start:start + chunk_size] = dz @ weight
-            if need_w:
-                grad_w += dz.t() @ h  # (V, d), summed over the chunks in float32
-            if need_b:
-                grad_b += dz.sum(0)
+            if need_h or need_w or need_b:
+                dz = z.sub_(lse[:, None]).exp_()  # softmax, in place: (C, V)
+                dz.scatter_add_(1, safe_t, torch.full_like(lse, -1.0)[:, None])  # p - onehot(y)
+                dz.mul_((keep / denominator)[:, None])  # ignored rows get no gradient
+                dz = dz.to(weight.dtype)  # as autograd casts dL/dz back through logits.float()
+                if need_h:
+                    grad_h[start:start + chunk_size] = dz @ weight
+                if need_w:
+                    grad_w += dz.t() @ h  # (V, d), summed over the chunks in float32
+                if need_b:
+                    grad_b += dz.sum(0)
+                del dz
+            del z  # free this chunk's logits before the next chunk's exist
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total / denominator

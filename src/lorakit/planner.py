@@ -33,8 +33,12 @@ Components (bytes):
                     With gradient checkpointing of every decoder layer (torch.utils.checkpoint, as
                     `model.gradient_checkpointing_enable()` does): L*T*h*p for the layer inputs, plus one
                     layer's full activations while it is recomputed in backward.
-  logits and loss   12*T*V: cross-entropy in fp32 keeps log_softmax's output (4TV); its backward holds
-                    that, the incoming gradient (4TV) and its result (4TV) at once.
+  logits and loss   lorakit's chunked cross-entropy (loss.py; Llama, Mistral, Qwen2, Phi-3): 8*C*V for
+                    one chunk of C = 256 tokens, the hidden-state gradient p*T*h, and with a trained
+                    head its float32 gradient and temporaries (see `logits_bytes`). Other families
+                    (Gemma 2's soft-capping, Mixtral) use the model's logits, 12*T*V: cross-entropy in
+                    fp32 keeps log_softmax's output (4TV); its backward holds that, the incoming
+                    gradient (4TV) and its result (4TV) at once.
   transient         short-lived buffers: the gradients flowing through one layer's backward
                     (~p*T*(3I + 2h)), one dequantized weight per QLoRA matmul, and the optimizer step's
                     temporaries (foreach AdamW on CUDA: one copy of all states; per-tensor on CPU: two
@@ -60,6 +64,8 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+from .loss import CHUNKED_LOSS_MODEL_TYPES, DEFAULT_CHUNK_SIZE
 
 GiB = 1024**3
 METHODS = ("full", "lora", "qlora")
@@ -105,6 +111,9 @@ class Architecture:
     attention: str = "sdpa"  # "eager" materializes (b, nh, s, s) attention probabilities
     attn_softcap: bool = False  # tanh soft-capping of attention scores (Gemma 2)
     final_softcap: bool = False  # tanh soft-capping of the logits (Gemma 2)
+    # lorakit computes the loss in chunks from the last hidden states (loss.py) for the families
+    # whose logits are the plain head's output; otherwise the model's own logits are used
+    chunked_loss: bool = True
     hub_id: str = ""
 
     @property
@@ -300,6 +309,7 @@ def arch_from_config(config: dict | str | os.PathLike, name: str | None = None) 
         attention="eager" if gemma else "sdpa",
         attn_softcap=gemma and c.get("attn_logit_softcapping") is not None,
         final_softcap=gemma and c.get("final_logit_softcapping") is not None,
+        chunked_loss=model_type in CHUNKED_LOSS_MODEL_TYPES,
     )
 
 
@@ -390,9 +400,9 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
         when o_proj trains.
       gated MLP: gate, up and act(gate): 3*p*I; x (+ k experts: times top-k, plus p*h routing product).
       linear inputs kept for weight gradients, full fine-tuning: p*h (q/k/v), p*h (gate/up), p*I (down).
-      LoRA on a linear with input width n: A saves its input, a*n when the adapter dtype differs from the
-        compute dtype (each adapter casts its own copy, as peft does), else the shared input once;
-        dropout > 0: a*n dropout output + n bytes of mask; B saves A's output a*r.
+      LoRA on a linear with input width n (lorakit's fused update, fused.py): the input once per group
+        of adapters reading it, in the base's dtype; per adapter A's output a*r and, with dropout, the
+        dropped positions: 8*p_drop*n bytes on the CPU (p_drop <= 0.5), else a 1-byte mask n.
     """
     a = arch
     t = config.batch_size * config.seq_len
@@ -435,34 +445,47 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
         shared = {"attn_in": p * h, "attn_out": p * dq if a.attention == "eager" else 0,
                   "mlp_in": p * h, "mlp_act": p * inter}
         used_groups = set()
+        drop = config.lora_dropout
+        sample = 8 * drop if config.device == "cpu" and drop <= 0.5 else 1  # bytes per input element
         for name, n_in, _ in targeted_modules(a, config.targets):
-            per_token += ab * config.rank
-            if config.lora_dropout > 0:
-                per_token += ab * n_in + n_in
-            elif ab != p:
-                per_token += ab * n_in
-            else:
-                used_groups.add(groups[name])
+            per_token += ab * config.rank + (sample * n_in if drop > 0 else 0)
+            used_groups.add(groups[name])
         per_token += sum(shared[g] for g in used_groups)
     return t * per_token
 
 
 def head_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
-    """Final norm and lm_head input: (4 + p)*h + p*h per token when training fully, else 4h."""
+    """Final norm and lm_head input: (4 + p)*h + p*h per token when training fully, else 4h. The
+    chunked loss keeps no head input: it forms the head's gradient in its forward."""
     t = config.batch_size * config.seq_len
     p = DTYPES[config.dtype]
     h = arch.hidden_size
     if config.method == "full":
-        return t * ((4 + (4 if arch.norms_per_layer == 4 else p)) * h + p * h)
+        return t * ((4 + (4 if arch.norms_per_layer == 4 else p)) * h + (0 if arch.chunked_loss else p * h))
     return t * 4 * h
 
 
 def logits_bytes(arch: Architecture, config: PlanConfig) -> int:
-    """12*T*V: fp32 log_softmax output, its incoming gradient and its input gradient (plus p*T*V for a
-    soft-capped tanh kept for backward)."""
+    """The loss's memory at its peak, on top of the activations.
+
+    Chunked (loss.chunked_cross_entropy, lorakit's loss where the logits are the head's output):
+    the gradient w.r.t. the hidden states p*T*h and, when the head trains, its float32 gradient
+    4*V*h plus one chunk's product V*h in p (and its float32 cast in 16 bits: 4*V*h), all formed
+    during the forward; and one chunk of
+    C = min(256, T) tokens: its float32 logits and logsumexp's temporary of the same size (8*C*V).
+    Otherwise 12*T*V: fp32 log_softmax output, its incoming gradient and its input gradient (plus
+    p*T*V for a soft-capped tanh kept for backward)."""
     t = config.batch_size * config.seq_len
-    extra = DTYPES[config.dtype] if arch.final_softcap else 0
-    return t * arch.vocab_size * (12 + extra)
+    p = DTYPES[config.dtype]
+    v, h = arch.vocab_size, arch.hidden_size
+    if arch.chunked_loss:
+        # the float32 head gradient, each chunk's product in p and, in 16 bits, its float32 cast
+        # made by the in-place add into the float32 sum
+        head = (4 + p + (4 if p != 4 else 0)) * v * h if config.method == "full" else 0
+        chunk = min(DEFAULT_CHUNK_SIZE, t) * v * 8
+        return t * h * p + head + chunk
+    extra = p if arch.final_softcap else 0
+    return t * v * (12 + extra)
 
 
 def layer_backward_transient_bytes(arch: Architecture, config: PlanConfig) -> int:

@@ -32,7 +32,7 @@ _PRESETS = [
     _llama("mistral-7b", "mistralai/Mistral-7B-v0.1", 4096, 14336, 32, 32, 8, 32000, False),
     # Mixtral: 8 experts of Mistral-7B's MLP shape, 2 active per token.
     _llama("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 4096, 14336, 32, 32, 8, 32000, False,
-           num_experts=8, experts_per_token=2),
+           num_experts=8, experts_per_token=2, chunked_loss=False),
     # Qwen2.5: biases on q/k/v; up to 3B tie embeddings; vocab 151,936 (small) / 152,064 (7B+).
     _llama("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", 896, 4864, 24, 14, 2, 151936, True, attention_bias=True),
     _llama("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B", 1536, 8960, 28, 12, 2, 151936, True, attention_bias=True),
@@ -44,11 +44,14 @@ _PRESETS = [
     # Gemma 2: 256,000-token vocab (tied), head_dim independent of hidden size, four norms per layer,
     # eager attention with logit soft-capping (so attention probabilities are stored: s^2 memory).
     _llama("gemma-2-2b", "google/gemma-2-2b", 2304, 9216, 26, 8, 4, 256000, True, head_dim=256,
-           norms_per_layer=4, attention="eager", attn_softcap=True, final_softcap=True),
+           norms_per_layer=4, attention="eager", attn_softcap=True, final_softcap=True,
+           chunked_loss=False),
     _llama("gemma-2-9b", "google/gemma-2-9b", 3584, 14336, 42, 16, 8, 256000, True, head_dim=256,
-           norms_per_layer=4, attention="eager", attn_softcap=True, final_softcap=True),
+           norms_per_layer=4, attention="eager", attn_softcap=True, final_softcap=True,
+           chunked_loss=False),
     _llama("gemma-2-27b", "google/gemma-2-27b", 4608, 36864, 46, 32, 16, 256000, True, head_dim=128,
-           norms_per_layer=4, attention="eager", attn_softcap=True, final_softcap=True),
+           norms_per_layer=4, attention="eager", attn_softcap=True, final_softcap=True,
+           chunked_loss=False),
     # Phi-3: fused qkv_proj and gate_up_proj; 32,064-token vocab.
     _llama("phi-3-mini", "microsoft/Phi-3-mini-4k-instruct", 3072, 8192, 32, 32, 32, 32064, False,
            fused_projections=True),
