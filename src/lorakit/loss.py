@@ -52,13 +52,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 dz = z.sub_(lse[:, None]).exp_()  # softmax, in place: (C, V)
                 dz.scatter_add_(1, safe_t, torch.full_like(lse, -1.0)[:, None])  # p - onehot(y)
                 dz.mul_((keep / denominator)[:, None])  # ignored rows get no gradient
-                dz = dz.to(weight.dtype)  # as autograd casts dL/dz back through logits.float()
-                if need_h:
-                    grad_h[start:start + chunk_size] = dz @ weight
-                if need_w:
-                    grad_w += dz.t() @ h  # (V, d), summed over the chunks in float32
+                if need_w:  # summed over the chunks in float32, in place: no (V, d) temporary
+                    grad_w.addmm_(dz.t(), h.float())
                 if need_b:
                     grad_b += dz.sum(0)
+                if need_h:  # in the weight's dtype, as autograd casts dL/dz back through logits.float()
+                    grad_h[start:start + chunk_size] = dz.to(weight.dtype) @ weight
                 del dz
             del z  # free this chunk's logits before the next chunk's exist
         ctx.save_for_backward(grad_h, grad_w, grad_b)

@@ -470,8 +470,7 @@ def logits_bytes(arch: Architecture, config: PlanConfig) -> int:
 
     Chunked (loss.chunked_cross_entropy, lorakit's loss where the logits are the head's output):
     the gradient w.r.t. the hidden states p*T*h and, when the head trains, its float32 gradient
-    4*V*h plus one chunk's product V*h in p (and its float32 cast in 16 bits: 4*V*h), all formed
-    during the forward; and one chunk of
+    4*V*h (formed during the forward; cast to p in backward: + p*V*h in 16 bits); and one chunk of
     C = min(256, T) tokens: its float32 logits and logsumexp's temporary of the same size (8*C*V).
     Otherwise 12*T*V: fp32 log_softmax output, its incoming gradient and its input gradient (plus
     p*T*V for a soft-capped tanh kept for backward)."""
@@ -479,9 +478,8 @@ def logits_bytes(arch: Architecture, config: PlanConfig) -> int:
     p = DTYPES[config.dtype]
     v, h = arch.vocab_size, arch.hidden_size
     if arch.chunked_loss:
-        # the float32 head gradient, each chunk's product in p and, in 16 bits, its float32 cast
-        # made by the in-place add into the float32 sum
-        head = (4 + p + (4 if p != 4 else 0)) * v * h if config.method == "full" else 0
+        # the head's float32 gradient (summed in place) and, in 16 bits, its cast in backward
+        head = (4 + (p if p != 4 else 0)) * v * h if config.method == "full" else 0
         chunk = min(DEFAULT_CHUNK_SIZE, t) * v * 8
         return t * h * p + head + chunk
     extra = p if arch.final_softcap else 0
