@@ -11,7 +11,9 @@ formed right away, with p_t = softmax(z_t):
 so forward and backward need one (chunk_size, vocab) float32 block at a time and the logits
 matrix multiply runs once (no recomputation in backward). Backward only scales the stored
 gradients by dL/dloss. Logits are computed in the weight's dtype and upcast to float32, as
-transformers' loss does, so the value and gradients equal F.cross_entropy on the full logits.
+transformers' loss does, so the value and gradients equal F.cross_entropy on the full logits
+(to rounding: dL/dW is summed in float32 from the float32 dL/dz, in place, where autograd would
+first round dL/dz to the weight's dtype; this keeps no (V, d) temporary per chunk).
 """
 
 from __future__ import annotations
