@@ -49,6 +49,12 @@ def zero_dropped(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def dropped_copy(x: torch.Tensor, dropped: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x ⊙ m: a contiguous copy of x (in `dtype`, default x's) with the sample's elements zeroed."""
+    h = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device).copy_(x)
+    return zero_dropped(h, dropped)
+
+
 def inverse_keep(p: float) -> float:
     return 0.0 if p >= 1 else 1 / (1 - p)  # p = 1 drops everything (nn.Dropout returns zeros)
 
@@ -68,8 +74,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        h = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)  # contiguous
-        return zero_dropped(h, sample(h.numel(), self.p, h.device)) * inverse_keep(self.p)
+        return dropped_copy(x, sample(x.numel(), self.p, x.device)) * inverse_keep(self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

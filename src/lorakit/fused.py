@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import inverse_keep, sample, zero_dropped
+from .dropout import dropped_copy, inverse_keep, sample, zero_dropped
 
 
 def _dropped_input(x2: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor | None) -> torch.Tensor:
     """x ⊙ m in the adapters' dtype (a contiguous copy), or x itself in that dtype without dropout."""
-    if dropped is None:
-        return x2.to(dtype)
-    return zero_dropped(torch.empty(x2.shape, dtype=dtype, device=x2.device).copy_(x2), dropped)
+    return x2.to(dtype) if dropped is None else dropped_copy(x2, dropped, dtype)
 
 
 class _LoraUpdate(torch.autograd.Function):
