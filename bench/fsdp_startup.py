@@ -53,9 +53,10 @@ def one(lazy: bool, method: str) -> dict:
 
 def main() -> int:
     if len(sys.argv) > 1:  # a worker: python fsdp_startup.py lazy|eager METHOD (under torchrun)
+        from lorakit.distributed import exit_process
+
         print("RESULT " + json.dumps(one(sys.argv[1] == "lazy", sys.argv[2])), flush=True)
-        distributed_exit = __import__("lorakit.distributed", fromlist=["exit_process"]).exit_process
-        distributed_exit(0)
+        exit_process(0)  # as `lorakit train` does under torchrun
         return 0
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
