@@ -8,6 +8,14 @@ from pathlib import Path
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
+def new_output_dir(path: str) -> Path:
+    """--out as a Path; an existing one is an error (commands that write models never overwrite)."""
+    out = Path(path)
+    if out.exists():
+        raise ValueError(f"--out {out} already exists; choose a new directory (nothing is overwritten)")
+    return out
+
+
 @dataclass
 class Source:
     model: str | None      # base model path or name (None: the default model)

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
-from lorakit.cli.common import DTYPE_NAMES, add_model_arguments, load, resolve_source
+from lorakit.cli.common import DTYPE_NAMES, add_model_arguments, load, new_output_dir, resolve_source
 
 PROBE = "The quick brown fox jumps over the lazy dog. 1 2 3 4 5"
 
@@ -32,9 +27,7 @@ def run(args) -> int:
     from lorakit.inject import merge_and_unload
     from lorakit.models import save_model
 
-    out = Path(args.out)
-    if out.exists():
-        raise ValueError(f"--out {out} already exists; choose a new directory (nothing is overwritten)")
+    out = new_output_dir(args.out)
     source = resolve_source(args)
     model, tokenizer = load(source)
     probe = tokenizer(PROBE, return_tensors="pt")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from lorakit.cli.common import DTYPE_NAMES, new_output_dir
 
 
 def add_parser(sub) -> None:
@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
                                    "bitsandbytes 4-bit checkpoint (config.json with quantization_config).")
     p.add_argument("model", help="model directory (config.json + safetensors), or SmolLM2-135M-Instruct")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    p.add_argument("--compute-dtype", choices=DTYPE_NAMES, default="bfloat16")
     p.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32 (4.5 bits/param)")
     p.set_defaults(run=run)
 
@@ -23,9 +23,7 @@ def run(args) -> int:
     from lorakit.inject import memory_report
     from lorakit.models import load_model, save_model
 
-    out = Path(args.out)
-    if out.exists():
-        raise ValueError(f"--out {out} already exists; choose a new directory (nothing is overwritten)")
+    out = new_output_dir(args.out)
     model, tokenizer = load_model(args.model, dtype=torch.float32, quantize="nf4",
                                   compute_dtype=getattr(torch, args.compute_dtype),
                                   double_quant=not args.no_double_quant)
