@@ -74,6 +74,47 @@ def test_layer_output_and_gradients(dropout, base_dtype, bias):
         assert not torch.allclose(layer(x0), results[0][0])
 
 
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("two_adapters", [False, True])  # the second adapter goes through lora_update
+def test_output_can_be_modified_in_place(base_dtype, two_adapters):
+    """Models add onto a projection's output in place (Falcon: mlp_output += attention_output):
+    the fused output is a tensor of its own, not a view, so autograd accepts that, and the
+    gradients equal the plain path's."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(24, 20, dtype=base_dtype))
+    add_lora(layer, LoraConfig(r=4, alpha=8, targets=["0"], init="random"))
+    if two_adapters:
+        add_lora(layer, LoraConfig(r=2, alpha=4, targets=["0"], init="random"), name="second")
+        set_adapter(layer, ["default", "second"])
+    x0, other = torch.randn(3, 5, 24, dtype=base_dtype), torch.randn(3, 5, 20, dtype=base_dtype)
+    results = []
+    for fused in (True, False):
+        set_fused(layer, fused)
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        y = layer(x)
+        y += other  # raised "Output 0 of _LoraUpdate is a view and is being modified inplace"
+        (y.float() * torch.linspace(-1, 1, 20)).sum().backward()
+        lora = layer[0]
+        results.append((y, x.grad, lora.lora_A["default"].weight.grad, lora.lora_B["default"].weight.grad))
+    tol = dict(rtol=1e-5, atol=1e-5) if base_dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    for fused_t, plain_t in zip(*results):
+        torch.testing.assert_close(fused_t, plain_t, **tol)
+
+
+
+def test_falcon_trains_with_in_place_adds_onto_adapted_outputs():
+    """Falcon's parallel block adds the attention output onto the MLP's in place; the fused and
+    plain paths give the same loss and gradients."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, parallel_attn=True,
+                                           new_decoder_architecture=False))
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, targets="all-linear", init="random"))
+    assert_paths_agree(model, torch.randint(0, 128, (2, 9)))
+
 def test_layer_is_the_lora_equation_with_a_hand_set_mask():
     """p = 0.5, scale 2: out = W x + 2 · B A (x ⊙ m / 0.5) for the mask dropout.sample draws."""
     lin = nn.Linear(4, 1, bias=False)

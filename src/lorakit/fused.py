@@ -44,21 +44,29 @@ class _LoraUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, a, b, scale: float, p: float, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        if weight is not None:
-            y = torch.nn.functional.linear(x, weight, bias)  # (..., out)
+        if weight is not None:  # y = x Wᵀ + b (..., out), written into a tensor of that shape (see below)
+            y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+            y2 = y.view(-1, weight.shape[0])
+            torch.mm(x2, weight.t(), out=y2) if bias is None else torch.addmm(bias, x2, weight.t(), out=y2)
         dropped = sample(x2.numel(), p, x.device) if p > 0 else None
         h = _dropped_input(x2, a.dtype, dropped)  # adapters may be float32 on a 16-bit base: compute in theirs
         u = h @ a.t()  # (N, r)
         if dropped is not None:
             u.mul_(inverse_keep(p))
-        y2 = y.reshape(-1, y.shape[-1])  # (N, out)
-        if y.dtype == a.dtype:
-            out = torch.addmm(y2, u, b.t(), alpha=scale) if weight is None else y2.addmm_(u, b.t(), alpha=scale)
-        else:  # as the plain path: the update is rounded to the base's dtype, then added
-            out = y2 + (scale * (u @ b.t())).to(y.dtype)
+        # The output is a tensor of its own, never a view (F.linear's 3-D output and any reshape of
+        # a 2-D result are views): models add onto it in place (Falcon's mlp_output +=
+        # attention_output), which autograd forbids on a view made inside a custom Function.
+        if y.dtype != a.dtype:  # as the plain path: the update is rounded to the base's dtype, then added
+            out = y + (scale * (u @ b.t())).to(y.dtype).view(y.shape)
+        elif weight is not None:  # y is ours: add the update into it
+            out = y
+            y2.addmm_(u, b.t(), alpha=scale)
+        else:
+            out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+            torch.addmm(y.reshape(-1, y.shape[-1]), u, b.t(), alpha=scale, out=out.view(-1, y.shape[-1]))
         ctx.save_for_backward(x, dropped, u, a, b, weight)
         ctx.scale, ctx.p = scale, p
-        return out.view(y.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
