@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LoraConfig
+from .config import ConfigError, LoraConfig
 from .inject import _check_names, add_lora, adapter_configs, delete_adapter, lora_layers
 from .layer import LoraEmbedding, LoraLayer, ModulesToSave
 
@@ -106,6 +106,11 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if isinstance(raw, dict) and raw.get("alora_invocation_tokens"):
+        # aLoRA applies ΔW only from the invocation tokens on; read as plain LoRA it would change
+        # every position, so the logits would silently differ from peft's.
+        raise ConfigError(CONFIG_NAME, [f"alora_invocation_tokens={raw['alora_invocation_tokens']!r}: activated "
+                                        "LoRA (aLoRA) is not supported by lorakit (only plain LoRA)"])
     return LoraConfig.from_peft_dict(raw)
 
 
