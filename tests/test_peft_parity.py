@@ -95,7 +95,8 @@ def test_an_adapter_that_trains_biases_is_the_only_adapter(first, second):
     trainable_before = {n for n, p in model.named_parameters() if p.requires_grad}
     trainer = "a" if first != "none" else "b"
     mode = first if first != "none" else second
-    with pytest.raises(ValueError, match=f"adapter {trainer!r} trains biases \\(bias={mode!r}\\)"):
+    with pytest.raises(ValueError, match=f"cannot add adapter 'b': adapter {trainer!r} trains biases "
+                                         f"\\(bias={mode!r}\\), which are base weights shared by every adapter"):
         add_lora(model, LoraConfig(r=4, targets=["c_attn"], bias=second), "b")
     assert list(lorakit.inject.adapter_configs(model)) == ["a"]
     assert all("b" not in layer.rank for _, layer in lorakit.inject.lora_layers(model))
@@ -133,8 +134,8 @@ def test_disable_adapters_warns_when_an_adapter_trained_the_biases(tokens):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model(tokens, labels=tokens).loss.backward()
     opt.step()
-    with pytest.warns(UserWarning, match=r"adapter 'default' trains the base model's biases \(bias='all'\): "
-                                         r"they changed in place, so within disable_adapters the model does "
+    with pytest.warns(UserWarning, match=r"adapter 'default' trains the base model's biases \(bias='all'\): training "
+                                         r"changes them in place, so within disable_adapters the model does "
                                          r"not compute as its base"):
         with disable_adapters(model):
             disabled = logits(model, tokens)
@@ -207,6 +208,19 @@ def test_deleting_the_last_adapter_leaves_the_base_model(tokens):
     assert not any(isinstance(m, (LoraLayer, ModulesToSave)) for m in model.modules())
     assert not any(p.requires_grad for p in model.parameters())
     torch.testing.assert_close(logits(model, tokens), base, rtol=0, atol=0)
+
+
+def test_deleting_a_merged_adapter_is_refused_before_any_change():
+    # peft refuses too; lorakit used to delete the modules_to_save copy (wte comes first) before
+    # meeting the merged layer and raising
+    model = tiny_gpt2()
+    add_lora(model, LoraConfig(r=4, targets=["c_attn"], modules_to_save=["wte"], init="random"))
+    lorakit.merge(model)
+    with pytest.raises(ValueError, match=r"adapter 'default' is merged into transformer.h.0.attn.c_attn "
+                                         r"and 1 more layers; unmerge\(model\) first"):
+        delete_adapter(model, "default")
+    assert list(model.transformer.wte.modules_to_save) == ["default"]
+    assert active_adapters(model) == ["default"]
 
 
 # --- modules_to_save held by several adapters --------------------------------------------------------

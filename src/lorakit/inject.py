@@ -147,6 +147,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
     if name in configs:
         raise ValueError(f"adapter {name!r} already exists (adapters: {', '.join(configs)}); "
                          "delete_adapter first or pick another name")
+    _check_bias_scope(configs, name, config)
     if config.targets is None:
         config = config.replace(targets=default_targets(model))
     targets = resolve_targets(model, config)
@@ -185,11 +186,29 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
     configs[name] = config
     if first:
         set_adapter(model, name)
+        from .hf_trainer import attach  # save_pretrained and transformers' Trainer write PEFT adapters
+
+        attach(model)
     else:
         # Added inactive: its parameters do not train until set_adapter selects it.
         for p in _adapter_parameters(model, name):
             p.requires_grad_(False)
     return model
+
+
+def _check_bias_scope(configs: dict[str, LoraConfig], name: str, config: LoraConfig) -> None:
+    """An adapter that trains biases must be the model's only adapter: biases are base weights,
+    shared by every adapter, so training them cannot be scoped to one (peft refuses two such
+    adapters; a second one with bias="none" would still run on, and train, the first one's biases)."""
+    if not configs:
+        return
+    everyone = {**configs, name: config}
+    trainer = next((n for n, c in everyone.items() if c.bias != "none"), None)
+    if trainer is not None:
+        raise ValueError(
+            f"cannot add adapter {name!r}: adapter {trainer!r} trains biases (bias={everyone[trainer].bias!r}), "
+            "which are base weights shared by every adapter, so it must be the model's only adapter; "
+            "with several adapters use bias='none' for all of them")
 
 
 def _resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
@@ -233,6 +252,7 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     """Make these adapters the active ones: they alone apply in forward and train."""
     names = [names] if isinstance(names, str) else list(names)
     _check_names(model, names)
+    _check_one_copy_each(model, names, "activate one of them (with adapters that do not hold it)")
     for module in _wrappers(model):
         module.active_adapters = [n for n in names if n in module.adapter_names()]
     for other in adapter_configs(model):
@@ -241,17 +261,38 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     _set_bias_trainable(model, names)
 
 
+def _check_one_copy_each(model: nn.Module, names: list[str], advice: str) -> None:
+    """Refuse adapters that hold copies of the same modules_to_save layer: only one copy can
+    compute the layer (the others would train without ever getting a gradient)."""
+    for full_name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            holders = [n for n in names if n in module.modules_to_save]
+            if len(holders) > 1:
+                listed = ", ".join(map(repr, holders[:-1])) + f" and {holders[-1]!r}"
+                raise ValueError(f"adapters {listed} both hold a trained copy of {full_name} (modules_to_save); "
+                                 f"only one copy can apply: {advice}")
+
+
+def _bias_parameters(model: nn.Module, mode: str) -> list[nn.Parameter]:
+    """The base model's biases that bias mode `mode` trains. "all": every bias outside the adapters
+    and the modules_to_save wrappers (a copy there trains in full anyway, its original stays
+    frozen); "lora_only": the biases of the adapted layers; "none": none."""
+    if mode == "lora_only":
+        return [layer.base_layer.bias for _, layer in lora_layers(model)
+                if isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter)]
+    if mode != "all":
+        return []
+    wrapped = {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.parameters()}
+    return [p for pname, p in model.named_parameters()
+            if pname.rsplit(".", 1)[-1] == "bias" and ".lora_" not in pname and id(p) not in wrapped]
+
+
 def _set_bias_trainable(model: nn.Module, names: list[str]) -> None:
-    modes = {adapter_configs(model)[n].bias for n in names}
-    if "all" in modes:
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias") and ".lora_" not in pname:
-                p.requires_grad_(True)
-    elif "lora_only" in modes:
-        for _, layer in lora_layers(model):
-            bias = getattr(layer.base_layer, "bias", None)
-            if isinstance(bias, nn.Parameter):
-                bias.requires_grad_(True)
+    """A base bias trains exactly when the bias mode of an active adapter covers it."""
+    configs = adapter_configs(model)
+    trained = {id(p) for n in names for p in _bias_parameters(model, configs[n].bias)}
+    for p in _bias_parameters(model, "all"):
+        p.requires_grad_(id(p) in trained)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -263,8 +304,14 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes as its base: no adapter applies (merged ones are
-    unmerged for the block and merged back after)."""
+    """Within the block no adapter applies (merged ones are unmerged for the block and merged back
+    after), so the model computes as its base, unless an adapter trains biases: those are base
+    weights changed in place, which a warning says (as peft does)."""
+    for name, config in adapter_configs(model).items():
+        if config.bias != "none":
+            warnings.warn(f"adapter {name!r} trains the base model's biases (bias={config.bias!r}): training "
+                          "changes them in place, so within disable_adapters the model does not compute as "
+                          "its base", stacklevel=3)
     layers = list(_wrappers(model))
     merged = {id(m): list(m.merged_adapters) for m in layers if isinstance(m, LoraLayer)}
     unmerge(model)
@@ -281,8 +328,18 @@ def disable_adapters(model: nn.Module):
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` everywhere; wrappers left with no adapter go back to their base."""
+    """Remove adapter `name` everywhere; wrappers left with no adapter go back to their base.
+
+    The other active adapters stay active. When `name` was the only active one, the first remaining
+    adapter (in the order they were added) becomes active, with a warning, as in peft. Deleting the
+    last adapter leaves the plain base model, all frozen (peft keeps its wrappers, none active).
+    """
     _check_names(model, [name])
+    merged = [n for n, layer in lora_layers(model) if name in layer.merged_adapters]
+    if merged:
+        raise ValueError(f"adapter {name!r} is merged into {merged[0]}" + (f" and {len(merged) - 1} more layers"
+                         if len(merged) > 1 else "") + "; unmerge(model) first")
+    active = active_adapters(model)
     for module in list(_wrappers(model)):
         if name in module.adapter_names():
             module.delete_adapter(name)
@@ -292,6 +349,16 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if not module.adapter_names():
             parent, attr = _parent(model, full_name)
             setattr(parent, attr, module.base_layer if isinstance(module, LoraLayer) else module.original_module)
+    configs = adapter_configs(model)
+    still_active = [n for n in active if n != name]
+    if name in active and not still_active and configs:
+        still_active = [next(iter(configs))]
+        warnings.warn(f"adapter {name!r} was active and is deleted; {still_active[0]!r} is active now",
+                      stacklevel=2)
+    if configs:
+        set_adapter(model, still_active)
+    else:
+        _set_bias_trainable(model, [])  # no adapter left to train the biases
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
@@ -466,9 +533,15 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str,
     scale 1 (a zero block stands in where an adapter does not reach a layer). Combining A and B
     separately, as PEFT's "linear" mode does, adds cross terms B_i A_j. With `rank`, each layer's
     combined ΔW is compressed to its best rank-`rank` approximation (truncated SVD, Eckart–Young).
+
+    A layer that adapter i trains in full (modules_to_save) gets its change weighted the same way:
+    the new adapter's copy is M_0 + w_i (M_i - M_0), M_0 the frozen original (peft's
+    add_weighted_adapter gives it a copy of M_0, losing what the layer learned). Adapters holding
+    copies of the same such layer cannot be combined: only one copy can apply.
     """
     names = list(weights)
     _check_names(model, names)
+    _check_one_copy_each(model, names, "combine adapters of which at most one holds each such layer")
     if rank is not None and (not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank={rank!r}: must be an integer > 0, or None for exact concatenation")
     if any(isinstance(m, LoraEmbedding) for _, m in lora_layers(model)):
@@ -487,10 +560,16 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str,
             b, a = u[:, :rank] * s[:rank], vh[:rank]
         blocks[full_name] = (a, b)
     new_rank = rank or max(a.shape[0] for a, _ in blocks.values())
+    held = {full_name: next(n for n in names if n in module.modules_to_save)  # its one holder
+            for full_name, module in model.named_modules()
+            if isinstance(module, ModulesToSave) and any(n in module.modules_to_save for n in names)}
     # Full module names as targets: the new adapter reaches exactly the layers its parts reach.
     first = configs[names[0]]
     add_lora(model, LoraConfig(r=new_rank, alpha=new_rank, targets=sorted(blocks),
-                               task_type=first.task_type, base_model=first.base_model), name)
+                               modules_to_save=sorted(held) or None, task_type=first.task_type,
+                               base_model=first.base_model), name)
+    for full_name, holder in held.items():
+        _weighted_copy(model.get_submodule(full_name), holder, weights[holder], name)
     for full_name, layer in lora_layers(model):
         if full_name in blocks:
             a, b = blocks[full_name]
@@ -499,6 +578,20 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str,
                 layer.lora_A[name].weight.copy_(torch.cat([a, a.new_zeros(pad, a.shape[1])]))
                 layer.lora_B[name].weight.copy_(torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1))
     return model
+
+
+def _weighted_copy(wrapper: ModulesToSave, holder: str, weight: float, name: str) -> None:
+    """Set copy `name` to M_0 + weight · (M_holder - M_0), tensor by tensor (M_0 the original);
+    tensors that are not floating point (counters, indices) are taken from the holder."""
+    original = wrapper.original_module.state_dict()
+    trained = wrapper.modules_to_save[holder].state_dict()
+    with torch.no_grad():
+        for key, t in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
+            if t.is_floating_point():
+                m0 = original[key].float()
+                t.copy_((m0 + weight * (trained[key].float() - m0)).to(t.dtype))
+            else:
+                t.copy_(trained[key])
 
 
 def check_config(model: nn.Module, config: LoraConfig) -> None:
