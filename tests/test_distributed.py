@@ -3,6 +3,7 @@ global batch, with DDP (replicated model) and FSDP (sharded model, also on an NF
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -68,6 +69,67 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def descendants(pid: int) -> list[int]:
+    """The live processes below `pid` (children, grandchildren, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it. torchrun starts each worker in a session of its
+    own, so killing the launch's process group alone would leave the workers running, parented
+    to init. The root is stopped first so that it cannot start new ones meanwhile."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return
+    while family := descendants(pid):
+        for p in family:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os.killpg(pid, signal.SIGKILL)  # the launch's own session: the root and anything left in it
+
+
+def run_launch(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) in a new session; on timeout, the
+    whole launch (torchrun and its workers) is killed before TimeoutExpired is raised."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run(tmp_path, out, nproc, overrides=(), resume=False, nf4=False, base=None, check=True):
     """Train the tiny run with `nproc` processes (torchrun when > 1). base: "path" lets train()
     load model.path and the data files itself; default: a model built in memory (NF4 if nf4)."""
@@ -80,7 +142,7 @@ def run(tmp_path, out, nproc, overrides=(), resume=False, nf4=False, base=None, 
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(script), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = run_launch(cmd, env=env, timeout=300)
     if not check:
         return done
     assert done.returncode == 0, done.stderr[-3000:]
@@ -253,7 +315,7 @@ def test_a_rank_that_dies_fails_the_run_instead_of_hanging(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            str(tmp_path / "run.py"), str(tmp_path / "dead"), "fresh", "float", "train.batch_size=4"]
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    done = run_launch(cmd, env=env, timeout=240)
     assert done.returncode != 0
     assert "rank 1 fails on purpose" in done.stderr
     assert time.perf_counter() - start < 120  # torchrun stopped rank 0; no collective timeout needed
@@ -261,3 +323,25 @@ def test_a_rank_that_dies_fails_the_run_instead_of_hanging(tmp_path):
     assert not (dead / "summary.json").exists() and not (dead / "adapter").exists()
     assert (dead / "checkpoints" / "step-4" / "trainable.safetensors").is_file()  # work so far is kept
     assert [s for s, _ in curve(dead)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_timed_out_launch_leaves_no_process_behind(tmp_path):
+    # a launch like torchrun's: the launcher starts a worker in a session of its own, which starts
+    # a child; all sleep forever and write their pids. On the timeout every one of them is killed.
+    script, pids = tmp_path / "tree.py", tmp_path / "pids"
+    script.write_text(textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        def note():
+            with open({str(pids)!r}, "a") as f:
+                f.write(f"{{os.getpid()}} {{os.getsid(0)}}\\n")
+        note()
+        if len(sys.argv) < 3:
+            subprocess.Popen([sys.executable, __file__, "worker", *sys.argv[1:2]], start_new_session=sys.argv[1:] == [])
+        time.sleep(10**6)
+    """))
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_launch([sys.executable, str(script)], timeout=30)
+    rows = [tuple(map(int, line.split())) for line in pids.read_text().splitlines()]
+    assert len(rows) == 3  # launcher, worker, worker's child
+    assert rows[1][1] != rows[0][1]  # the worker ran in a session of its own
+    assert [pid for pid, _ in rows if alive(pid)] == []
