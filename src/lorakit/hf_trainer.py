@@ -1,0 +1,236 @@
+"""lorakit adapters inside transformers' Trainer and trl's SFTTrainer: save, resume, chunked loss.
+
+    add_lora(model, LoraConfig(...))                    # on any transformers model (NF4 base too)
+    trainer = Trainer(model=model, args=TrainingArguments(save_steps=...), ...,
+                      compute_loss_func=ChunkedLoss(model))        # optional: the chunked loss
+    trainer.train(); trainer.save_model(D)              # checkpoints and D hold PEFT adapters
+    trainer.train(resume_from_checkpoint=True)          # a new process: same model + add_lora first
+
+Saving. Trainer writes the model with `model.save_pretrained(dir, state_dict=..., is_main_process=...)`
+at every checkpoint and in save_model (Trainer._save). add_lora gives a transformers model its own
+`save_pretrained` (an attribute of the instance, shadowing the class's method) that writes every
+adapter in PEFT's layout with adapter_io.save_adapter: "default" in `dir`, any other adapter in
+`dir/<name>`, as PEFT does. Without an adapter left (merge_and_unload, delete_adapter) it is the
+class's method again, writing the full model. transformers' own adapter hook (the
+`_hf_peft_config_loaded` path of save_pretrained) was not used: it calls into peft.
+
+Resuming. Trainer reloads a checkpoint's weights in `Trainer._load_from_checkpoint` and
+`_load_best_model`, which know full weights and peft's PeftModel, and transformers offers no hook
+there: a checkpoint holding only an adapter fails with "Can't find a checkpoint index". So lorakit
+wraps these two methods on transformers' Trainer class (once, and only once transformers.trainer
+is imported): for a model carrying lorakit adapters and a checkpoint holding adapters, the saved
+tensors are copied into the model's adapters, strictly (the same config, every tensor present,
+same shapes; otherwise ValueError); everything else goes to transformers' methods unchanged.
+Optimizer, scheduler, RNG and data order are restored by Trainer itself.
+
+Chunked loss. `ChunkedLoss(model)` is a `compute_loss_func` (transformers' Trainer and trl's
+SFTTrainer take one) computing the causal-LM loss with loss.causal_lm_loss from the last hidden
+state, so that the (tokens, vocabulary) logits never exist. Trainer calls the model before the loss,
+so the model itself must skip its logits: a forward pre-hook (torch's, removable) asks it, in
+training with gradients on, for no logits (`logits_to_keep` an empty index) and for its hidden
+states, the last of which is the head's input. In evaluation the model computes its logits as
+usual and the loss is transformers' own on them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, _copy_into, adapter_state_dict, read_adapter_config, \
+    read_adapter_tensors, save_adapter
+from .inject import adapter_configs
+from .loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, supports_chunked_loss
+
+DEFAULT_ADAPTER = "default"  # saved at the top of the directory; other adapters in a subdirectory
+
+
+def attach(model: nn.Module) -> None:
+    """Make `model.save_pretrained` (hence Trainer's checkpoints and save_model) write PEFT adapters,
+    and teach transformers' Trainer to resume from them. Called by add_lora; no-op on models that
+    are not transformers PreTrainedModels."""
+    modeling = sys.modules.get("transformers.modeling_utils")  # imported wherever such a model exists
+    if modeling is None or not isinstance(model, modeling.PreTrainedModel):
+        return
+    if not isinstance(model.__dict__.get("save_pretrained"), functools.partial):
+        model.save_pretrained = functools.partial(save_pretrained, model)
+    wrap_trainer()
+
+
+def adapter_directory(directory: str | os.PathLike, name: str) -> Path:
+    """Where adapter `name` lives in a directory written by save_pretrained (PEFT's layout)."""
+    return Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
+                    state_dict: dict | None = None, push_to_hub: bool = False, **kwargs) -> None:
+    """transformers' save_pretrained for a model with lorakit adapters: every adapter, in PEFT's
+    layout (adapter_config.json + adapter_model.safetensors), and nothing of the frozen base.
+
+    `state_dict` (Trainer passes one under model or data parallelism) must hold the adapters'
+    current values; max_shard_size, safe_serialization and token do not apply to an adapter.
+    """
+    configs = adapter_configs(model)
+    if not configs:  # merged and unloaded, or every adapter deleted: a plain model again
+        return type(model).save_pretrained(model, save_directory, is_main_process=is_main_process,
+                                           state_dict=state_dict, push_to_hub=push_to_hub, **kwargs)
+    problems = []
+    if push_to_hub:
+        problems.append("push_to_hub=True: use model.push_to_hub(repo_id), which calls this save")
+    if kwargs.get("variant") is not None:
+        problems.append(f"variant={kwargs['variant']!r}: an adapter is always {WEIGHTS_NAME}")
+    if kwargs.get("distributed_checkpoint"):
+        problems.append("distributed_checkpoint=True: adapters are saved whole, by one process")
+    if kwargs.get("save_peft_format") is False:
+        problems.append("save_peft_format=False: lorakit writes PEFT's format only")
+    if problems:
+        raise ValueError("save_pretrained of a model with lorakit adapters (only the adapters are saved): "
+                         + "; ".join(problems))
+    if not is_main_process:
+        return None
+    if state_dict is not None:
+        _check_state_dict_matches(model, state_dict)
+    for name in configs:
+        save_adapter(model, adapter_directory(save_directory, name), name)
+    return None
+
+
+def _check_state_dict_matches(model: nn.Module, state_dict: dict) -> None:
+    """The adapters are written from the model; a given state dict must agree with it (a gathered
+    FSDP / DeepSpeed state dict whose adapters live elsewhere would otherwise be ignored)."""
+    names = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+    wrong = []
+    for adapter in adapter_configs(model):
+        for key, live in adapter_state_dict(model, adapter).items():
+            own = names.get(id(live))
+            given = state_dict.get(own)
+            if given is None or given.shape != live.shape or not torch.equal(given.detach().cpu(),
+                                                                               live.detach().cpu()):
+                wrong.append(own or key)
+    if wrong:
+        raise ValueError(f"save_pretrained(state_dict=...): the state dict does not hold the adapters' current "
+                         f"values for {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}; lorakit saves "
+                         "adapters from the model itself (sharded FSDP / DeepSpeed ZeRO-3 training through "
+                         "Trainer is not supported: use `lorakit train` for sharded training)")
+
+
+def load_adapter_checkpoint(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Copy the adapters saved by save_pretrained in `directory` into the model's adapters of the same
+    names. The model must carry the same adapters (same configs: add_lora as for the saved run);
+    a missing file, another config, a missing or unexpected tensor or a shape mismatch is a
+    ValueError, raised before any adapter of the model is changed."""
+    configs = adapter_configs(model)
+    loaded = {}
+    for name, config in configs.items():
+        where = adapter_directory(directory, name)
+        if not (where / CONFIG_NAME).is_file():
+            raise ValueError(f"{directory}: no saved adapter {name!r} (expected {where / CONFIG_NAME}); "
+                             f"the model's adapters: {', '.join(configs)}")
+        saved = read_adapter_config(where).to_peft_dict()
+        ours = config.to_peft_dict()
+        differ = [f"{k}: saved {saved[k]!r}, model {ours[k]!r}" for k in sorted(ours)
+                  if k != "base_model_name_or_path" and saved.get(k) != ours[k]]
+        if differ:
+            raise ValueError(f"{where}: adapter {name!r} was saved with another config than the model's "
+                             f"({'; '.join(differ)}); call add_lora with the config of the saved run")
+        loaded[name] = (where, read_adapter_tensors(where))
+    for name, (where, tensors) in loaded.items():
+        _copy_into(model, name, tensors, where)
+
+
+def _holds_adapters(directory: str | os.PathLike | None) -> bool:
+    return directory is not None and (Path(directory) / CONFIG_NAME).is_file() and \
+        (Path(directory) / WEIGHTS_NAME).is_file()
+
+
+def wrap_trainer() -> None:
+    """Wrap transformers' Trainer._load_from_checkpoint and _load_best_model (see the module
+    docstring) if transformers.trainer is imported; once."""
+    module = sys.modules.get("transformers.trainer")
+    trainer = getattr(module, "Trainer", None)
+    if trainer is None or getattr(trainer, "_lorakit_resumes_adapters", False):
+        return
+
+    load_checkpoint = trainer._load_from_checkpoint
+    load_best = trainer._load_best_model
+
+    @functools.wraps(load_checkpoint)
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not (adapter_configs(target) and _holds_adapters(resume_from_checkpoint)):
+            return load_checkpoint(self, resume_from_checkpoint, model)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError("resuming lorakit adapters under FSDP or DeepSpeed through Trainer is not "
+                             "supported; use `lorakit train` for sharded training")
+        load_adapter_checkpoint(target, resume_from_checkpoint)
+
+    @functools.wraps(load_best)
+    def _load_best_model(self):
+        target = self.accelerator.unwrap_model(self.model)
+        if not (adapter_configs(target) and _holds_adapters(self.state.best_model_checkpoint)):
+            return load_best(self)
+        load_adapter_checkpoint(target, self.state.best_model_checkpoint)
+
+    trainer._load_from_checkpoint = _load_from_checkpoint
+    trainer._load_best_model = _load_best_model
+    trainer._lorakit_resumes_adapters = True
+
+
+class ChunkedLoss:
+    """A `compute_loss_func` for transformers' Trainer (and trl's SFTTrainer): transformers'
+    causal-LM loss, computed in chunks of tokens from the last hidden state (loss.py).
+
+        trainer = Trainer(model=model, ..., compute_loss_func=ChunkedLoss(model))
+
+    While the model trains with gradients on, a forward pre-hook asks it for no logits (its
+    `logits.shape[1]` is 0) and for its hidden states; `remove()` takes the hook off.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        import inspect
+
+        if not supports_chunked_loss(model):
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            raise ValueError(f"ChunkedLoss: model type {model_type!r} with output head "
+                             f"{type(model.get_output_embeddings()).__name__ if hasattr(model, 'get_output_embeddings') else None}"
+                             " is not supported: the chunked loss needs a plain nn.Linear head applied to the last "
+                             "hidden state (model types: llama, mistral, qwen2, qwen3, gpt2, phi3); "
+                             "leave compute_loss_func unset to use transformers' loss")
+        if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
+            raise ValueError(f"ChunkedLoss: {type(model).__name__}.forward takes no `logits_to_keep`, so it "
+                             "cannot skip its logits (transformers >= 4.50 has it); leave compute_loss_func "
+                             "unset to use transformers' loss")
+        self.model, self.chunk_size = model, chunk_size
+        self._hook = model.register_forward_pre_hook(self._skip_logits, with_kwargs=True)
+        wrap_trainer()
+
+    @staticmethod
+    def _skip_logits(module, args, kwargs):
+        if not (module.training and torch.is_grad_enabled()) or kwargs.get("labels") is not None \
+                or "logits_to_keep" in kwargs:
+            return None
+        device = module.get_input_embeddings().weight.device
+        empty = torch.empty(0, dtype=torch.long, device=device)  # keep no position: logits (B, 0, V)
+        return args, {**kwargs, "logits_to_keep": empty, "output_hidden_states": True}
+
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        if labels is None:
+            raise ValueError("ChunkedLoss: the batch has no labels (the loss needs them)")
+        logits = outputs["logits"]
+        if logits.shape[1] != 0:  # the model made its logits (evaluation): transformers' loss on them
+            from transformers.loss.loss_utils import ForCausalLMLoss
+
+            return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+        hidden = outputs["hidden_states"][-1]  # (B, T, d): the input of the output head
+        head = self.model.get_output_embeddings()
+        return causal_lm_loss(hidden, head.weight, labels, head.bias, num_items_in_batch,
+                              chunk_size=self.chunk_size)
+
+    def remove(self) -> None:
+        """Take the pre-hook off: the model computes its logits in training again."""
+        self._hook.remove()
