@@ -27,8 +27,10 @@ device starts. A model passed in already built (train(prepared=...)) is sharded 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -62,16 +64,54 @@ def setup(device: str = "auto", timeout_s: float = 600) -> Context:
     target = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(target)
+    ctx = Context(rank, world, local_rank, target)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
                                 device_id=target if cuda else None)
-    return Context(rank, world, local_rank, target)
+        # a run that fails never reaches teardown(): free the group before the interpreter shuts
+        # down (not later, from whichever object happens to be freed last), without a barrier
+        atexit.register(teardown, ctx, leave_together=False)
+    return ctx
 
 
-def teardown(ctx: Context) -> None:
-    if ctx.active and dist.is_initialized():
-        dist.barrier()  # leave together: a rank tearing down while another still talks can hang
-        dist.destroy_process_group()
+def teardown(ctx: Context, leave_together: bool = True) -> None:
+    """Leave the process group and free it here, in an order that cannot deadlock.
+
+    Why the order matters (issue 11): ProcessGroupGloo's destructor joins gloo's worker threads,
+    and a worker thread may still be freeing a finished collective whose tensors were made in
+    Python (all_gather_object's, kept alive by the barrier that followed it); freeing such a
+    tensor takes the GIL. torch's Python ProcessGroup object lets the GIL go while it drops its
+    reference, so the join is safe when that object is the last owner. It is not safe when the
+    last owner is C++ code that runs with the GIL held: the DDP Reducer (freed with the DDP
+    module when train() returns: the hang of issue 11, Reducer::~Reducer -> thread::join) or
+    torch's group registry (cleared inside destroy_process_group). So: hold the Python object,
+    free the Reducers, destroy the group (torch's tables and registry let go), then drop the
+    object. Whatever still holds the group afterwards is Python (DDP's process_group attribute,
+    FSDP's mesh info), so the group is freed without the GIL, here or when the model is freed.
+
+    leave_together: wait at a barrier first (the normal end of a run); False on a failure, when
+    another rank may never reach the barrier."""
+    if not (ctx.active and dist.is_initialized()):
+        return
+    group = dist.distributed_c10d._get_default_group()  # the last owner, see above
+    if leave_together:
+        dist.barrier()  # a rank tearing down while another still talks to it can hang
+    for module in list(_ddp_modules):
+        _release_reducer(module)
+    dist.destroy_process_group()
+    del group  # ProcessGroupGloo's destructor runs now, without the GIL
+
+
+# every DistributedDataParallel that wrap() made and that is alive: teardown frees their Reducers
+_ddp_modules: weakref.WeakSet = weakref.WeakSet()
+
+
+def _release_reducer(ddp: torch.nn.Module) -> None:
+    """Drop a DDP module's C++ Reducer (and the Logger that shares it): each holds the process
+    group, and their destructors run with the GIL held. The module cannot train afterwards."""
+    for name, value in list(vars(ddp).items()):
+        if isinstance(value, (dist.Reducer, dist.Logger)):
+            delattr(ddp, name)
 
 
 def wrap(model: torch.nn.Module, ctx: Context, strategy: str, fill=None) -> torch.nn.Module:
@@ -109,7 +149,9 @@ def wrap(model: torch.nn.Module, ctx: Context, strategy: str, fill=None) -> torc
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    _ddp_modules.add(ddp)
+    return ddp
 
 
 @torch.no_grad()
@@ -207,9 +249,9 @@ def unsharded_root(model: torch.nn.Module):
 
 
 def exit_process(code: int) -> None:
-    """End a torchrun worker without Python's interpreter teardown, which sometimes hangs after a
-    gloo process group was used (seen in about 1 run in 7 here: rank 0 stuck in native code after
-    train() returned and every file was written). Outside torchrun: does nothing."""
+    """End a torchrun worker without Python's interpreter teardown: nothing is left to free once
+    train() has returned (teardown() freed the process group), and a worker that failed should
+    not wait for anything on its way out. Outside torchrun: does nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import sys
 
