@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -153,13 +154,100 @@ def test_kill_9_then_resume_reproduces_the_curve(tmp_path):
     assert len(curve(tmp_path / "full")) == 24
 
 
-def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
-    summary = run_tiny(tmp_path, ["train.lr=30", "train.warmup_steps=0", "train.max_grad_norm=null", "train.schedule=constant",
-                                  "train.save_every=1", "train.steps=30"])
+DESTROYABLE = ["lora.targets=[q_proj,v_proj,lm_head]", "train.save_every=2", "eval.every=0"]
+
+
+def destroy_adapter_at(monkeypatch, at_step):
+    """Before checkpoint `at_step` is written, fill every lora_B with N(0, 10^2) noise: the saved
+    checkpoint and the model that trains on hold a destroyed adapter (the one on the output head
+    sends the loss to ~68 nats), and the next step's loss shoots up."""
+    import lorakit.train as t
+
+    real = t.save_checkpoint
+
+    def save(run_dir, step, model, *args, **kwargs):
+        if step == at_step:
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(10 * torch.randn(p.shape, generator=g))
+        return real(run_dir, step, model, *args, **kwargs)
+
+    monkeypatch.setattr(t, "save_checkpoint", save)
+
+
+def test_divergence_keeps_the_last_checkpoint_judged_good(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    destroy_adapter_at(monkeypatch, 6)
+    summary = run_tiny(tmp_path, DESTROYABLE)
     (diag,) = summary["diagnostics"]
-    assert diag["kind"] == "diverged" and "learning rate (30) is likely too high" in diag["message"]
-    assert summary["steps"] == diag["step"] - 1 < 30
-    assert checkpoints(tmp_path)[-1][0] == summary["steps"]
+    assert (diag["kind"], diag["step"]) == ("diverged", 7) and "rose far above its best" in diag["message"]
+    # step-6 holds the destroyed adapter (its held-out loss is above the base's): step-4 is kept
+    assert [s for s, _ in checkpoints(tmp_path)] == [4, 6]
+    assert summary["steps"] == 4 and summary["no_result"] is None
+    assert summary["after"]["val_loss"] < summary["before"]["val_loss"]
+    kept = load_file(tmp_path / "checkpoints" / "step-4" / "trainable.safetensors")
+    written = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    assert torch.equal(written["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], kept[key])
+
+
+def test_divergence_with_no_good_checkpoint_writes_no_adapter(tmp_path, monkeypatch):
+    destroy_adapter_at(monkeypatch, 2)
+    summary = run_tiny(tmp_path, DESTROYABLE)
+    assert [(d["kind"], d["step"]) for d in summary["diagnostics"]] == [("diverged", 3)]
+    assert summary["result"] is None and summary["after"] is None and summary["steps"] == 0
+    assert summary["no_result"].startswith("no checkpoint of this run is better than the start")
+    assert not (tmp_path / "adapter").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["no_result"] == summary["no_result"]
+
+
+def test_before_after_table_keeps_columns_apart():
+    from lorakit.train import before_after_table
+
+    table = before_after_table({"val_loss": 2.8, "val_ppl": 16.44}, {"val_loss": 28.1, "val_ppl": math.exp(50)})
+    assert table.splitlines() == [
+        "                         before       after",
+        "held-out loss            2.8000     28.1000",
+        "held-out perplexity       16.44   5.185e+21",
+    ]
+
+
+def test_collapse_is_not_a_plateau(tmp_path):
+    """lr 1e3 on the tiny model: after warm-up the outputs saturate, the gradient norm drops to 0
+    and the loss stays at ln(vocab size). Not "the learning rate is too small"."""
+    summary = run_tiny(tmp_path, ["train.lr=1e3", "train.steps=12", "eval.every=0"])
+    (diag,) = summary["diagnostics"]
+    assert diag["kind"] == "collapsed" and f"the gradient norm is 0 since step {diag['step']}" in diag["message"]
+    assert "too small" not in diag["message"] and "too high" not in diag["message"]
+    norms = [r["grad_norm"] for r in monitor.MetricsLog(tmp_path / "metrics.jsonl").read() if r["type"] == "train"]
+    assert norms[diag["step"] - 2] > 0 and norms[diag["step"] - 1:] == [0.0] * (13 - diag["step"])
+
+
+def test_nan_loss_before_any_update_blames_the_weights_not_the_learning_rate(tmp_path):
+    config, prepared = tiny_run()
+    with torch.no_grad():
+        prepared.model.model.layers[1].mlp.up_proj.base_layer.weight[0, 0] = float("nan")
+    summary = train(config, tmp_path, prepared=prepared, progress=False, log=lambda *_: None)
+    (diag,) = summary["diagnostics"]
+    assert (diag["kind"], diag["step"]) == ("broken_start", 1)
+    assert "before any update, so the learning rate plays no part" in diag["message"]
+    assert "1 of the model's weight tensors hold NaN or inf, e.g. model.layers.1.mlp.up_proj.base_layer.weight" \
+        in diag["message"]
+    assert "too high" not in diag["message"] and summary["result"] is None
+
+
+def test_heldout_loss_without_a_token_to_score_is_an_error():
+    from lorakit.train import heldout_loss
+
+    tok = char_tokenizer()
+    rows = [Record({"prompt": "<abcdef>=", "completion": "fedcba"}, "mem:0")]
+    dataset = build_dataset(rows, tok, max_length=5)  # the answer is truncated away
+    assert dataset.supervised_tokens == 0
+    with pytest.raises(ValueError, match="none of the 1 held-out examples has a token to score"):
+        heldout_loss(tiny_llama(vocab=len(tok)), dataset, 0, 8)
 
 
 def test_plateau_diagnosis_on_synthetic_curves():

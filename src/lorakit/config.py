@@ -455,23 +455,72 @@ class RunConfig:
         return config.resolved()
 
 
+# More values than this after expanding YAML aliases is refused: a few lines of nested aliases
+# ("billion laughs") would otherwise expand to billions of values when the config is checked.
+MAX_YAML_VALUES = 100_000
+
+
 def load_yaml(text: str):
     """yaml.safe_load, except that 1e-4 is a float (YAML 1.1 wants 1.0e-4 and reads "1e-4" as a
-    string, a trap for learning rates)."""
+    string, a trap for learning rates), a key given twice in one mapping is an error (YAML keeps
+    the last silently), and aliases may not expand to more than MAX_YAML_VALUES values."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            first_line: dict[str, int] = {}
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if key.value in first_line:
+                        raise ValueError(f"line {line}: duplicate key {key.value!r} (first given at line "
+                                         f"{first_line[key.value]}); give each key once")
+                    first_line[key.value] = line
+            return super().construct_mapping(node, deep)
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
         list("-+0123456789"),
     )
+    loader = Loader(text)
     try:
-        return yaml.load(text, Loader=Loader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > MAX_YAML_VALUES:
+            raise ValueError(f"its aliases expand to more than {MAX_YAML_VALUES:,} values, more than a "
+                             "configuration may hold (an alias bomb?); write the values out")
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
         raise ValueError(str(e)) from e
+    except RecursionError as e:
+        raise ValueError("it is nested too deeply to read") from e
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `node` stands for once every alias is replaced by a copy of its anchor
+    (an alias is the same node object, so each distinct node is counted once, in linear time)."""
+    import yaml
+
+    key = id(node)
+    if key in open_nodes:
+        raise ValueError(f"line {node.start_mark.line + 1}: an alias refers to a value that contains it "
+                         "(a recursive alias); write the values out")
+    if key not in sizes:
+        open_nodes.add(key)
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) \
+            else node.value if isinstance(node, yaml.SequenceNode) else []
+        total = 1
+        for child in children:
+            total += _expanded_size(child, sizes, open_nodes)
+            if total > MAX_YAML_VALUES:
+                break  # enough to refuse; do not add up astronomically large numbers
+        sizes[key] = total
+        open_nodes.discard(key)
+    return sizes[key]
 
 
 def _section_problems(section: str, obj) -> list[str]:

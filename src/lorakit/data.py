@@ -13,6 +13,7 @@ applies (prompt tokens unless train_on_inputs, padding); the model shifts them b
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass, field
@@ -59,20 +60,27 @@ class Dataset:
     truncated: int = 0             # examples cut at max_length
     unsupervised: int = 0          # examples left with no label token (all prompt) after truncation
     tokens: int = field(init=False)
+    supervised_tokens: int = field(init=False)  # tokens that carry loss (the model predicts them)
 
     def __post_init__(self):
         self.tokens = sum(len(e.input_ids) for e in self.examples)
+        # labels[0] is never predicted (nothing comes before it), as in collate's shift
+        self.supervised_tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in self.examples)
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """Records of a .jsonl, .json (a list of objects) or .csv file, each with its file:line."""
+    """Records of a .jsonl, .json (a list of objects) or .csv file, each with its file:line. A file
+    that holds no record is an error (an empty data file is a mistake, never "no data")."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv"):
+        raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .csv")
+    text = _utf8(path)
+    records = []
     if suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -82,20 +90,33 @@ def read_records(path: str | Path) -> list[Record]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
             records.append(Record(obj, f"{path}:{number}"))
-        return records
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
-            raise DataError(f"{path}: a .json data file must hold a list of objects")
-        return [Record(d, f"{path}[{i}]") for i, d in enumerate(data)]
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            # line numbers: the header is line 1
-            return [Record(row, f"{path}:{i}") for i, row in enumerate(csv.DictReader(f), start=2)]
-    raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .csv")
+    elif suffix == ".json":
+        if text.strip():
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+                raise DataError(f"{path}: a .json data file must hold a list of objects")
+            records = [Record(d, f"{path}[{i}]") for i, d in enumerate(data)]
+    else:
+        # line numbers: the header is line 1
+        rows = csv.DictReader(io.StringIO(text, newline=""))
+        records = [Record(row, f"{path}:{i}") for i, row in enumerate(rows, start=2)]
+    if not records:
+        raise DataError(f"{path}: holds no records (the file is empty or blank); a data file needs at least one")
+    return records
+
+
+def _utf8(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the line (a UTF-8 BOM is dropped)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        "data files must be UTF-8: re-save it as UTF-8") from e
 
 
 def detect_format(records: list[Record], declared: str = "auto") -> str:

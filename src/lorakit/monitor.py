@@ -4,7 +4,11 @@ Diagnostics read the training-loss curve the way the QLoRA/LoRA practice advises
   * a loss that turns NaN/inf, or climbs far above its best value, is divergence: the learning
     rate is likely too high;
   * a loss that stops falling while still far above where it started is a plateau: the rank may
-    be too low (or the learning rate too small).
+    be too low (or the learning rate too small);
+  * but a loss that is not finite at the first step, before any update, says nothing about the
+    learning rate: the base model's weights or the data are broken;
+  * and a flat loss with a gradient norm of 0 is a collapse, not slow learning: no update can
+    change the model any more.
 """
 
 from __future__ import annotations
@@ -26,21 +30,31 @@ DIVERGENCE_MIN_RISE = 1.0
 PLATEAU_MIN_DROP = 0.02
 # ...while it still stands above this fraction of the first smoothed loss.
 PLATEAU_MIN_PROGRESS = 0.5
+# Collapse: the gradient norm of at least this many of the last logged steps is exactly 0.
+COLLAPSE_STEPS = 3
+# Diagnostics that stop training (the run keeps its last good checkpoint, if any).
+STOPPED = ("diverged", "broken_start")
 
 
 @dataclass
 class Diagnostic:
-    kind: str       # "diverged" or "plateau"
+    kind: str       # "diverged", "broken_start", "plateau" or "collapsed"
     step: int
     message: str
 
 
-def check_divergence(step: int, loss: float, best: float | None, lr: float, warmup_done: bool) -> Diagnostic | None:
+def check_divergence(step: int, loss: float, best: float | None, lr: float, warmup_done: bool,
+                     updated: bool = True) -> Diagnostic | None:
     """Divergence at this step: a non-finite loss, or (after warm-up) a loss above both
-    DIVERGENCE_FACTOR x the best loss so far and best + DIVERGENCE_MIN_RISE."""
+    DIVERGENCE_FACTOR x the best loss so far and best + DIVERGENCE_MIN_RISE. A non-finite loss
+    before any update (updated=False) is a broken start ("broken_start"), whatever the learning rate."""
     limit = None if best is None else max(DIVERGENCE_FACTOR * best, best + DIVERGENCE_MIN_RISE)
     if math.isfinite(loss) and not (warmup_done and limit is not None and loss > limit):
         return None
+    if not updated and not math.isfinite(loss):
+        return Diagnostic("broken_start", step, f"the loss is {loss} at step {step}, before any update, so the "
+                          "learning rate plays no part: the base model's weights or the data are broken "
+                          "(the base evaluation's held-out loss tells which).")
     what = f"loss is {loss}" if not math.isfinite(loss) else f"loss {loss:.4g} rose far above its best ({best:.4g})"
     return Diagnostic("diverged", step, f"training diverged at step {step}: {what}. The learning rate "
                       f"({lr:.3g}) is likely too high: try {lr / 3:.3g} or lower, or a longer warm-up.")
@@ -69,6 +83,25 @@ def check_plateau(steps: list[int], losses: list[float], r: int | None, lr: floa
     return Diagnostic("plateau", steps[-third - 1],
                       f"the loss plateaued at {end:.4g} (from {start:.4g}) since step {steps[-third - 1]}: "
                       f"{rank}, or the learning rate ({lr:.3g}) too small.")
+
+
+def check_collapse(steps: list[int], losses: list[float], grad_norms: list[float | None],
+                   lr: float) -> Diagnostic | None:
+    """Collapse: the last COLLAPSE_STEPS (or more) logged steps all have a gradient norm of exactly
+    0 (None: not measured, no verdict). The loss is flat because nothing flows back to the trained
+    weights, typically after updates so large that the model's outputs saturated."""
+    zero = 0
+    for norm in reversed(grad_norms):
+        if norm is None or norm != 0:
+            break
+        zero += 1
+    if zero < COLLAPSE_STEPS:
+        return None
+    since = steps[-zero]
+    return Diagnostic("collapsed", since, f"training collapsed: the gradient norm is 0 since step {since} and "
+                      f"the loss stays at {losses[-1]:.4g}: no update can change the model any more (its "
+                      f"outputs saturated). A higher rank or a longer run cannot help; start again with a "
+                      f"smaller learning rate than {lr:.3g} or a longer warm-up.")
 
 
 class MetricsLog:

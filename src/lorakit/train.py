@@ -4,7 +4,8 @@ One optimizer step = grad_accum micro-batches of batch_size examples. The batche
 function of the step (data.batch_at), and a checkpoint holds the trainable weights, the optimizer,
 the scheduler and the RNG state, so a resumed run reproduces the uninterrupted loss curve.
 
-Run directory:
+Run directory (new or empty when a run starts; rank 0 holds an exclusive lock on .lock while
+the run lasts; files are never written through a symbolic link):
     config.yaml        the full resolved configuration
     metrics.jsonl      one line per logged step ("train") and per evaluation ("eval")
     checkpoints/       step-N/ (atomic: written under a temporary name, then renamed); the last 2 kept
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,17 @@ import yaml
 
 from . import distributed, monitor
 from .adapter_io import save_adapter
-from .config import BUILTIN_PREFIX, RunConfig
-from .data import Dataset, batch_at, build_dataset, collate, pack, read_records, split_validation
+from .config import BUILTIN_PREFIX, ConfigError, RunConfig
+from .data import DataError, Dataset, batch_at, build_dataset, collate, pack, read_records, split_validation
 from .inject import add_lora, trainable_parameters
 from .loss import chunked_cross_entropy, supports_chunked_loss
 
 CHECKPOINTS_KEPT = 2
+LOCK_NAME = ".lock"
+# Settings that may differ between a checkpoint and the run resuming it: where and how the run
+# executes, how far it goes, and how it is watched; every other setting must match.
+RESUME_MAY_CHANGE = {"train": ("steps", "device", "strategy", "threads", "dist_timeout_s", "log_every",
+                               "save_every"), "eval": ("every", "generate", "max_new_tokens", "batch_size", "limit")}
 
 
 @dataclass
@@ -88,7 +94,8 @@ def load_data(config: RunConfig, tokenizer) -> tuple[Dataset, Dataset | None, Da
     d = config.data
     builtin = {}
 
-    def records(spec: str, split: str):
+    def records(key: str, split: str):
+        spec = getattr(d, key)
         if spec.startswith(BUILTIN_PREFIX):
             from .data import Record
             from .tasks import make_task
@@ -99,15 +106,24 @@ def load_data(config: RunConfig, tokenizer) -> tuple[Dataset, Dataset | None, Da
                 builtin[name] = make_task(name, **kwargs)
             rows = getattr(builtin[name], split)
             return [Record(r, f"{spec}[{split} {i}]") for i, r in enumerate(rows)]
-        return read_records(spec)
+        try:
+            return read_records(spec)
+        except DataError as e:
+            raise DataError(f"data.{key}: {e}") from None
 
-    train_records = records(d.train, "train")
+    train_records = records("train", "train")
     if d.validation:
-        val_records = records(d.validation, "train")
+        val_records = records("validation", "train")
     else:
+        n = len(train_records)
         train_records, val_records = split_validation(train_records, d.validation_fraction, config.train.seed)
-    test_spec = d.test or (d.train if d.train.startswith(BUILTIN_PREFIX) else None)
-    test_records = records(test_spec, "test") if test_spec else []
+        if not train_records:
+            raise DataError(f"data.train={d.train}: its {n} record(s) all go to validation "
+                            f"(data.validation_fraction={d.validation_fraction} holds out at least one), "
+                            "none is left to train on; add records, give data.validation, or set "
+                            "data.validation_fraction=0")
+    test_key = "test" if d.test else ("train" if d.train.startswith(BUILTIN_PREFIX) else None)
+    test_records = records(test_key, "test") if test_key else []
 
     def build(rows):
         return build_dataset(rows, tokenizer, d.format, d.max_length, d.train_on_inputs) if rows else None
@@ -116,6 +132,83 @@ def load_data(config: RunConfig, tokenizer) -> tuple[Dataset, Dataset | None, Da
     if d.packing:
         train = pack(train, d.max_length)
     return train, build(val_records), build(test_records)
+
+
+def check_data(config: RunConfig, train: Dataset, validation: Dataset | None, world: int = 1) -> None:
+    """What the run needs of its data, checked before the model loads (every problem at once)."""
+    d, t = config.data, config.train
+    problems = []
+    if train.supervised_tokens == 0:
+        problems.append(f"data.train: none of its {len(train.examples)} examples has a token left to learn "
+                        f"(0 supervised tokens; {train.truncated} cut at data.max_length={d.max_length}): "
+                        "raise data.max_length, shorten the prompts, or set data.train_on_inputs=true")
+    if validation is not None and validation.supervised_tokens == 0:
+        problems.append(f"validation: none of its {len(validation.examples)} examples has a token to score "
+                        f"(0 supervised tokens; {validation.truncated} cut at data.max_length={d.max_length}), "
+                        "so there is no held-out loss: raise data.max_length or shorten the prompts")
+    batch = t.batch_size * world
+    if len(train.examples) < batch:
+        held = f" (after holding out {len(validation.examples)} for validation)" if validation and not d.validation else ""
+        problems.append(f"{len(train.examples)} training examples{held} is fewer than one batch of {batch} "
+                        f"(train.batch_size={t.batch_size}" + (f" x {world} ranks" if world > 1 else "")
+                        + "): lower train.batch_size or add data")
+    if problems:
+        raise ConfigError("training data", problems)
+
+
+def skeleton(config: RunConfig) -> torch.nn.Module:
+    """The base model on the meta device: its modules and shapes, with no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import resolve_model_dir
+
+    model_config = AutoConfig.from_pretrained(resolve_model_dir(config.model.path), local_files_only=True)
+    if hasattr(model_config, "quantization_config"):  # a 4-bit checkpoint: the shapes are those of the layers
+        del model_config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def check_rank(model: torch.nn.Module, config: RunConfig, device: torch.device, log) -> None:
+    """lora.r against the layers it adapts, before any weight is loaded (`model` may be a skeleton).
+
+    A layer W: (out, in) has rank at most min(in, out), so a larger r adds parameters but no
+    capacity: a warning. Adapters that cannot fit the device's memory at all are an error, instead
+    of an allocation failure after the base has loaded.
+    """
+    from .inject import resolve_targets
+    from .planner import GiB
+
+    if config.method == "full":
+        return
+    r = config.lora.r
+    shapes = {name: _in_out(model.get_submodule(name)) for name in resolve_targets(model, config.lora.lora_config())}
+    # float32 A and B, their gradients and AdamW's two moments: 16 bytes per parameter
+    parameters = sum(r * (n_in + n_out) for n_in, n_out in shapes.values())
+    largest = max(min(s) for s in shapes.values())
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if 16 * parameters > total:
+        raise ValueError(f"lora.r={r}: the adapters alone would need {16 * parameters / GiB:,.1f} GiB "
+                         f"({parameters:,} parameters over {len(shapes)} layers, with gradients and AdamW "
+                         f"states) but the {device.type} has {total / GiB:.1f} GiB; a layer here can use "
+                         f"a rank of at most {largest} (min(in, out) of its weight)")
+    narrow = {name: s for name, s in shapes.items() if r > min(s)}
+    if narrow:
+        name, (n_in, n_out) = next(iter(narrow.items()))
+        log(f"warning: lora.r={r} is more than {len(narrow)} of the {len(shapes)} adapted layers can use: "
+            f"a weight (out, in) has rank at most min(in, out) (e.g. {name}: {n_in} -> {n_out}, at most "
+            f"{min(n_in, n_out)}); the extra rank adds parameters and memory, not capacity: lower lora.r "
+            f"to {min(min(s) for s in shapes.values())} or less")
+
+
+def _in_out(module: torch.nn.Module) -> tuple[int, int]:
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    n_in, n_out = module.weight.shape  # transformers' Conv1D keeps its weight as (in, out)
+    return n_in, n_out
 
 
 def lr_lambda(config: RunConfig):
@@ -178,7 +271,10 @@ def heldout_loss(model, dataset: Dataset, pad_id: int, batch_size: int) -> float
         total += summed(**batch).item()
         count += supervised_tokens(batch)
     model.train(was_training)
-    return total / max(count, 1)
+    if count == 0:
+        raise ValueError(f"none of the {len(dataset.examples)} held-out examples has a token to score "
+                         "(every answer is empty or truncated away): there is no loss to report")
+    return total / count
 
 
 @torch.no_grad()
@@ -290,11 +386,22 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         return None
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
-    save_file(weights, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "rng": [cpu for cpu, _ in rngs], "cuda_rng": [gpu for _, gpu in rngs]}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    # a name of our own, made with the umask's permissions (mkdtemp's would be 0700)
+    tmp = root / f".step-{step}.{os.getpid()}.{os.urandom(4).hex()}"
+    try:
+        tmp.mkdir()
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "rng": [cpu for cpu, _ in rngs], "cuda_rng": [gpu for _, gpu in rngs]}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    except Exception as e:  # a full disk surfaces as OSError, RuntimeError ("unexpected pos") or SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = checkpoints(run_dir)
+        free = shutil.disk_usage(root).free
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise OSError(f"could not write checkpoint step-{step} in {root} ({reason}; {free:,} bytes free there). "
+                      f"Nothing was lost: continue from {last[-1][1].name if last else 'the start'} with "
+                      f"`lorakit train --resume {run_dir}` once there is room") from e
     final = root / f"step-{step}"
     if final.exists():
         shutil.rmtree(final)
@@ -312,13 +419,32 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if (p / "state.json").is_file())
 
 
+def temporary_checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoints/.step-N.* folders: saves cut short by a kill (never read; the lock holder removes them)."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(root.glob(".step-*")) if root.is_dir() else []
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler,
                     ctx: distributed.Context = distributed.Context()) -> dict:
-    """Every rank reads the checkpoint; under FSDP each keeps its shard of the weights and states."""
+    """Every rank reads the checkpoint; under FSDP each keeps its shard of the weights and states.
+    Strict: the checkpoint's tensors are exactly the model's trainable ones, with the same shapes."""
     from safetensors.torch import load_file
 
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
+    try:
+        weights = load_file(path / "trainable.safetensors")
+    except Exception as e:  # safetensors' own error type for a damaged file
+        raise ValueError(f"checkpoint {path}: cannot read trainable.safetensors ({e})") from e
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(params[k].shape)}" for k in sorted(weights.keys() & params.keys())
+              if weights[k].shape != params[k].shape]
+    if missing or extra or shapes:
+        problems = [f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                    for what, keys in (("missing tensors", missing), ("tensors the model does not have", extra),
+                                       ("tensors of another shape (checkpoint vs model)", shapes)) if keys]
+        raise ValueError(f"checkpoint {path} does not match the model being trained: " + "; ".join(problems)
+                         + ". It is damaged, or the model or config changed since; start a new run")
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(distributed.shard_like(v, params[k]))
@@ -333,6 +459,112 @@ def load_checkpoint(path: Path, model, optimizer, scheduler,
     if extra["cuda_rng"][ctx.rank] is not None and ctx.device.type == "cuda":
         torch.cuda.set_rng_state(extra["cuda_rng"][ctx.rank], ctx.device)
     return json.loads((path / "state.json").read_text())
+
+
+# --- the run directory -----------------------------------------------------------------------------
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run goes into a new or empty directory; no run writes through a symbolic link in it."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} is a file; choose a new or empty directory for --out")
+    if not run_dir.is_dir():
+        return
+    holder = _lock_holder(run_dir)
+    if holder:
+        raise ValueError(f"{run_dir} is in use by another lorakit train (pid {holder}); wait for it to "
+                         "finish, or choose another --out")
+    if not resume:
+        if (run_dir / "config.yaml").exists():
+            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                             "or choose another --out")
+        present = sorted(set(os.listdir(run_dir)) - {LOCK_NAME})
+        if present:
+            raise ValueError(f"run directory {run_dir} is not empty and is not a lorakit run (it holds "
+                             f"{', '.join(present[:5])}{', ...' if len(present) > 5 else ''}); a run starts in a "
+                             "new or empty directory: choose another --out (nothing was changed)")
+    for parent, dirs, files in os.walk(run_dir):  # never descends into a linked directory
+        for name in dirs + files:
+            path = Path(parent) / name
+            if path.is_symlink():
+                raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}); lorakit never writes "
+                                 "through a link in a run directory: remove it (nothing was changed)")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, main: bool = True):
+    """Create the run directory and hold an exclusive lock on its .lock file while the run lasts
+    (rank 0 only), so a second `lorakit train` into it fails at once. flock's lock belongs to the
+    open file: the kernel releases it when the process ends, kill -9 included."""
+    if not main:
+        yield
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        raise ValueError(f"cannot write the run directory {run_dir} ({e.strerror}); choose a writable "
+                         "directory for --out") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{run_dir} is in use by another lorakit train (pid {_pid_in(fd)}); wait for "
+                             "it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(run_dir: Path) -> str | None:
+    """The pid written in the run directory's lock file while a run holds it; None when free."""
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file (or not readable): the lock itself decides later
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return _pid_in(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_in(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+
+
+def run_settings(config: RunConfig) -> dict:
+    """The settings a checkpoint is only valid with (all but RESUME_MAY_CHANGE)."""
+    settings = config.to_dict()
+    for group, keys in RESUME_MAY_CHANGE.items():
+        for key in keys:
+            settings[group].pop(key)
+    return settings
+
+
+def check_resume(run_dir: Path, config: RunConfig) -> None:
+    """The run's newest checkpoint was written with these settings (before anything is loaded)."""
+    found = checkpoints(run_dir)
+    if not found:
+        return
+    step, path = found[-1]
+    saved = json.loads((path / "state.json").read_text()).get("config")
+    if saved is None:  # written before checkpoints kept their settings
+        return
+    now = run_settings(config)
+    changed = [f"{group}.{key}: {saved[group].get(key)!r} -> {now[group].get(key)!r}"
+               for group in now if isinstance(now[group], dict)
+               for key in sorted(now[group].keys() | saved.get(group, {}).keys())
+               if saved.get(group, {}).get(key) != now[group].get(key)]
+    changed += [f"{key}: {saved.get(key)!r} -> {now[key]!r}" for key in now
+                if not isinstance(now[key], dict) and saved.get(key) != now[key]]
+    if changed:
+        raise ValueError(f"{run_dir / 'config.yaml'} changed since checkpoint {path.name} was written "
+                         f"({'; '.join(changed)}); the checkpoint holds a run with the old settings: restore "
+                         "them, or start a new run with another --out")
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -400,6 +632,9 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
           log=print, progress: bool = True) -> dict:
     """Run (or resume) a fine-tuning run into `run_dir`; returns the summary (also summary.json).
 
+    Everything that can be checked without the model's weights is checked first: the run
+    directory (check_run_dir), the data (check_data), a resumed run's settings (check_resume) and
+    the LoRA rank (check_rank). Then the run holds the directory's lock (run_lock) while it lasts.
     Under torchrun every rank calls this; only rank 0 logs and writes files.
     """
     config = config.validate()
@@ -408,8 +643,30 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     if not ctx.main:
         log, progress = (lambda *_: None), False
     run_dir = Path(run_dir)
-    if ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir, resume)
+    if prepared is None:
+        from .models import load_tokenizer, resolve_model_dir
+
+        tokenizer = load_tokenizer(resolve_model_dir(config.model.path))
+        data = load_data(config, tokenizer)
+    else:
+        tokenizer, data = prepared.tokenizer, (prepared.train, prepared.validation, prepared.test)
+    check_data(config, data[0], data[1], ctx.world)
+    if resume:
+        check_resume(run_dir, config)
+    if prepared is None:
+        check_rank(skeleton(config), config, ctx.device, log)
+    with run_lock(run_dir, ctx.main):
+        if ctx.main:
+            for folder in temporary_checkpoints(run_dir):
+                shutil.rmtree(folder)
+        return _run(config, run_dir, resume, prepared, tokenizer, data, log, progress, ctx)
+
+
+def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | None, tokenizer, data: tuple,
+         log, progress: bool, ctx: distributed.Context) -> dict:
+    """train() once the inputs are checked and the run directory is locked."""
+    t = config.train
     if t.threads:
         torch.set_num_threads(t.threads)
     wall_start = time.perf_counter()
@@ -419,11 +676,14 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     if prepared is None:
         # under FSDP the base stays on the meta device here, and is loaded part by part while
         # it is sharded (distributed.wrap): no rank ever holds the whole model
-        model, tokenizer, fill = load_base(config, lazy=fsdp)
+        model, _, fill = load_base(config, lazy=fsdp)
         torch.manual_seed(t.seed)  # the same adapter initialisation on every rank, however loaded
         prepare_model(model, config)
-        prepared = Prepared(model, tokenizer, *load_data(config, tokenizer))
+        prepared = Prepared(model, tokenizer, *data)
     raw, tokenizer = prepared.model if fill else prepared.model.to(ctx.device), prepared.tokenizer
+    if ctx.device.type == "cpu" and config.model.dtype == "float16":
+        log("warning: model.dtype=float16 on the CPU is very slow (a SmolLM2-135M step measured ~90x slower "
+            "than in float32: the CPU has no fast float16 arithmetic); use model.dtype=bfloat16 or float32")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     counts = trainable_parameters(raw)
@@ -441,7 +701,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             f"truncation at data.max_length={config.data.max_length}; they teach nothing")
 
     metrics = monitor.MetricsLog(run_dir / "metrics.jsonl")
-    state = {"tokens": 0, "train_seconds": 0.0, "best_loss": None, "before": None}
+    state = {"tokens": 0, "train_seconds": 0.0, "best_loss": None, "before": None, "config": run_settings(config)}
     found = checkpoints(run_dir) if resume else []
     model = distributed.wrap(SummedLoss(raw), ctx, t.strategy, fill)
     if not found:
@@ -468,6 +728,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     if found:
         step0, path = found[-1]
         state = load_checkpoint(path, raw, optimizer, scheduler, ctx)
+        state.setdefault("config", run_settings(config))  # a checkpoint written before they were kept
         if ctx.main:
             metrics.truncate_after(step0)
         log(f"resumed from {path} (step {step0})")
@@ -497,10 +758,17 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             tokens_step += int(batch["attention_mask"].sum())
         loss_value = distributed.all_reduce_sum(local_sum, ctx) / max(n_tokens, 1)
         tokens_step = int(distributed.all_reduce_sum(tokens_step, ctx))
-        grad_norm = (distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)).item()
-                     if t.max_grad_norm else None)  # under FSDP the norm over all shards, replicated
+        # the norm over all shards under FSDP, replicated; measured (clipping at inf) even without
+        # clipping, since a norm of 0 tells a collapse from a plateau
+        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)).item()
         lr = scheduler.get_last_lr()[0]
-        diverged = monitor.check_divergence(step, loss_value, state["best_loss"], lr, step > t.warmup_steps)
+        diverged = monitor.check_divergence(step, loss_value, state["best_loss"], lr, step > t.warmup_steps,
+                                            updated=step > 1)
+        if diverged and diverged.kind == "broken_start":
+            broken = _nonfinite_parameters(raw)
+            if broken:
+                diverged = dataclasses.replace(diverged, message=diverged.message + (
+                    f" {len(broken)} of the model's weight tensors hold NaN or inf, e.g. {broken[0]}."))
         if diverged:
             diagnostics.append(diverged)
             optimizer.zero_grad(set_to_none=True)
@@ -532,28 +800,39 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     if bar is not None:
         bar.close()
 
-    if diagnostics and diagnostics[0].kind == "diverged":
-        good = checkpoints(run_dir)
+    no_result = None  # why no adapter (or model) is written, when none is
+    if diagnostics and diagnostics[0].kind in monitor.STOPPED:
+        good = restore_good_checkpoint(run_dir, model, raw, tokenizer, prepared, config, state["before"],
+                                       optimizer, scheduler, metrics, ctx)
         if good:
-            load_checkpoint(good[-1][1], raw, optimizer, scheduler, ctx)
-            log(f"kept the last good checkpoint: {good[-1][1]} (step {good[-1][0]})")
-        step = good[-1][0] if good else 0
+            step, path, why = good
+            log(f"kept the last good checkpoint: {path} (step {step}; {why})")
+        else:
+            step = 0
+            no_result = ("no checkpoint of this run is better than the start (none was saved, or each one's "
+                         "loss is above the start's): there is no adapter to keep, so none is written")
+            log(no_result)
     elif ctx.main:
         curve = [r for r in metrics.read() if r.get("type") == "train"]
-        plateau = monitor.check_plateau([r["step"] for r in curve], [r["loss"] for r in curve],
-                                        None if config.method == "full" else config.lora.r, t.lr)
-        if plateau:
-            diagnostics.append(plateau)
-            log(plateau.message)
+        found = (monitor.check_collapse([r["step"] for r in curve], [r["loss"] for r in curve],
+                                        [r["grad_norm"] for r in curve], t.lr)
+                 or monitor.check_plateau([r["step"] for r in curve], [r["loss"] for r in curve],
+                                          None if config.method == "full" else config.lora.r, t.lr))
+        if found:
+            diagnostics.append(found)
+            log(found.message)
 
-    log("evaluating the fine-tuned model...")
-    after = evaluate_run(model, raw, tokenizer, prepared, config, ctx, generation=True)
-    with distributed.full_trainable_weights(model):  # under FSDP: gathered on every rank, written by rank 0
-        result_dir = save_result(raw, config, tokenizer, run_dir) if ctx.main else None
+    after, result_dir = None, None
+    if no_result is None:
+        log("evaluating the fine-tuned model...")
+        after = evaluate_run(model, raw, tokenizer, prepared, config, ctx, generation=True)
+        with distributed.full_trainable_weights(model):  # under FSDP: gathered on every rank, written by rank 0
+            result_dir = save_result(raw, config, tokenizer, run_dir) if ctx.main else None
     summary = None
     if ctx.main:
-        samples = after.pop("samples", [])
-        metrics.write({"type": "eval", "step": step, **after})
+        samples = after.pop("samples", []) if after else []
+        if after is not None:
+            metrics.write({"type": "eval", "step": step, **after})
         plot = monitor.plot_losses(metrics.read(), run_dir / "loss.png")
         summary = {
             "method": config.method,
@@ -570,19 +849,60 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
             "peak_memory_bytes": monitor.peak_memory_bytes(ctx.device),
             "planned_peak_bytes": planned_peak,
             "diagnostics": [dataclasses.asdict(d) for d in diagnostics],
-            "result": str(result_dir),
+            "result": str(result_dir) if result_dir else None,
+            "no_result": no_result,
             "loss_plot": str(plot) if plot else None,
             "samples": samples[:5],
         }
         tmp = run_dir / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, run_dir / "summary.json")
-        log(before_after_table(state["before"], after))
-        log(f"wrote {result_dir}, {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}"
+        log(before_after_table(state["before"], after or {}))
+        log(f"wrote {f'{result_dir}, ' if result_dir else ''}{run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}"
             + (f", {plot}" if plot else ""))
     summary = distributed.all_gather_objects(summary, ctx)[0]
     distributed.teardown(ctx)
     return summary
+
+
+def restore_good_checkpoint(run_dir: Path, model, raw, tokenizer, prepared: Prepared, config: RunConfig,
+                            before: dict | None, optimizer, scheduler, metrics: monitor.MetricsLog,
+                            ctx: distributed.Context) -> tuple[int, Path, str] | None:
+    """After training stopped on a divergence: load the newest checkpoint that is judged good,
+    (step, path, why), or None when there is none.
+
+    Good means not worse than the start: its held-out loss is at most the base model's (with
+    held-out data), else its smoothed training loss is at most the first step's.
+    """
+    start = (before or {}).get("val_loss")
+    curve = [(r["step"], r["loss"]) for r in metrics.read() if r.get("type") == "train"] if ctx.main else []
+    for step, path in reversed(checkpoints(run_dir)):
+        load_checkpoint(path, raw, optimizer, scheduler, ctx)
+        verdict = None
+        if prepared.validation and start is not None and math.isfinite(start):
+            loss = (evaluate_run(model, raw, tokenizer, prepared, config, ctx, generation=False) or {}).get("val_loss")
+            if ctx.main and math.isfinite(loss) and loss <= start:
+                verdict = f"held-out loss {loss:.4f}, at most the start's {start:.4f}"
+        elif ctx.main:
+            losses = [loss for s, loss in curve if s <= step]
+            smoothed = monitor.smooth(losses)[-1] if losses else math.inf
+            if math.isfinite(smoothed) and smoothed <= losses[0]:
+                verdict = f"smoothed training loss {smoothed:.4f}, at most the first step's {losses[0]:.4f}"
+        verdict = distributed.all_gather_objects(verdict, ctx)[0]  # rank 0 judges for every rank
+        if verdict:
+            return step, path, verdict
+    return None
+
+
+def _nonfinite_parameters(model) -> list[str]:
+    """Names of floating-point parameters holding NaN or inf (this rank's shards under FSDP)."""
+    out = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                out.append(name)
+    return out
 
 
 def _fmt(metrics: dict) -> str:
@@ -597,15 +917,22 @@ def _fmt(metrics: dict) -> str:
 def before_after_table(before: dict | None, after: dict) -> str:
     before = before or {}
     rows = [("held-out exact match", "exact_match", lambda v: f"{100 * v:.1f}%"),
-            ("held-out loss", "val_loss", lambda v: f"{v:.4f}"),
-            ("held-out perplexity", "val_ppl", lambda v: f"{v:.2f}")]
-    lines = [f"{'':<22}{'before':>12}{'after':>12}"]
+            ("held-out loss", "val_loss", lambda v: _number(v, 4)),
+            ("held-out perplexity", "val_ppl", lambda v: _number(v, 2))]
+    cells = [("", "before", "after")]
     for label, key, fmt in rows:
         if key in after or key in before:
             b = fmt(before[key]) if key in before and not _isnan(before[key]) else "-"
             a = fmt(after[key]) if key in after and not _isnan(after[key]) else "-"
-            lines.append(f"{label:<22}{b:>12}{a:>12}")
-    return "\n".join(lines)
+            cells.append((label, b, a))
+    width = [max(len(row[i]) for row in cells) for i in range(3)]
+    # columns at least two spaces apart, however wide a number gets
+    return "\n".join(f"{label:<{width[0]}}  {b:>{max(width[1], 10)}}  {a:>{max(width[2], 10)}}"
+                     for label, b, a in cells)
+
+
+def _number(v: float, decimals: int) -> str:
+    return f"{v:.{decimals}f}" if abs(v) < 1e6 else f"{v:.4g}"
 
 
 def _isnan(v) -> bool:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
-from lorakit.config import ConfigError, RunConfig, load_yaml
+from lorakit.config import RunConfig, load_yaml
 
 
 def add_parser(sub) -> None:
@@ -26,6 +25,8 @@ def add_parser(sub) -> None:
 
 def resolve(args) -> tuple[RunConfig, Path, bool]:
     """The config, the run directory and whether to resume; errors before any model is loaded."""
+    from lorakit.train import check_run_dir
+
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
@@ -33,32 +34,37 @@ def resolve(args) -> tuple[RunConfig, Path, bool]:
             raise ValueError(f"--resume {run_dir}: no config.yaml there; is it a lorakit run directory?")
         if args.config or args.overrides or args.out:
             raise ValueError("--resume continues a run with its saved config.yaml; drop CONFIG, --set and --out")
-        return RunConfig.from_dict(load_yaml(saved.read_text())), run_dir, True
+        return RunConfig.from_dict(_read_yaml(saved)), run_dir, True
     raw = {}
     if args.config:
         path = Path(args.config)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
-        raw = load_yaml(path.read_text()) or {}
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of groups (model, lora, data, train, eval)")
     config = RunConfig.from_dict(raw, args.overrides)
     run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.method}")
-    if (run_dir / "config.yaml").exists():
-        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
-                         "or choose another --out")
+    check_run_dir(run_dir, resume=False)
     return config, run_dir, False
 
 
+def _read_yaml(path: Path):
+    try:
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad YAML, a duplicate key, an alias bomb, text that is not UTF-8
+        raise ValueError(f"{path}: {e}") from None
+
+
 def run(args) -> int:
+    from lorakit.monitor import STOPPED
     from lorakit.train import train
 
-    try:
-        config, run_dir, resume = resolve(args)
-    except ConfigError as e:
-        print(f"lorakit train: {e}", file=sys.stderr)
-        return 2
+    config, run_dir, resume = resolve(args)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         print(f"run directory: {run_dir}")
-    summary = train(config, run_dir, resume=resume, progress=not args.no_progress)
-    return 1 if any(d["kind"] == "diverged" for d in summary["diagnostics"]) else 0
+    try:
+        summary = train(config, run_dir, resume=resume, progress=not args.no_progress)
+    except OSError as e:  # the file system refused: a full disk, a directory that cannot be written
+        raise ValueError(str(e)) from e
+    return 1 if any(d["kind"] in STOPPED for d in summary["diagnostics"]) else 0
