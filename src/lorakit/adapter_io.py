@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, LoraConfig
+from .files import describe, open_safetensors, read_json_object
 from .inject import _check_names, add_lora, adapter_configs, delete_adapter, lora_layers
 from .layer import LoraEmbedding, LoraLayer, ModulesToSave
+from .patterns import pattern_problem
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -89,6 +91,7 @@ def _write_temporary(directory: Path, name: str, write) -> str:
     """A new temporary file next to `name` in `directory`, filled by write(path); its path."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); a new file's usual mode
     try:
         write(tmp)
     except BaseException:
@@ -97,16 +100,20 @@ def _write_temporary(directory: Path, name: str, write) -> str:
     return tmp
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; an adapter directory holds "
                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if isinstance(raw, dict) and raw.get("alora_invocation_tokens"):
+    raw = read_json_object(path)
+    _refuse_runaway_patterns(path, raw)
+    if raw.get("alora_invocation_tokens"):
         # aLoRA applies ΔW only from the invocation tokens on; read as plain LoRA it would change
         # every position, so the logits would silently differ from peft's.
         raise ConfigError(CONFIG_NAME, [f"alora_invocation_tokens={raw['alora_invocation_tokens']!r}: activated "
@@ -114,18 +121,39 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     return LoraConfig.from_peft_dict(raw)
 
 
+def _refuse_runaway_patterns(path: Path, raw: dict) -> None:
+    """Module-name regexes in an adapter config that could backtrack without end (patterns.py)."""
+    patterns = [(key, raw[key]) for key in ("target_modules", "exclude_modules") if isinstance(raw.get(key), str)]
+    for key in ("rank_pattern", "alpha_pattern"):
+        if isinstance(raw.get(key), dict):  # each key is matched as (.*\.)?(key)$
+            patterns += [(f"{key} key", k) for k in raw[key] if isinstance(k, str)]
+    problems = [f"{key}: {problem}" for key, value in patterns if (problem := pattern_problem(value))]
+    if problems:
+        raise ConfigError(str(path), problems)
+
+
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     path = directory / WEIGHTS_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         if (directory / "adapter_model.bin").is_file():
             raise ValueError(
                 f"{directory / 'adapter_model.bin'} is a pickle file, which can run arbitrary code "
                 f"when loaded; lorakit never unpickles. Convert it where you trust its origin, e.g. "
                 f"`PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)`")
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} in the adapter directory")
-    with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    with open_safetensors(path) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    problems = [f"tensor name {k!r} is not a module path (dot-separated names)" for k in tensors
+                if not re.fullmatch(r"[\w\-]+(\.[\w\-]+)*", k)]
+    problems += [f"{k} is {t.dtype}, not a floating-point tensor (a quantized or corrupted adapter?)"
+                 for k, t in tensors.items() if not t.is_floating_point()]
+    problems += [f"{k} holds NaN or infinite values" for k, t in tensors.items()
+                 if t.is_floating_point() and not torch.isfinite(t).all()]
+    if problems:
+        shown = problems[:8] + ([f"... ({len(problems)} problems in all)"] if len(problems) > 8 else [])
+        raise ValueError(f"{describe(path)}: not a usable adapter:\n  " + "\n  ".join(shown))
+    return tensors
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
@@ -174,18 +202,34 @@ def adapter_report(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     config = read_adapter_config(directory)
     tensors = read_adapter_tensors(directory)
-    modules = []
+    modules, problems = [], []
     for key in sorted(tensors):
         for a_suffix, b_suffix in ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")):
+            b_key = key[:-len(a_suffix)] + b_suffix
+            if key.endswith(b_suffix) and key[:-len(b_suffix)] + a_suffix not in tensors:
+                problems.append(f"{key} has no {a_suffix[1:]} partner")
             if not key.endswith(a_suffix):
                 continue
-            module = key[len(PREFIX):-len(a_suffix)]
-            a = tensors[key].float()
-            b = tensors[key[:-len(a_suffix)] + b_suffix].float()
-            scale = config.scaling(module)
-            modules.append({"module": module, "r": a.shape[0], "scale": scale,
-                            "norm_A": a.norm().item(), "norm_B": b.norm().item(),
-                            "norm_delta": scale * (b @ a).norm().item()})
+            if b_key not in tensors:
+                problems.append(f"{key} has no {b_suffix[1:]} partner")
+                continue
+            module = key[len(PREFIX):-len(a_suffix)] if key.startswith(PREFIX) else key[:-len(a_suffix)]
+            a, b = tensors[key].float(), tensors[b_key].float()  # A: (r, in), B: (out, r)
+            r, _ = config.rank_and_alpha(module)
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                problems.append(f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not (r, in) and (out, r) "
+                                "with one rank")
+            elif a.shape[0] != r:
+                problems.append(f"{module}: the tensors have rank {a.shape[0]} but {CONFIG_NAME} gives r={r} "
+                                "(r, or its rank_pattern entry), so the scale alpha/r would be wrong")
+            else:
+                scale = config.scaling(module)
+                modules.append({"module": module, "r": r, "scale": scale,
+                                "norm_A": a.norm().item(), "norm_B": b.norm().item(),
+                                "norm_delta": scale * (b @ a).norm().item()})
+    if problems:
+        shown = problems[:8] + ([f"... ({len(problems)} problems in all)"] if len(problems) > 8 else [])
+        raise ValueError(f"adapter in {directory} is inconsistent:\n  " + "\n  ".join(shown))
     files = [directory / CONFIG_NAME, directory / WEIGHTS_NAME]
     return {
         "config": json.loads((directory / CONFIG_NAME).read_text()),

@@ -89,7 +89,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(gguf_file=gguf_path.name, local_files_only=True)
+    kwargs = dict(gguf_file=gguf_path.name, local_files_only=True, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     # The weights are now plain float32 tensors; drop the GGUF marker so that the saved config
@@ -125,13 +125,64 @@ def resolve_model_dir(path_or_name: str | os.PathLike | None) -> Path:
             f"model {str(path_or_name)!r} is neither a local transformers directory (no "
             f"config.json at {path}) nor the built-in model name {DEFAULT_MODEL!r}"
         )
+    check_model_dir(path)
     return path
 
 
+# Files a tokenizer is saved in (transformers writes some of them, depending on its kind).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse, before transformers reads anything, a model directory lorakit will not load: one
+    asking to run its own code, an invalid config.json or tokenizer_config.json, or a broken
+    safetensors file (each error names the file)."""
+    from .files import open_safetensors, read_json_object
+
+    config = read_json_object(path / "config.json")
+    refuse_custom_code(path / "config.json", config)
+    if (path / "tokenizer_config.json").is_file():
+        refuse_custom_code(path / "tokenizer_config.json", read_json_object(path / "tokenizer_config.json"))
+    for file in sorted(path.glob("*.safetensors")):
+        with open_safetensors(file):
+            pass  # opening checks the header, every offset and the file size
+
+
+def refuse_custom_code(path: Path, config: dict) -> None:
+    """A config whose `auto_map` names Python code in the model directory: transformers would run
+    that code (after asking on stdin). lorakit never runs a model directory's code, and every
+    transformers call here passes trust_remote_code=False besides."""
+    auto_map = config.get("auto_map")
+    if not auto_map:
+        return
+    refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])
+            for r in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(r, str)]
+    files = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs})
+    raise ValueError(
+        f"{path}: custom-code models are not supported: its auto_map asks to run "
+        f"{', '.join(files) or 'code'} from the model directory, and lorakit never runs a model's own code. "
+        f"If its model_type ({config.get('model_type')!r}) is one transformers implements, delete auto_map "
+        f"from {path.name} to load the model with transformers' code")
+
+
 def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in model directory `path`; ValueError when it has none."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    path = Path(path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:5])}, ...); "
+                         "this command needs the model's tokenizer")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+
+
+def load_config(path: str | os.PathLike):
+    """The transformers config of model directory `path` (never running code from it)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
 def load_model(path_or_name: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
@@ -145,16 +196,17 @@ def load_model(path_or_name: str | os.PathLike | None = None, dtype: torch.dtype
     quantized while the checkpoint streams in; `compute_dtype` (default: `dtype`) is what the
     4-bit layers compute in. A transformers + bitsandbytes 4-bit checkpoint loads in NF4 as it is.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize={quantize!r}: valid choices are None and 'nf4'")
     path = resolve_model_dir(path_or_name)
     tokenizer = load_tokenizer(path)
-    if quantize == "nf4" or _is_bnb_4bit(AutoConfig.from_pretrained(path, local_files_only=True)):
+    if quantize == "nf4" or _is_bnb_4bit(load_config(path)):
         model = load_quantized(path, dtype, compute_dtype, double_quant)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False)
     model.eval()  # callers that train switch to train mode themselves
     return model, tokenizer
 
@@ -187,14 +239,14 @@ class CheckpointLoader:
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, quantize: str | None = None,
                  compute_dtype: torch.dtype | None = None, double_quant: bool = True):
-        from safetensors import safe_open
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
+        from .files import open_safetensors
         from .inject import output_head_names
         from .nf4 import NF4Linear
 
         self.path, self.dtype, self.double_quant = Path(path), dtype, double_quant
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = load_config(path)
         self.prequantized = _is_bnb_4bit(config)
         if self.prequantized:
             q = config.quantization_config
@@ -203,7 +255,7 @@ class CheckpointLoader:
                 torch, str(q.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", ""))
             del config.quantization_config
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         self.linears: dict[str, NF4Linear] = {}  # checkpoint name -> its NF4 layer
         if quantize == "nf4" or self.prequantized:
             heads = output_head_names(self.model)
@@ -230,15 +282,14 @@ class CheckpointLoader:
             raise FileNotFoundError(f"{path}: no .safetensors weights (lorakit never loads pickle checkpoints)")
         self.files: dict[str, Path] = {}
         for file in files:
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 self.files.update(dict.fromkeys(f.keys(), file))
         self.unexpected: list[str] = []
 
     def fill(self, part: nn.Module | None = None) -> None:
         """Read the checkpoint's tensors that belong to `part` (a submodule of the model), or all
         that are left when `part` is None, which also checks that the model is complete."""
-        from safetensors import safe_open
-
+        from .files import open_safetensors
         from .nf4 import from_bnb_tensors, quantize_nf4
 
         inside = {id(m) for m in (self.model if part is None else part).modules()}
@@ -249,7 +300,7 @@ class CheckpointLoader:
                 todo.setdefault(file, []).append(key)
         packed: dict[str, dict[str, torch.Tensor]] = {}  # bnb tensors of one layer, until complete
         for file, keys in todo.items():
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 for key in keys:
                     del self.files[key]
                     layer, leaf = _split_key(key, self.linears)

@@ -16,6 +16,7 @@ COMMANDS = {
     "chat": "generate",
     "eval": "eval",
     "quantize": "quantize",
+    "export": "export",
 }
 
 
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:
+        # A user's input (ValueError/TypeError name the value and the rule) or a file the command
+        # could not read or write. Anything else is a bug in lorakit and keeps its traceback.
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         code = 2
     from lorakit.distributed import exit_process

@@ -1,0 +1,53 @@
+"""Opening the files a user points lorakit at (configs, safetensors weights) with errors that name
+the file and say what is wrong, instead of a parser's traceback.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (name -> dtype,
+shape, data offsets), then the tensor bytes. The safetensors library checks all of it when the
+file is opened (header size, JSON, every offset inside the file and the file fully covered), so a
+file that opens is consistent; lorakit only turns its SafetensorError into a ValueError that names
+the file (and where a symlink points), and refuses things that are not regular files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def describe(path: str | os.PathLike) -> str:
+    """The path, and where it really is when it is (or goes through) a symbolic link."""
+    path = Path(path)
+    real = path.resolve()
+    return str(path) if real == path.absolute() else f"{path} (a link to {real})"
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in `path`; ValueError naming the file when it is not UTF-8, not JSON, or
+    not an object."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{describe(path)}: not UTF-8 text (byte {e.start}); expected a JSON object") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{describe(path)}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{describe(path)}: expected a JSON object {{...}}, found a {type(value).__name__}")
+    return value
+
+
+def open_safetensors(path: str | os.PathLike):
+    """safetensors' safe_open(path) (PyTorch tensors); ValueError naming the file when it is not a
+    regular file or not a valid safetensors file (empty, truncated, bad header, offsets outside it)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.resolve().is_file():
+        raise ValueError(f"{describe(path)}: not a regular file; expected a safetensors file")
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{describe(path)}: not a valid safetensors file ({e}); "
+                         f"{path.stat().st_size:,} bytes") from None
