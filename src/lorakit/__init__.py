@@ -2,6 +2,7 @@
 
 from .adapter_io import load_adapter, save_adapter
 from .config import ConfigError, LoraConfig
+from .hf_trainer import ChunkedLoss
 from .inject import (
     active_adapters,
     add_lora,
@@ -19,6 +20,7 @@ from .inject import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChunkedLoss",
     "ConfigError",
     "LoraConfig",
     "active_adapters",
