@@ -114,3 +114,145 @@ def test_every_transformers_load_says_trust_remote_code_false(base_dir, monkeypa
     assert {"AutoConfig.from_pretrained", "AutoTokenizer.from_pretrained"} <= names
     assert ("AutoModelForCausalLM.from_config" if quantize else "AutoModelForCausalLM.from_pretrained") in names
     assert [c for c in calls if c[1] is not False] == []
+
+
+# --- 9, 10, 11: broken or inconsistent adapters -------------------------------------------------
+
+def corrupt(adapter: Path, how: str) -> Path:
+    """Damage adapter_model.safetensors in one of the ways a file gets damaged."""
+    path = adapter / "adapter_model.safetensors"
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    if how == "bad header JSON":
+        data = struct.pack("<Q", 7) + b"{broken"
+    elif how == "2^62 header length":
+        data = struct.pack("<Q", 2**62) + data[8:]
+    elif how == "offsets past the end":
+        key = next(k for k in header if k != "__metadata__")
+        header[key]["data_offsets"][1] += 10**6
+        text = json.dumps(header).encode()
+        data = struct.pack("<Q", len(text)) + text + data[8 + n:]
+    elif how == "truncated":
+        data = data[:-16]
+    elif how == "0 bytes":
+        data = b""
+    if how == "symlink to a system file":
+        path.unlink()
+        path.symlink_to("/etc/passwd")
+    else:
+        path.write_bytes(data)
+    return path
+
+
+BROKEN = ["bad header JSON", "2^62 header length", "offsets past the end", "truncated", "0 bytes",
+          "symlink to a system file"]
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_broken_adapter_safetensors_is_an_error_naming_the_file(tmp_path, base_dir, capsys, how):
+    path = corrupt(make_adapter(base_dir, tmp_path / "adapter"), how)
+    assert main(["inspect", str(path.parent)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit inspect: error: {path}")
+    assert "not a valid safetensors file" in err
+    if how == "symlink to a system file":
+        assert "(a link to /etc/passwd)" in err
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_broken_model_safetensors_is_an_error_naming_the_file(tmp_path, base_dir, capsys, how):
+    model = copy_model(base_dir, tmp_path / "model")
+    adapter = make_adapter(base_dir, tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").replace(model / "adapter_model.safetensors")  # corrupt() wants this name
+    path = corrupt(model, how).rename(model / "model.safetensors")
+    for quantize in ("none", "nf4"):
+        assert main(["generate", "--model", str(model), "--quantize", quantize, "--raw", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lorakit generate: error: {path}") and "not a valid safetensors file" in err
+
+
+def test_invalid_model_config_json_is_an_error_naming_the_file(tmp_path, base_dir, capsys):
+    model = copy_model(base_dir, tmp_path / "model")
+    for text, says in (('{"model_type": "llama",', "not valid JSON (line 1, column 24"),
+                       ('["llama"]', "expected a JSON object {...}, found a list"),
+                       (b"\xff\xfe{}", "not UTF-8 text (byte 0); expected a JSON object")):
+        (model / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        assert main(["generate", "--model", str(model), "--raw", "hi"]) == 2
+        assert capsys.readouterr().err == f"lorakit generate: error: {model / 'config.json'}: {says}" + (
+            ": Expecting property name enclosed in double quotes)\n" if "JSON (" in says else "\n")
+
+
+def rewrite(adapter: Path, tensors=None, config=None) -> Path:
+    if tensors is not None:
+        save_file(tensors, adapter / "adapter_model.safetensors")
+    if config is not None:
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter
+
+
+def test_inspect_refuses_inconsistent_adapters(tmp_path, base_dir, capsys):
+    good = make_adapter(base_dir, tmp_path / "good")
+    tensors = load_file(good / "adapter_model.safetensors")
+    config = json.loads((good / "adapter_config.json").read_text())
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+    def inspect(name, **changes) -> str:
+        adapter = copy_model(good, tmp_path / name)
+        rewrite(adapter, **changes)
+        assert main(["inspect", str(adapter)]) == 2
+        return capsys.readouterr().err
+
+    err = inspect("list", config=[config])
+    assert "adapter_config.json: expected a JSON object {...}, found a list" in err
+    err = inspect("no-B", tensors={k: v for k, v in tensors.items() if k != f"{q}.lora_B.weight"})
+    assert f"{q}.lora_A.weight has no lora_B.weight partner" in err
+    err = inspect("ranks", tensors={**tensors, f"{q}.lora_B.weight": torch.zeros(64, 3)})
+    assert "  model.layers.0.self_attn.q_proj: A (4, 64) and B (64, 3) are not (r, in) and (out, r)" in err
+    err = inspect("dotdot", tensors={**tensors, "base_model.model.../../etc.lora_A.weight": torch.zeros(4, 64)})
+    assert "tensor name 'base_model.model.../../etc.lora_A.weight' is not a module path" in err
+    err = inspect("r", config={**config, "r": 8})
+    assert ("  model.layers.0.self_attn.q_proj: the tensors have rank 4 but adapter_config.json gives r=8"
+            in err)
+    nan = tensors[f"{q}.lora_A.weight"].clone()
+    nan[0, 0] = float("nan")
+    err = inspect("nan", tensors={**tensors, f"{q}.lora_A.weight": nan})
+    assert f"{q}.lora_A.weight holds NaN or infinite values" in err
+    err = inspect("int8", tensors={**tensors, f"{q}.lora_A.weight": torch.ones(4, 64, dtype=torch.int8)})
+    assert f"{q}.lora_A.weight is torch.int8, not a floating-point tensor" in err
+
+
+def test_nan_and_int8_adapters_are_refused_on_load(tmp_path, base_dir, capsys):
+    good = make_adapter(base_dir, tmp_path / "good")
+    tensors = load_file(good / "adapter_model.safetensors")
+    q = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    for name, bad in (("inf", torch.full((64, 4), float("inf"))), ("int8", torch.ones(64, 4, dtype=torch.int8))):
+        adapter = rewrite(copy_model(good, tmp_path / name), tensors={**tensors, q: bad})
+        assert main(["generate", "--model", str(base_dir), "--adapter", str(adapter), "--raw", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lorakit generate: error: {adapter / 'adapter_model.safetensors'}: not a usable adapter")
+        assert q in err
+
+
+def test_a_runaway_target_regex_is_refused_not_run(tmp_path, base_dir):
+    """"((.)*)*!" backtracks 2^n times on an n-character name: matching it against the model's
+    module names would never finish. A subprocess, so that the hang (before the fix) ends."""
+    adapter = make_adapter(base_dir, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    rewrite(adapter, config={**config, "target_modules": "((.)*)*!"})
+    try:
+        result = run_cli("generate", "--model", base_dir, "--adapter", adapter, "--raw", "hi")
+    except subprocess.TimeoutExpired:
+        pytest.fail("lorakit generate hung on a catastrophic target_modules regex")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "target_modules: '((.)*)*!' can align with a 128-character module name in more than" in result.stderr
+
+
+def test_adapter_files_are_written_0644_under_umask_022(tmp_path, base_dir):
+    mask = os.umask(0o022)
+    try:
+        adapter = make_adapter(base_dir, tmp_path / "adapter")
+    finally:
+        os.umask(mask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in adapter.iterdir()}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}

@@ -91,9 +91,10 @@ def _write_temporary(directory: Path, name: str, write) -> str:
     """A new temporary file next to `name` in `directory`, filled by write(path); its path."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); a new file's usual mode
     try:
         write(tmp)
+        # mkstemp (and safetensors' writer) make it private (0600); give it a new file's usual mode
+        os.chmod(tmp, 0o666 & ~_umask())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

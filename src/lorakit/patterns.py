@@ -50,7 +50,7 @@ def pattern_problem(pattern: str) -> str | None:
     ways = _ways(parsed)
     if ways > MAX_ALIGNMENTS:
         return (f"{pattern!r} can align with a {NAME_LENGTH}-character module name in more than "
-                f"{MAX_ALIGNMENTS:.0e} ways (nested or overlapping repeats such as '(x+)*' or '(.|\\w)*'), "
+                f"{MAX_ALIGNMENTS:,} ways (nested or overlapping repeats such as '(x+)*' or '(.|\\w)*'), "
                 f"so matching it may never finish; write it without repeating a group, e.g. "
                 f"'.*\\.(q_proj|v_proj)'")
     return None

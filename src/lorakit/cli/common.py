@@ -58,9 +58,11 @@ def load(source: Source):
     """(model, tokenizer) with the adapter applied (not merged)."""
     import torch
 
-    from lorakit.adapter_io import load_adapter
+    from lorakit.adapter_io import load_adapter, read_adapter_tensors
     from lorakit.models import load_model
 
+    if source.adapter:
+        read_adapter_tensors(source.adapter)  # a broken adapter is refused before the model loads
     model, tokenizer = load_model(source.model, dtype=getattr(torch, source.dtype),
                                   quantize=None if source.quantize == "none" else source.quantize)
     if source.adapter:
