@@ -1,0 +1,475 @@
+"""GGUF export: a merged model, or an adapter alone, as a file llama.cpp runs (and so Ollama, LM
+Studio and llama-cpp-python).
+
+A GGUF file is a header of typed key/value metadata followed by named tensors. llama.cpp finds
+everything it needs in it: the architecture's hyperparameters under `<arch>.*` keys, the
+tokenizer under `tokenizer.*` keys, and the weights under its own names (`blk.3.attn_q.weight`,
+not `model.layers.3.self_attn.q_proj.weight`). The names come from the `gguf` package's
+TensorNameMap, the same table llama.cpp's converter uses.
+
+Layouts. A GGUF tensor lists its dimensions fastest first (ne0 = columns), so a PyTorch
+(out, in) weight is written as it is and read as ne = [in, out]. One layout differs: rotary
+embeddings. transformers' Llama rotates each head's first half of dimensions against its second
+half (x_i with x_{i+d/2}); llama.cpp's "llama" architecture rotates adjacent pairs (x_{2i} with
+x_{2i+1}). The two agree if the rows of W_q and W_k are reordered inside every head so that
+row 2i+t of the llama.cpp head is row t·d/2 + i of the transformers head (t in {0, 1}); this is
+`permute_rotary_rows`. Qwen2 is run by llama.cpp with the half-rotation ("neox" rope), so its
+rows are written unchanged.
+
+Tokenizer. Only byte-level BPE tokenizers are written (llama.cpp's "gpt2" tokenizer model):
+token strings, token types, merges, special token ids, whether BOS is added, and the chat
+template. llama.cpp also needs the name of the pre-tokenizer (the regex that splits text before
+BPE), which it knows by name; `pre_tokenizer_name` recognises it from tokenizer.json.
+
+Quantized outputs (q8_0, q4_0) come from the `gguf` package's quantizers. As in llama.cpp, 1-D
+tensors (norms, biases) stay float32, and a matrix whose rows are not a whole number of 32-value
+blocks is written in float16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+GGUF_HINT = "pip install 'gguf>=0.10' (lorakit's extra: pip install 'lorakit[gguf]')"
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+ADAPTER_QUANTS = ("f32", "f16", "bf16")
+BLOCK = 32  # values per q8_0 / q4_0 block along a row
+
+
+@dataclass(frozen=True)
+class Architecture:
+    gguf_name: str          # llama.cpp's architecture name
+    permute_rotary: bool    # llama.cpp rotates adjacent pairs: reorder W_q, W_k rows (see module doc)
+
+
+# transformers model_type -> how llama.cpp runs it. Mistral is llama.cpp's "llama" architecture
+# (its sliding window only matters beyond `sliding_window` tokens; llama.cpp attends to all).
+ARCHITECTURES = {
+    "llama": Architecture("llama", permute_rotary=True),
+    "mistral": Architecture("llama", permute_rotary=True),
+    "qwen2": Architecture("qwen2", permute_rotary=False),
+}
+
+# Pre-tokenizer regexes as they appear in tokenizer.json (Split pre-tokenizers), by llama.cpp's name.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_REGEXES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"GGUF export needs the gguf package: {GGUF_HINT}") from None
+    return gguf
+
+
+def architecture(config) -> Architecture:
+    """llama.cpp's architecture for a transformers config; ValueError naming the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type {model_type!r} cannot be exported to GGUF; supported: "
+                         f"{', '.join(ARCHITECTURES)} (Llama 2/3, SmolLM2, Mistral, Qwen2)")
+    rope = rope_parameters(config)
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope scaling {rope.get('rope_type')!r} cannot be exported to GGUF yet; "
+                         "supported: plain rotary embeddings (rope_type 'default')")
+    for flag in ("mlp_bias",):
+        if getattr(config, flag, False):
+            raise ValueError(f"{model_type} with {flag}=True cannot be exported to GGUF: llama.cpp's "
+                             f"{ARCHITECTURES[model_type].gguf_name} architecture has no such tensors")
+    return ARCHITECTURES[model_type]
+
+
+def rope_parameters(config) -> dict:
+    """{'rope_type', 'rope_theta', ...}: transformers 5 keeps them in rope_parameters, older
+    versions in rope_theta and rope_scaling."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if "rope_theta" not in params and getattr(config, "rope_theta", None) is not None:
+        params["rope_theta"] = config.rope_theta
+    return params
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def permute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """transformers' half-rotation row order -> llama.cpp's pair order, inside each head.
+
+    weight: (n_heads·d, ...) for W_q, W_k, their biases, or a LoRA B. Per head the rows
+    [0..d/2) and [d/2..d) are interleaved: new row 2i+t = old row t·d/2 + i.
+    """
+    shape = weight.shape
+    return weight.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def unpermute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of permute_rotary_rows: llama.cpp's pair order -> transformers' half order."""
+    shape = weight.shape
+    return weight.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def _rotary_heads(hf_name: str, config) -> int | None:
+    """Heads whose rows to reorder for a q/k projection tensor, else None."""
+    if ".q_proj." in hf_name:
+        return config.num_attention_heads
+    if ".k_proj." in hf_name:
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+@dataclass
+class GGUFTensor:
+    name: str              # llama.cpp's name, e.g. blk.0.attn_q.weight
+    hf_name: str           # the transformers state-dict key it comes from
+    data: np.ndarray       # encoded: float32/float16 values, or the quantized bytes (uint8)
+    qtype: object          # gguf.GGMLQuantizationType
+
+
+def tensor_type(quant: str, shape: tuple[int, ...]):
+    """The GGML type a tensor of `shape` gets in a `quant` export (1-D: float32, as llama.cpp)."""
+    gguf = _gguf()
+    T = gguf.GGMLQuantizationType
+    if len(shape) == 1 or quant == "f32":
+        return T.F32
+    if quant in ("q8_0", "q4_0") and shape[-1] % BLOCK:
+        return T.F16  # rows are not whole blocks
+    return {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[quant]
+
+
+def model_tensors(model: nn.Module, quant: str = "f16", progress=None) -> list[GGUFTensor]:
+    """The merged model's weights, renamed, reordered and encoded for llama.cpp.
+
+    `model` is a plain transformers causal LM (no LoRA layers left: merge_and_unload first).
+    A tied output head is written once, as token_embd.weight; llama.cpp reuses it.
+    """
+    gguf = _gguf()
+    if quant not in QUANTS:
+        raise ValueError(f"quant {quant!r}: valid choices are {', '.join(QUANTS)}")
+    config = model.config
+    arch = architecture(config)
+    names = gguf.get_tensor_name_map(_model_arch(arch.gguf_name), config.num_hidden_layers)
+    state = model.state_dict()
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        del state[head_name + ".weight"]
+    out = []
+    items = [(k, v) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")]
+    for key, value in (progress(items) if progress else items):
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"tensor {key!r} has no llama.cpp name for architecture {arch.gguf_name!r}; "
+                             "this model's layout is not supported by GGUF export")
+        value = value.detach().float().cpu()
+        heads = _rotary_heads(key, config) if arch.permute_rotary else None
+        if heads:
+            value = permute_rotary_rows(value, heads)
+        array = value.numpy()
+        qtype = tensor_type(quant, array.shape)
+        out.append(GGUFTensor(name, key, gguf.quants.quantize(array, qtype), qtype))
+    return out
+
+
+def decode(tensors: list[GGUFTensor], config) -> dict[str, torch.Tensor]:
+    """transformers state dict from encoded GGUF tensors: what a reader of the file gets back."""
+    gguf = _gguf()
+    arch = architecture(config)
+    state = {}
+    for t in tensors:
+        value = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.qtype), dtype=np.float32))
+        heads = _rotary_heads(t.hf_name, config) if arch.permute_rotary else None
+        state[t.hf_name] = unpermute_rotary_rows(value, heads) if heads else value
+    return state
+
+
+def _model_arch(name: str):
+    gguf = _gguf()
+    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
+
+
+# --- metadata -----------------------------------------------------------------------------------
+
+def add_hyperparameters(writer, config) -> None:
+    """The `<arch>.*` keys llama.cpp reads to build the graph."""
+    n_heads = config.num_attention_heads
+    d = head_dim(config)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or n_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope_parameters(config).get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(d)
+    if d != config.hidden_size // n_heads:
+        writer.add_key_length(d)
+        writer.add_value_length(d)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE tokenizer.json.
+
+    gpt-2: ByteLevel's own GPT-2 regex; smollm: single digits split off first, then GPT-2's
+    regex; llama-bpe (Llama 3) and qwen2: a Split with their regex, then ByteLevel without one.
+    """
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex in SPLIT_REGEXES:
+            return SPLIT_REGEXES[regex]
+    raise ValueError(f"pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp knows by name; "
+                     "supported: gpt-2, smollm (SmolLM2), llama-bpe (Llama 3), qwen2")
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """The `tokenizer.*` keys: a byte-level BPE vocabulary as llama.cpp's "gpt2" tokenizer model."""
+    gguf = _gguf()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model", {})
+    decoder = (spec.get("decoder") or {}).get("type")
+    if model.get("type") != "BPE" or decoder != "ByteLevel":
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} (model {model.get('type')!r}, decoder {decoder!r}) "
+                         "cannot be written to GGUF: supported are byte-level BPE tokenizers (SmolLM2, Llama 3, "
+                         "Qwen2); SentencePiece vocabularies (Llama 2, Mistral 7B) are not supported yet")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(spec))
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    if max(by_id) >= vocab_size:
+        raise ValueError(f"the tokenizer has id {max(by_id)}, beyond the model's {vocab_size} embeddings")
+    T = gguf.TokenType
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # embedding rows no token uses (vocabularies padded to a multiple)
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        types.append(T.NORMAL if i not in added else (T.CONTROL if added[i].special else T.USER_DEFINED))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = model.get("merges", [])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    # Whether the tokenizer adds BOS/EOS around a text: as transformers does it, seen from the ids.
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(len(full) > len(plain) and full[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(len(full) > len(plain) and full[-1] == tokenizer.eos_token_id)
+    writer.add_add_space_prefix(False)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        writer.add_chat_template(template)
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q4_0": "MOSTLY_Q4_0"}
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """The output file as a Path; ValueError if it exists or its directory is missing or read-only."""
+    out = Path(path)
+    if out.exists():
+        raise ValueError(f"output {out} already exists; choose a new file name (nothing is overwritten)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"output {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"output {out}: directory {parent} is not writable")
+    return out
+
+
+def write_gguf(path: str | os.PathLike, arch_name: str, metadata, tensors: list[GGUFTensor],
+               progress: bool = False) -> Path:
+    """Write a GGUF file atomically: to a temporary name in the same directory, renamed at the end.
+
+    metadata(writer) adds the key/value pairs; tensors are written in the given order.
+    """
+    gguf = _gguf()
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent if str(out.parent) else ".")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch_name)
+        metadata(writer)
+        for t in tensors:
+            writer.add_tensor(t.name, t.data, raw_dtype=t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def model_metadata(config, tokenizer, quant: str, name: str):
+    """metadata(writer) for a whole model: general.*, hyperparameters and the tokenizer."""
+    gguf = _gguf()
+
+    def add(writer):
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[quant]))
+        if quant in ("q8_0", "q4_0"):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_hyperparameters(writer, config)
+        add_tokenizer(writer, tokenizer, config.vocab_size)
+    return add
+
+
+def export_model(model: nn.Module, tokenizer, path: str | os.PathLike, quant: str = "f16",
+                 name: str = "lorakit export", progress: bool = False) -> Path:
+    """Write a plain (merged) transformers causal LM and its tokenizer as one GGUF file."""
+    out = check_output_path(path)
+    tensors = model_tensors(model, quant)
+    metadata = model_metadata(model.config, tokenizer, quant, name)
+    return write_gguf(out, architecture(model.config).gguf_name, metadata, tensors, progress)
+
+
+# --- adapters ------------------------------------------------------------------------------------
+
+def adapter_tensors(model: nn.Module, quant: str = "f32") -> tuple[list[GGUFTensor], float]:
+    """(tensors, alpha) of the active LoRA adapter as a llama.cpp LoRA adapter.
+
+    llama.cpp adds scale · B A with scale = alpha / r, r read from each B (ne0 = r). lora_a is
+    PEFT's A as it is ((r, in): ne = [in, r]); lora_b is B ((out, r): ne = [r, out]) with the rows
+    of q/k projections reordered as the base weights are. When every module has the same
+    scale·r, that product is alpha; otherwise (rank or alpha patterns) each B carries its module's
+    scale and alpha is written as 0, which llama.cpp reads as scale 1.
+    """
+    gguf = _gguf()
+    from .inject import lora_layers
+    from .layer import LoraLinear, ModulesToSave
+
+    if quant not in ADAPTER_QUANTS:
+        raise ValueError(f"--adapter-only with quant {quant!r}: valid choices are {', '.join(ADAPTER_QUANTS)}")
+    config = model.config
+    arch = architecture(config)
+    names = gguf.get_tensor_name_map(_model_arch(arch.gguf_name), config.num_hidden_layers)
+    problems = [f"{n}: modules_to_save (a full copy of the module)" for n, m in model.named_modules()
+                if isinstance(m, ModulesToSave)]
+    layers = []
+    for module_name, layer in lora_layers(model):
+        live = [a for a in layer.active_adapters if a not in layer.merged_adapters]
+        if not isinstance(layer, LoraLinear):
+            problems.append(f"{module_name}: {type(layer).__name__} (embedding adapters)")
+        elif len(live) != 1:
+            problems.append(f"{module_name}: {len(live)} active adapters (export one: set_adapter)")
+        elif layer.fan_in_fan_out:
+            problems.append(f"{module_name}: a Conv1D layer")
+        else:
+            layers.append((module_name, layer, live[0]))
+    if getattr(config, "tie_word_embeddings", False):
+        head = {n for n, m in model.named_modules() if m is model.get_output_embeddings()}
+        problems += [f"{n}: LoRA on a tied output head (the base GGUF has no output.weight)"
+                     for n, _, _ in layers if n in head]
+    if problems:
+        raise ValueError("this adapter cannot be written as a llama.cpp LoRA adapter: " + "; ".join(problems)
+                         + ". Supported: LoRA on linear layers of the attention and MLP (export the merged "
+                         "model instead)")
+    if not layers:
+        raise ValueError("the model has no active LoRA adapter to export")
+    products = {round(layer.scaling[a] * layer.rank[a], 9) for _, layer, a in layers}
+    uniform = len(products) == 1
+    out = []
+    for module_name, layer, adapter in layers:
+        name = names.get_name(module_name + ".weight", try_suffixes=(".weight",))
+        if name is None:
+            raise ValueError(f"module {module_name!r} has no llama.cpp tensor to apply a LoRA adapter to")
+        a = layer.lora_A[adapter].weight.detach().float().cpu()
+        b = layer.lora_B[adapter].weight.detach().float().cpu()
+        if not uniform:
+            b = b * layer.scaling[adapter]
+        heads = _rotary_heads(module_name + ".", config) if arch.permute_rotary else None
+        if heads:
+            b = permute_rotary_rows(b, heads)
+        for suffix, value in ((".lora_a", a), (".lora_b", b)):
+            qtype = tensor_type(quant, tuple(value.shape))
+            out.append(GGUFTensor(name + suffix, f"{module_name}{suffix}", gguf.quants.quantize(value.numpy(), qtype),
+                                  qtype))
+    return out, (products.pop() if uniform else 0.0)
+
+
+def export_adapter(model: nn.Module, path: str | os.PathLike, quant: str = "f32",
+                   name: str = "lorakit adapter") -> Path:
+    """Write the model's active LoRA adapter as a llama.cpp LoRA adapter GGUF (llama.cpp --lora)."""
+    gguf = _gguf()
+    out = check_output_path(path)
+    tensors, alpha = adapter_tensors(model, quant)
+
+    def metadata(writer):
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_name(name)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    return write_gguf(out, architecture(model.config).gguf_name, metadata, tensors)
+
+
+# --- the whole export, checked ---------------------------------------------------------------------
+
+def export_merged(model: nn.Module, tokenizer, path: str | os.PathLike, quant: str = "f16",
+                  check_ids: list[list[int]] | None = None, check: bool = True, name: str = "lorakit export",
+                  progress: bool = False):
+    """Merge the model's active adapters (if any) in float32 and write it as one GGUF file.
+
+    With check=True (the merge check, merge_check.py) the adapter on its base and the merged
+    weights as decoded from the bytes about to be written are run on `check_texts`; beyond the
+    tolerance of `quant` nothing is written and MergeCheckError says why. check_ids: token ids
+    of the held-out texts (default: merge_check.BUILTIN_TEXTS). Returns
+    (path, MergeCheck or None).
+    """
+    from .inject import merge_and_unload
+    from .merge_check import BUILTIN_TEXTS, check_inputs, compare, logits_of, require
+
+    out = check_output_path(path)
+    if quant not in QUANTS:
+        raise ValueError(f"quant {quant!r}: valid choices are {', '.join(QUANTS)}")
+    architecture(model.config)  # refuse an unsupported model before the work
+    inputs = [] if not check else ([torch.tensor([ids]) for ids in check_ids] if check_ids
+                                   else check_inputs(tokenizer, BUILTIN_TEXTS))
+    reference = logits_of(model, inputs) if check else []
+    merged = merge_and_unload(model, dtype=torch.float32).float()
+    tensors = model_tensors(merged, quant)
+    result = None
+    if check:
+        decoded = decode(tensors, merged.config)
+        missing, unexpected = merged.load_state_dict(decoded, strict=False)
+        assert not unexpected and all(k.endswith(("lm_head.weight", "inv_freq")) for k in missing), (missing, unexpected)
+        result = require(compare(reference, logits_of(merged, inputs), quant))
+    metadata = model_metadata(merged.config, tokenizer, quant, name)
+    write_gguf(out, architecture(merged.config).gguf_name, metadata, tensors, progress)
+    return out, result

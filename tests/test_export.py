@@ -1,0 +1,363 @@
+"""GGUF export (gguf_export.py) and the merge check (merge_check.py), verified by the readers users
+run: llama.cpp itself (llama-cpp-python) and transformers' GGUF loader.
+
+Tiny models use a byte-level BPE tokenizer trained here in milliseconds (SmolLM2's pre-tokenizer:
+digits split off, then GPT-2's regex), so llama.cpp tokenizes with the file's own vocabulary.
+Tests marked slow use the real SmolLM2-135M-Instruct.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CHATML, tiny_llama
+from lorakit import LoraConfig, add_lora, save_adapter
+from lorakit.cli import main
+from lorakit.gguf_export import (
+    export_adapter,
+    export_merged,
+    permute_rotary_rows,
+    pre_tokenizer_name,
+    unpermute_rotary_rows,
+)
+from lorakit.merge_check import TOLERANCES, MergeCheckError
+
+TEXT = "The quick brown fox jumps over the lazy dog. Stardate 41153.7"
+
+
+def llama_cpp():
+    """llama-cpp-python, built by ./dev test's set-up. Missing: a skip on a laptop, a failure in CI."""
+    try:
+        import llama_cpp as module
+    except ImportError:
+        message = "llama-cpp-python is not installed (./dev test builds it: see ./dev)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return module
+
+
+def bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT, "What is the capital of France? Paris, it is.", "user assistant system"] * 20,
+                            trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>", chat_template=CHATML)
+
+
+def tiny(kind: str, vocab: int, tie: bool = False, seed: int = 0):
+    """A tiny causal LM whose logits are peaked enough for argmax comparisons to mean something."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if kind == "llama":
+        return tiny_llama(tie=tie, seed=seed, vocab=vocab, init_range=0.3)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, initializer_range=0.3,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()  # q/k/v biases
+    return MistralForCausalLM(MistralConfig(**common, sliding_window=64)).eval()
+
+
+def adapted(model, seed: int = 1, **config):
+    """The model with a LoRA adapter whose B is random (not zero), so that merging changes logits."""
+    torch.manual_seed(seed)
+    config = {"r": 4, "alpha": 8, "targets": "all-linear", "init": "random", **config}
+    return add_lora(model, LoraConfig(**config))
+
+
+def ids_of(tokenizer, text=TEXT):
+    return tokenizer(text)["input_ids"]
+
+
+def cpp_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+
+
+def cpp_greedy(llm, ids, n):
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+def hf_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def open_llama(path, lora=None):
+    return llama_cpp().Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=128, n_batch=128,
+                             logits_all=True, n_threads=1, verbose=False)
+
+
+# --- layouts ---------------------------------------------------------------------------------------
+
+def test_row_permutation_turns_half_rotation_into_pair_rotation():
+    """transformers rotates x_i with x_{i+d/2}; llama.cpp rotates x_{2i} with x_{2i+1}. With the rows
+    of W_q reordered, llama.cpp's rotation of W'x is the reordering of transformers' rotation of Wx."""
+    d, theta = 8, torch.tensor([0.3, 1.1, 2.0, 0.7])  # one head, 4 frequencies (angles at some position)
+    w = torch.randn(2 * d, 5)  # 2 heads
+    x = torch.randn(5)
+    cos, sin = theta.cos(), theta.sin()
+
+    def hf_rotate(q):  # (d,): pairs (i, i + d/2)
+        a, b = q[:d // 2], q[d // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin])
+
+    def cpp_rotate(q):  # (d,): pairs (2i, 2i + 1)
+        a, b = q[0::2], q[1::2]
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=1).reshape(-1)
+
+    hf = torch.cat([hf_rotate(h) for h in (w @ x).split(d)])
+    cpp = torch.cat([cpp_rotate(h) for h in (permute_rotary_rows(w, 2) @ x).split(d)])
+    # attention scores are dot products: the same for any common reordering of q and k
+    torch.testing.assert_close(permute_rotary_rows(hf[:, None], 2)[:, 0], cpp)
+    assert torch.equal(unpermute_rotary_rows(permute_rotary_rows(w, 2), 2), w)
+    assert permute_rotary_rows(torch.arange(8.0), 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_pre_tokenizer_names():
+    spec = json.loads(bpe_tokenizer().backend_tokenizer.to_str())
+    assert pre_tokenizer_name(spec) == "smollm"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+    with pytest.raises(ValueError, match="supported: gpt-2, smollm"):
+        pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}})
+
+
+# --- llama.cpp runs the export ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,tie", [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False)])
+def test_llama_cpp_runs_the_f32_and_f16_exports(tmp_path, kind, tie):
+    tokenizer = bpe_tokenizer()
+    vocab = len(tokenizer)
+    model = adapted(tiny(kind, vocab, tie=tie))
+    ids = ids_of(tokenizer)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    greedy = hf_greedy(model, ids, 8)
+    f32, check = export_merged(model, tokenizer, tmp_path / "m-f32.gguf", "f32")
+    assert check.max_abs < 1e-4 and check.top1 == 1.0
+    f16, _ = export_merged(adapted(tiny(kind, vocab, tie=tie)), tokenizer, tmp_path / "m-f16.gguf", "f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-f16.gguf", "m-f32.gguf"]  # no temporary left
+
+    llm = open_llama(f32)
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids  # the file's own tokenizer
+    assert llm.metadata["tokenizer.chat_template"] == CHATML
+    got = cpp_logits(llm, ids)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert cpp_greedy(llm, ids, 8) == greedy
+    llm.close()
+
+    llm = open_llama(f16)
+    got = cpp_logits(llm, ids)
+    # f16 weights and (in llama.cpp's matmuls) f16 activations: logits of magnitude ~2 move by < 0.02
+    assert (got - expected).abs().max().item() < 0.02, (got - expected).abs().max().item()
+    assert cpp_greedy(llm, ids, 8) == greedy
+    llm.close()
+
+
+def test_transformers_reads_the_f16_export(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = bpe_tokenizer()
+    model = adapted(tiny("llama", len(tokenizer)))
+    ids = ids_of(tokenizer)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    path, _ = export_merged(model, tokenizer, tmp_path / "m.gguf", "f16")
+    kwargs = dict(gguf_file=path.name, local_files_only=True)
+    reread = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kwargs).eval()
+    assert AutoTokenizer.from_pretrained(tmp_path, **kwargs)(TEXT)["input_ids"] == ids
+    with torch.no_grad():
+        got = reread(torch.tensor([ids])).logits[0]
+    # `model` now holds the f16-decoded weights (the merge check loads them): transformers' reader
+    # must give exactly its logits, and the adapter's within the f16 tolerance
+    with torch.no_grad():
+        assert torch.allclose(got, model(torch.tensor([ids])).logits[0], atol=1e-5)
+    assert (got - expected).abs().max().item() < TOLERANCES["f16"][0]
+
+
+@pytest.mark.parametrize("quant,max_abs", [("q8_0", 0.1), ("q4_0", 0.6)])
+def test_llama_cpp_runs_quantized_exports(tmp_path, quant, max_abs):
+    """llama.cpp reads q8_0/q4_0 bytes as our decoder does: its logits equal transformers' on the
+    decoded weights up to llama.cpp's own rounding of activations (q8_0 for these matmuls). (The
+    merge check's quantized bounds are for real models: tests marked slow.)"""
+    from lorakit import merge_and_unload
+    from lorakit.gguf_export import decode, model_tensors
+
+    tokenizer = bpe_tokenizer()
+    ids = ids_of(tokenizer)
+    path, check = export_merged(adapted(tiny("llama", len(tokenizer))), tokenizer, tmp_path / "m.gguf", quant,
+                                check=False)
+    assert check is None
+    model = merge_and_unload(adapted(tiny("llama", len(tokenizer))))
+    model.load_state_dict(decode(model_tensors(model, quant), model.config))
+    with torch.no_grad():
+        decoded = model(torch.tensor([ids])).logits[0]
+    llm = open_llama(path)
+    got = cpp_logits(llm, ids)
+    llm.close()
+    assert (got - decoded).abs().max().item() < max_abs, (got - decoded).abs().max().item()
+    assert (got.argmax(-1) == decoded.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_llama_cpp_applies_the_adapter_only_export_on_the_base(tmp_path):
+    tokenizer = bpe_tokenizer()
+    vocab = len(tokenizer)
+    base, _ = export_merged(tiny("llama", vocab), tokenizer, tmp_path / "base.gguf", "f32")
+    model = adapted(tiny("llama", vocab), targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
+                    rank_pattern={"gate_proj": 2})
+    lora = export_adapter(model, tmp_path / "lora.gguf")
+    ids = ids_of(tokenizer)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    llm = open_llama(base, lora=lora)
+    got = cpp_logits(llm, ids)
+    llm.close()
+    assert (got - expected).abs().max().item() < 1e-4, (got - expected).abs().max().item()
+    import gguf
+
+    alpha = gguf.GGUFReader(lora).fields["adapter.lora.alpha"].contents()
+    assert alpha == 8.0  # alpha / r is the same 2.0 for r=4 and r=2
+
+
+# --- the merge check and the command ---------------------------------------------------------------
+
+def saved(tmp_path, model, tokenizer):
+    """(base dir, adapter dir) on disk for the command line."""
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return base
+
+
+def test_cli_export_fails_the_merge_check_on_a_wrong_tensor_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import lorakit.gguf_export as ge
+
+    tokenizer = bpe_tokenizer()
+    base = saved(tmp_path, tiny("llama", len(tokenizer)), tokenizer)
+    adapter = tmp_path / "adapter"
+    save_adapter(adapted(tiny("llama", len(tokenizer))), adapter)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["export", str(adapter), "--base", str(base), "--out", str(out / "ok.gguf")]) == 0
+    assert "merge check: max |Δlogit|" in capsys.readouterr().out
+
+    real = ge.model_tensors
+
+    def corrupted(model, quant="f16", progress=None):  # one wrong merged tensor: W_v of layer 1 doubled
+        tensors = real(model, quant, progress)
+        t = next(t for t in tensors if t.name == "blk.1.attn_v.weight")
+        t.data = t.data * 2
+        return tensors
+    monkeypatch.setattr(ge, "model_tensors", corrupted)
+    assert main(["export", str(adapter), "--base", str(base), "--out", str(out / "bad.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bars
+    assert err.startswith("lorakit export: error: merge check: max |Δlogit| ") and "nothing was written" in err
+    assert sorted(p.name for p in out.iterdir()) == ["ok.gguf"]
+    # --no-check writes it anyway
+    assert main(["export", str(adapter), "--base", str(base), "--out", str(out / "bad.gguf"), "--no-check"]) == 0
+    assert (out / "bad.gguf").is_file()
+
+
+@pytest.mark.parametrize("path", ["lora", "qlora", "full"])
+def test_merge_check_passes_on_every_path(tmp_path, path):
+    from lorakit.models import load_model
+
+    tokenizer = bpe_tokenizer()
+    base = saved(tmp_path, tiny("llama", len(tokenizer)), tokenizer)
+    if path == "full":
+        model, _ = load_model(base)
+    else:
+        model, _ = load_model(base, quantize="nf4" if path == "qlora" else None)
+        adapted(model)
+    _, check = export_merged(model, tokenizer, tmp_path / "m.gguf", "f16")
+    assert check.passed and check.tokens == sum(len(ids_of(tokenizer, t)) for t in __import__(
+        "lorakit.merge_check", fromlist=["BUILTIN_TEXTS"]).BUILTIN_TEXTS)
+    assert check.max_abs < TOLERANCES["f16"][0] / 5
+
+
+def test_merge_check_error_names_numbers_and_tolerance():
+    from lorakit.merge_check import compare, require
+
+    ref = [torch.tensor([[0.0, 1.0], [2.0, 0.0]])]
+    got = [torch.tensor([[0.0, 1.5], [0.0, 2.0]])]
+    result = compare(ref, got, "f16")
+    assert (result.max_abs, result.top1, result.tokens) == (2.0, 0.5, 2)
+    with pytest.raises(MergeCheckError, match=r"^merge check: max \|Δlogit\| 2, top-1 agreement 50.0% over 2 tokens "
+                                              r"\(f16: tolerance max \|Δlogit\| <= 0.25, top-1 >= 97%\)"):
+        require(result)
+
+
+def test_cli_export_bad_inputs_are_clear_errors(tmp_path, capsys, monkeypatch):
+    import lorakit.gguf_export as ge
+    from conftest import tiny_gpt2
+
+    tokenizer = bpe_tokenizer()
+    base = saved(tmp_path, tiny("llama", len(tokenizer)), tokenizer)
+    adapter = tmp_path / "adapter"
+    save_adapter(adapted(tiny("llama", len(tokenizer))), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+    def error(*argv):
+        assert main(["export", *argv]) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert error(str(adapter), "--out", str(tmp_path / "x.gguf")) == (
+        f"lorakit export: error: adapter {adapter}: its base model 'meta-llama/Llama-3.2-1B' is not a local "
+        "model directory; pass --base MODEL_DIR (a transformers directory with config.json)")
+    assert error(str(adapter), "--base", str(base), "--out", str(tmp_path / "missing" / "x.gguf")) == (
+        f"lorakit export: error: output {tmp_path / 'missing' / 'x.gguf'}: directory {tmp_path / 'missing'} "
+        "does not exist")
+    monkeypatch.setattr(ge.os, "access", lambda path, mode: False)
+    assert error(str(adapter), "--base", str(base), "--out", str(tmp_path / "x.gguf")).endswith(
+        f"directory {tmp_path} is not writable")
+    monkeypatch.undo()
+    gpt2 = tmp_path / "gpt2"
+    tiny_gpt2().save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    assert error(str(gpt2), "--out", str(tmp_path / "x.gguf")) == (
+        "lorakit export: error: model_type 'gpt2' cannot be exported to GGUF; supported: llama, mistral, qwen2 "
+        "(Llama 2/3, SmolLM2, Mistral, Qwen2)")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # corrupt: truncated
+    assert "adapter_model.safetensors" in error(str(adapter), "--base", str(base), "--out", str(tmp_path / "x.gguf"))
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))
+
+
+def test_adapter_only_refuses_what_llama_cpp_cannot_apply():
+    tokenizer = bpe_tokenizer()
+    model = adapted(tiny("llama", len(tokenizer), tie=True), targets=["q_proj", "lm_head"],
+                    modules_to_save=["model.norm"])
+    from lorakit.gguf_export import adapter_tensors
+
+    with pytest.raises(ValueError) as e:
+        adapter_tensors(model)
+    assert str(e.value) == (
+        "this adapter cannot be written as a llama.cpp LoRA adapter: model.norm: modules_to_save (a full copy of "
+        "the module); lm_head: LoRA on a tied output head (the base GGUF has no output.weight). Supported: LoRA on "
+        "linear layers of the attention and MLP (export the merged model instead)")
