@@ -100,6 +100,24 @@ def test_trainer_resume_gives_the_uninterrupted_losses(tmp_path):
         torch.testing.assert_close(value, final[key], rtol=0, atol=1e-6)
 
 
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
+    from lorakit.adapter_io import adapter_state_dict, read_adapter_tensors
+
+    model = lora_model()
+    args = arguments(tmp_path / "run", eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                     metric_for_best_model="loss", greater_is_better=True)  # "best": the earlier checkpoint
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(), eval_dataset=token_dataset(rows=4))
+    trainer.train()
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    assert evals[2] > evals[4]
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "run" / "checkpoint-2")
+    saved = read_adapter_tensors(trainer.state.best_model_checkpoint)
+    live = adapter_state_dict(model)
+    assert saved.keys() == live.keys() and len(saved) == 28
+    for key, value in saved.items():
+        assert torch.equal(live[key].detach(), value), key
+
+
 def test_resume_refuses_an_adapter_saved_with_another_config(tmp_path):
     out = tmp_path / "run"
     Trainer(model=lora_model(), args=arguments(out, max_steps=2), train_dataset=token_dataset()).train()
