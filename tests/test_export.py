@@ -282,6 +282,26 @@ def test_cli_export_fails_the_merge_check_on_a_wrong_tensor_and_writes_nothing(t
     assert (out / "bad.gguf").is_file()
 
 
+def test_merge_check_fails_a_merge_into_wrong_weights(tmp_path, monkeypatch):
+    """A merge that adds ΔW twice (as merging into an already merged base does) fails the float32
+    stage, before anything is encoded."""
+    import lorakit.inject as inject
+
+    real = inject.merge_and_unload
+
+    def merged_twice(model, dtype=None, requantize=False):
+        for _, layer in inject.lora_layers(model):
+            layer.merge()
+            layer.merged_adapters = []  # forget it: the next merge adds ΔW again
+        return real(model, dtype, requantize)
+    monkeypatch.setattr(inject, "merge_and_unload", merged_twice)
+    tokenizer = bpe_tokenizer()
+    with pytest.raises(MergeCheckError, match=r"^merge check: max \|Δlogit\| .* \(float32: tolerance max "
+                                              r"\|Δlogit\| <= 0.005, top-1 >= 99%\): the merged model does not"):
+        export_merged(adapted(tiny("llama", len(tokenizer))), tokenizer, tmp_path / "m.gguf", "q4_0")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("path", ["lora", "qlora", "full"])
 def test_merge_check_passes_on_every_path(tmp_path, path):
     from lorakit.models import load_model

@@ -446,11 +446,11 @@ def export_merged(model: nn.Module, tokenizer, path: str | os.PathLike, quant: s
                   progress: bool = False):
     """Merge the model's active adapters (if any) in float32 and write it as one GGUF file.
 
-    With check=True (the merge check, merge_check.py) the adapter on its base and the merged
-    weights as decoded from the bytes about to be written are run on `check_texts`; beyond the
-    tolerance of `quant` nothing is written and MergeCheckError says why. check_ids: token ids
-    of the held-out texts (default: merge_check.BUILTIN_TEXTS). Returns
-    (path, MergeCheck or None).
+    With check=True (the merge check, merge_check.py) the adapter on its base is compared with the
+    merged float32 model, then with the merged weights as decoded from the bytes about to be
+    written, on held-out texts; beyond the tolerances (float32, then `quant`'s) nothing is
+    written and MergeCheckError says why. check_ids: token ids of the held-out texts (default:
+    merge_check.BUILTIN_TEXTS). Returns (path, the second MergeCheck, or None without a check).
     """
     from .inject import merge_and_unload
     from .merge_check import BUILTIN_TEXTS, check_inputs, compare, logits_of, require
@@ -463,9 +463,11 @@ def export_merged(model: nn.Module, tokenizer, path: str | os.PathLike, quant: s
                                    else check_inputs(tokenizer, BUILTIN_TEXTS))
     reference = logits_of(model, inputs) if check else []
     merged = merge_and_unload(model, dtype=torch.float32).float()
-    tensors = model_tensors(merged, quant)
     result = None
-    if check:
+    if check:  # the merge itself, before any rounding
+        require(compare(reference, logits_of(merged, inputs), "float32"))
+    tensors = model_tensors(merged, quant)
+    if check:  # the weights as written
         decoded = decode(tensors, merged.config)
         missing, unexpected = merged.load_state_dict(decoded, strict=False)
         assert not unexpected and all(k.endswith(("lm_head.weight", "inv_freq")) for k in missing), (missing, unexpected)
