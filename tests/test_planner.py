@@ -215,3 +215,38 @@ def test_cli_table_and_error(capsys):
     assert "presets:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parse(["plan", "--model", "llama-2-7b", "--method", "dora"])
+
+
+LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96}
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"num_attention_heads": 0}, "num_attention_heads=0 must be in [1, 65,536]"),
+    ({"hidden_size": "64"}, "hidden_size='64' must be an integer, not a str"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers=2.0 must be an integer, not a float"),
+    ({"num_hidden_layers": 1e30}, "num_hidden_layers=1e+30 must be an integer, not a float"),
+    ({"num_hidden_layers": 10**30}, "num_hidden_layers=1000000000000000000000000000000 must be in [1, 10,000]"),
+    ({"hidden_size": -64}, "hidden_size=-64 must be in [1, 1,048,576]"),
+    ({"vocab_size": True}, "vocab_size=True must be an integer, not a bool"),
+    ({"num_key_value_heads": 3}, "num_attention_heads=4 must be a multiple of num_key_value_heads=3"),
+    ({"hidden_size": 66}, "hidden_size=66 must be a multiple of num_attention_heads=4 (or give head_dim)"),
+])
+def test_config_sizes_must_be_integers_in_sane_ranges(change, says):
+    with pytest.raises(ValueError) as err:
+        plan({**LLAMA, **change})
+    assert str(err.value) == f"config of model_type 'llama' is not a model the planner can size: {says}"
+
+
+@pytest.mark.parametrize("budget", [-5, 0, float("nan"), float("inf"), 2.0**21])
+def test_gpu_budget_must_be_a_positive_number_of_gib(budget):
+    with pytest.raises(ValueError, match=rf"budget_gib \(lorakit plan --gpu-gb\) = {budget!r} must be a number "
+                                         r"of GiB in \(0, 1,048,576\]"):
+        plan(LLAMA, budget_gib=budget)
+    assert plan(LLAMA, budget_gib=0.5).recommendation.budget_gib == 0.5
+
+
+def test_plan_config_bounds():
+    with pytest.raises(ValueError, match="rank must be at most 65,536, got 100,000,000; seq_len must be at most "
+                                         "16,777,216, got 1,000,000,000"):
+        plan(LLAMA, rank=10**8, seq_len=10**9)

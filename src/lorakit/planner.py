@@ -87,6 +87,7 @@ CUDA_CONTEXT_BYTES = GiB // 2
 FRAGMENTATION = 0.05
 NCCL_BYTES = GiB // 2
 DEFAULT_BUDGET_GIB = 24.0
+MAX_BUDGET_GIB = 1 << 20  # a GiB budget above a petabyte per GPU is a typo
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
 
 
@@ -195,10 +196,12 @@ class PlanConfig:
             problems.append(f"adapter_dtype {self.adapter_dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             problems.append(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
-        for name in ("rank", "batch_size", "seq_len", "n_gpus"):
+        for name, most in (("rank", 1 << 16), ("batch_size", 1 << 20), ("seq_len", 1 << 24), ("n_gpus", 1 << 16)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+            elif value > most:
+                problems.append(f"{name} must be at most {most:,}, got {value:,}")
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if problems:
@@ -288,6 +291,10 @@ def arch_from_config(config: dict | str | os.PathLike, name: str | None = None) 
     missing = [k for k in required if k not in c]
     if missing:
         raise ValueError(f"config of model_type {model_type!r} lacks {', '.join(missing)}")
+    problems = _config_value_problems(c)
+    if problems:
+        raise ValueError(f"config of model_type {model_type!r} is not a model the planner can size: "
+                         + "; ".join(problems))
     h, heads = c["hidden_size"], c["num_attention_heads"]
     gemma = model_type == "gemma2"
     return Architecture(
@@ -311,6 +318,44 @@ def arch_from_config(config: dict | str | os.PathLike, name: str | None = None) 
         final_softcap=gemma and c.get("final_logit_softcapping") is not None,
         chunked_loss=model_type in CHUNKED_LOSS_MODEL_TYPES,
     )
+
+
+# Sane ranges of a config's sizes, far beyond any released model (Llama 3.1 405B: hidden 16,384,
+# 126 layers, 128 heads, vocab 128,256) and small enough that a plan's arithmetic stays instant.
+CONFIG_RANGES = {
+    "hidden_size": (1, 1 << 20),
+    "intermediate_size": (1, 1 << 22),
+    "num_hidden_layers": (1, 10_000),
+    "num_attention_heads": (1, 1 << 16),
+    "num_key_value_heads": (1, 1 << 16),
+    "head_dim": (1, 1 << 16),
+    "vocab_size": (1, 1 << 24),
+    "num_local_experts": (0, 1 << 16),
+    "num_experts_per_tok": (0, 1 << 16),
+}
+
+
+def _config_value_problems(c: dict) -> list[str]:
+    """Every size in config dict `c` that is not an integer in its CONFIG_RANGES range (absent
+    optional keys and nulls are fine)."""
+    problems = []
+    for key, (lo, hi) in CONFIG_RANGES.items():
+        value = c.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{key}={value!r} must be an integer, not a {type(value).__name__}")
+        elif not lo <= value <= hi:
+            problems.append(f"{key}={value!r} must be in [{lo:,}, {hi:,}]")
+    if problems:
+        return problems
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if heads % kv:
+        problems.append(f"num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}")
+    if not c.get("head_dim") and c["hidden_size"] % heads:
+        problems.append(f"hidden_size={c['hidden_size']} must be a multiple of num_attention_heads={heads} "
+                        "(or give head_dim)")
+    return problems
 
 
 def resolve_model(model: str | Architecture | dict) -> Architecture:
@@ -507,6 +552,10 @@ def plan(model: str | Architecture | dict, config: PlanConfig | None = None, *,
     if isinstance(config.targets, list):
         config = replace(config, targets=tuple(config.targets))
     config.validate()
+    if budget_gib is not None and not (isinstance(budget_gib, (int, float)) and not isinstance(budget_gib, bool)
+                                       and 0 < budget_gib <= MAX_BUDGET_GIB):
+        raise ValueError(f"budget_gib (lorakit plan --gpu-gb) = {budget_gib!r} must be a number of GiB in "
+                         f"(0, {MAX_BUDGET_GIB:,}] (e.g. {', '.join(map(str, GPUS))})")
     arch = resolve_model(model)
     p = DTYPES[config.dtype]
     n = config.n_gpus
