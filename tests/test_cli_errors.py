@@ -256,3 +256,45 @@ def test_adapter_files_are_written_0644_under_umask_022(tmp_path, base_dir):
         os.umask(mask)
     modes = {f.name: f.stat().st_mode & 0o777 for f in adapter.iterdir()}
     assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
+
+
+# --- eval, generate, quantize -------------------------------------------------------------------
+
+def test_eval_refuses_a_non_string_answer_naming_the_record(tmp_path, base_dir, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d", "answer": 5}\n')
+    assert main(["eval", "--model", str(base_dir), "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (f"lorakit eval: error: {data}:2: answer=5 must be a string (the reference "
+                                       "the model's reply is compared with)\n")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["eval", "--data", "x.jsonl", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["eval", "--data", "x.jsonl", "--limit", "-1"], "argument --limit: must be an integer >= 1, got -1"),
+    (["generate", "hi", "--temperature", "-1"], "argument --temperature: -1 is not a temperature: 0 for greedy "
+                                                 "decoding, or a number > 0 to sample (e.g. 0.7)"),
+    (["generate", "hi", "--temperature", "nan"], "argument --temperature: nan is not a temperature"),
+    (["chat", "--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got 0"),
+])
+def test_bad_numbers_are_refused_before_anything_loads(capsys, argv, says):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"lorakit {argv[0]}: error: {says}" in capsys.readouterr().err
+
+
+def test_quantize_needs_no_tokenizer_and_copies_its_files_when_present(tmp_path, base_dir, capsys):
+    bare = copy_model(base_dir, tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (bare / name).unlink(missing_ok=True)
+    assert main(["quantize", str(bare), "--out", str(tmp_path / "q-bare")]) == 0
+    assert sorted(p.name for p in (tmp_path / "q-bare").iterdir()) == ["config.json", "generation_config.json",
+                                                                         "model.safetensors"]
+    assert main(["quantize", str(base_dir), "--out", str(tmp_path / "q")]) == 0
+    tokenizer_files = sorted(p.name for p in base_dir.iterdir() if p.name.startswith(("tokenizer", "special", "chat")))
+    for name in tokenizer_files:
+        assert (tmp_path / "q" / name).read_bytes() == (base_dir / name).read_bytes()
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(tmp_path / "q")
+    assert tokenizer("hi")["input_ids"] == load_model(base_dir)[1]("hi")["input_ids"]

@@ -395,6 +395,9 @@ def _split_key(key: str, linears: dict) -> tuple[str | None, str]:
 def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Write a transformers model directory, atomically (a temporary directory renamed at the end).
 
+    `tokenizer`: a tokenizer to save with the model, a model directory whose tokenizer files
+    (TOKENIZER_FILES, those present) are copied, or None.
+
     A model with NF4 layers is written in transformers + bitsandbytes' 4-bit layout: each layer's
     packed weight and quantization state under its module path, and a `quantization_config` in
     config.json, so `AutoModelForCausalLM.from_pretrained` (with bitsandbytes) loads it as it is.
@@ -431,7 +434,12 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer) / name).is_file():
+                    shutil.copyfile(Path(tokenizer) / name, tmp / name)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         os.chmod(tmp, 0o755)
         os.rename(tmp, out_dir)
     finally:

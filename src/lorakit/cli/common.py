@@ -8,6 +8,34 @@ from pathlib import Path
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports `argument --x: ...` and exits 2)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """argparse type: a sampling temperature, 0 (greedy) or a finite number > 0."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a temperature: 0 for greedy decoding, or a number > 0 "
+                                         "to sample (e.g. 0.7)")
+    return value
+
+
 def new_output_dir(path: str) -> Path:
     """--out as a Path; an existing one is an error (commands that write models never overwrite)."""
     out = Path(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lorakit.cli.common import add_model_arguments, load, resolve_source
+from lorakit.cli.common import add_model_arguments, load, positive_int, resolve_source
 
 
 def add_parser(sub) -> None:
@@ -16,10 +16,10 @@ def add_parser(sub) -> None:
     add_model_arguments(p)
     p.add_argument("--data", required=True, help=".jsonl/.json/.csv file, or builtin:<task>")
     p.add_argument("--format", default="auto")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    p.add_argument("--max-length", type=positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N records")
     p.set_defaults(run=run)
 
 
@@ -38,6 +38,13 @@ def run(args) -> int:
     else:
         records = read_records(args.data)
     records = records[:args.limit]
+    if not records:
+        raise ValueError(f"--data {args.data}: no records to score")
+    for record in records:
+        answer = record.fields.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise ValueError(f"{record.source}: answer={answer!r} must be a string (the reference the "
+                             "model's reply is compared with)")
     model, tokenizer = load(resolve_source(args))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

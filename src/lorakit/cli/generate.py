@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from lorakit.cli.common import add_model_arguments, load, resolve_source
+from lorakit.cli.common import add_model_arguments, load, positive_int, resolve_source, temperature
 
 
 def add_parser(sub) -> None:
@@ -16,8 +16,9 @@ def add_parser(sub) -> None:
             p.add_argument("prompt", help="the prompt (rendered with the chat template unless --raw)")
             p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
         p.add_argument("--system", help="a system message")
-        p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--max-new-tokens", type=positive_int, default=128)
+        p.add_argument("--temperature", type=temperature, default=0.0,
+                       help="0: greedy decoding (default); > 0: sample at this temperature")
         p.set_defaults(run=run_generate if name == "generate" else run_chat)
 
 

@@ -21,13 +21,13 @@ def run(args) -> int:
     import torch
 
     from lorakit.inject import memory_report
-    from lorakit.models import load_model, save_model
+    from lorakit.models import load_quantized, resolve_model_dir, save_model
 
     out = new_output_dir(args.out)
-    model, tokenizer = load_model(args.model, dtype=torch.float32, quantize="nf4",
-                                  compute_dtype=getattr(torch, args.compute_dtype),
-                                  double_quant=not args.no_double_quant)
-    save_model(model, tokenizer, out)
+    source = resolve_model_dir(args.model)
+    model = load_quantized(source, dtype=torch.float32, compute_dtype=getattr(torch, args.compute_dtype),
+                           double_quant=not args.no_double_quant)
+    save_model(model, source, out)  # quantizing needs no tokenizer; its files are copied when present
     report = memory_report(model)
     print(f"wrote {out}: 4-bit weights {report['quantized_weights'] / 2**20:.1f} MiB, quantization constants "
           f"{report['quantization_constants'] / 2**20:.2f} MiB, other (embeddings, head, norms) "
