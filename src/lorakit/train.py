@@ -391,6 +391,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     try:
         tmp.mkdir()
         save_file(weights, tmp / "trainable.safetensors")
+        os.chmod(tmp / "trainable.safetensors", _new_file_mode())  # save_file makes it 0600
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": [cpu for cpu, _ in rngs], "cuda_rng": [gpu for _, gpu in rngs]}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
@@ -410,6 +411,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         shutil.rmtree(old[1])
     distributed.barrier(ctx)
     return final
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask (os.umask only reads it by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -643,7 +651,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     if not ctx.main:
         log, progress = (lambda *_: None), False
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, resume)
+    if ctx.main:  # the others would find rank 0's lock and files
+        check_run_dir(run_dir, resume)
     if prepared is None:
         from .models import load_tokenizer, resolve_model_dir
 

@@ -45,7 +45,8 @@ def resolve(args) -> tuple[RunConfig, Path, bool]:
             raise ValueError(f"{path}: expected a mapping of groups (model, lora, data, train, eval)")
     config = RunConfig.from_dict(raw, args.overrides)
     run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.method}")
-    check_run_dir(run_dir, resume=False)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the others would find rank 0's lock and files
+        check_run_dir(run_dir, resume=False)
     return config, run_dir, False
 
 
