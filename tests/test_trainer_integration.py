@@ -159,6 +159,25 @@ def test_save_pretrained_without_adapters_and_with_a_stale_state_dict(tmp_path):
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
 
 
+def test_save_pretrained_writes_every_adapter_in_peft_layout_and_a_copy_saves_its_own(tmp_path, tokens):
+    from lorakit.hf_trainer import load_adapter_checkpoint
+
+    model = add_lora(lora_model(), CONFIG.replace(r=2, targets=["v_proj"]), name="second")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if ".lora_B." in name:
+                p.add_(0.1)
+    twin.save_pretrained(tmp_path / "twin")
+    assert sorted(str(p.relative_to(tmp_path / "twin")) for p in (tmp_path / "twin").rglob("*")) == [
+        "adapter_config.json", "adapter_model.safetensors",
+        "second", "second/adapter_config.json", "second/adapter_model.safetensors"]
+    assert not torch.equal(logits(model, tokens), logits(twin, tokens))
+    load_adapter_checkpoint(model, tmp_path / "twin")  # both adapters: the copy's values, not the original's
+    for (name, ours), theirs in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
 def test_an_adapter_directory_never_loads_as_a_model_with_random_weights(tmp_path):
     model = lora_model()
     model.save_pretrained(tmp_path / "adapter")

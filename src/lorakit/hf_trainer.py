@@ -45,7 +45,7 @@ from torch import nn
 from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, _copy_into, adapter_state_dict, read_adapter_config, \
     read_adapter_tensors, save_adapter
 from .inject import adapter_configs
-from .loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, supports_chunked_loss
+from .loss import CHUNKED_LOSS_MODEL_TYPES, DEFAULT_CHUNK_SIZE, causal_lm_loss, supports_chunked_loss
 
 DEFAULT_ADAPTER = "default"  # saved at the top of the directory; other adapters in a subdirectory
 
@@ -196,11 +196,11 @@ class ChunkedLoss:
 
         if not supports_chunked_loss(model):
             model_type = getattr(getattr(model, "config", None), "model_type", None)
-            raise ValueError(f"ChunkedLoss: model type {model_type!r} with output head "
-                             f"{type(model.get_output_embeddings()).__name__ if hasattr(model, 'get_output_embeddings') else None}"
-                             " is not supported: the chunked loss needs a plain nn.Linear head applied to the last "
-                             "hidden state (model types: llama, mistral, qwen2, qwen3, gpt2, phi3); "
-                             "leave compute_loss_func unset to use transformers' loss")
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            raise ValueError(f"ChunkedLoss: model type {model_type!r} with output head {type(head).__name__} is "
+                             "not supported: the chunked loss needs a plain nn.Linear head applied to the last "
+                             f"hidden state (model types: {', '.join(CHUNKED_LOSS_MODEL_TYPES)}); leave "
+                             "compute_loss_func unset to use transformers' loss")
         if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
             raise ValueError(f"ChunkedLoss: {type(model).__name__}.forward takes no `logits_to_keep`, so it "
                              "cannot skip its logits (transformers >= 4.50 has it); leave compute_loss_func "
