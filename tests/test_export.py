@@ -282,24 +282,48 @@ def test_cli_export_fails_the_merge_check_on_a_wrong_tensor_and_writes_nothing(t
     assert (out / "bad.gguf").is_file()
 
 
-def test_merge_check_fails_a_merge_into_wrong_weights(tmp_path, monkeypatch):
-    """A merge that adds ΔW twice (as merging into an already merged base does) fails the float32
-    stage, before anything is encoded."""
+def merged_twice(monkeypatch):
+    """Make merge_and_unload add ΔW twice (as merging into an already merged base does)."""
     import lorakit.inject as inject
 
     real = inject.merge_and_unload
 
-    def merged_twice(model, dtype=None, requantize=False):
+    def wrong(model, dtype=None, requantize=False):
         for _, layer in inject.lora_layers(model):
             layer.merge()
             layer.merged_adapters = []  # forget it: the next merge adds ΔW again
         return real(model, dtype, requantize)
-    monkeypatch.setattr(inject, "merge_and_unload", merged_twice)
+    monkeypatch.setattr(inject, "merge_and_unload", wrong)
+
+
+def test_merge_check_fails_a_merge_into_wrong_weights(tmp_path, monkeypatch):
+    """The float32 stage fails a wrong merge before anything is encoded, even for q4_0 (whose own
+    tolerance is wide)."""
+    merged_twice(monkeypatch)
     tokenizer = bpe_tokenizer()
     with pytest.raises(MergeCheckError, match=r"^merge check: max \|Δlogit\| .* \(float32: tolerance max "
                                               r"\|Δlogit\| <= 0.005, top-1 >= 99%\): the merged model does not"):
         export_merged(adapted(tiny("llama", len(tokenizer))), tokenizer, tmp_path / "m.gguf", "q4_0")
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_merge_checks_the_merge(tmp_path, capsys, monkeypatch):
+    tokenizer = bpe_tokenizer()
+    base = saved(tmp_path, tiny("llama", len(tokenizer)), tokenizer)
+    save_adapter(adapted(tiny("llama", len(tokenizer))), tmp_path / "adapter")
+    args = ["merge", "--adapter", str(tmp_path / "adapter"), "--model", str(base)]
+    assert main(args + ["--out", str(tmp_path / "ok")]) == 0
+    from lorakit.merge_check import BUILTIN_TEXTS
+
+    line = capsys.readouterr().out.splitlines()[-2]
+    tokens = sum(len(ids_of(tokenizer, t)) for t in BUILTIN_TEXTS)
+    assert line.startswith("merge check: max |Δlogit| ") and line.endswith(
+        f"top-1 agreement 100.0% over {tokens} tokens (float32: tolerance max |Δlogit| <= 0.005, top-1 >= 99%)")
+    merged_twice(monkeypatch)
+    assert main(args + ["--out", str(tmp_path / "bad")]) == 2
+    assert "nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(args + ["--out", str(tmp_path / "bad"), "--no-check"]) == 0
 
 
 @pytest.mark.parametrize("path", ["lora", "qlora", "full"])
@@ -314,8 +338,9 @@ def test_merge_check_passes_on_every_path(tmp_path, path):
         model, _ = load_model(base, quantize="nf4" if path == "qlora" else None)
         adapted(model)
     _, check = export_merged(model, tokenizer, tmp_path / "m.gguf", "f16")
-    assert check.passed and check.tokens == sum(len(ids_of(tokenizer, t)) for t in __import__(
-        "lorakit.merge_check", fromlist=["BUILTIN_TEXTS"]).BUILTIN_TEXTS)
+    from lorakit.merge_check import BUILTIN_TEXTS
+
+    assert check.passed and check.tokens == sum(len(ids_of(tokenizer, t)) for t in BUILTIN_TEXTS)
     assert check.max_abs < TOLERANCES["f16"][0] / 5
 
 
@@ -381,3 +406,58 @@ def test_adapter_only_refuses_what_llama_cpp_cannot_apply():
         "this adapter cannot be written as a llama.cpp LoRA adapter: model.norm: modules_to_save (a full copy of "
         "the module); lm_head: LoRA on a tied output head (the base GGUF has no output.weight). Supported: LoRA on "
         "linear layers of the attention and MLP (export the merged model instead)")
+
+
+# --- the real default model (SmolLM2-135M-Instruct) --------------------------------------------------
+
+def smollm2_adapted():
+    """SmolLM2 with an r=8 all-linear adapter of a trained adapter's size (B ~ N(0, 0.002²))."""
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model()
+    add_lora(model, LoraConfig(r=8, alpha=16, targets="all-linear"))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.002)
+    return model, tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_f16_export_chats_in_llama_cpp(tmp_path):
+    model, tokenizer = smollm2_adapted()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    greedy = hf_greedy(model, ids, 16)
+    path, check = export_merged(model, tokenizer, tmp_path / "smollm2.gguf", "f16")
+    print(check.line())
+    llm = open_llama(path)
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+    got = cpp_logits(llm, ids)
+    print("llama.cpp f16 vs adapter on base: max |Δlogit|", (got - expected).abs().max().item())
+    assert (got - expected).abs().max().item() < TOLERANCES["f16"][0]
+    assert cpp_greedy(llm, ids, 16) == greedy
+    # llama.cpp chats with nothing but the file: its chat template, its tokenizer, its end-of-turn token
+    reply = llm.create_chat_completion(messages, temperature=0.0, max_tokens=16)["choices"][0]["message"]["content"]
+    assert reply == tokenizer.decode(greedy, skip_special_tokens=True).strip()
+    llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_smollm2_quantized_exports_within_bounds_in_llama_cpp(tmp_path, quant):
+    from lorakit.merge_check import BUILTIN_TEXTS, check_inputs, compare, logits_of
+
+    model, tokenizer = smollm2_adapted()
+    inputs = check_inputs(tokenizer, BUILTIN_TEXTS)
+    reference = logits_of(model, inputs)
+    path, _ = export_merged(model, tokenizer, tmp_path / "m.gguf", quant)
+    llm = open_llama(path)
+    got = [cpp_logits(llm, ids[0].tolist()) for ids in inputs]
+    llm.close()
+    result = compare(reference, got, quant)
+    print("llama.cpp", result.line())
+    assert result.passed

@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out-dtype", choices=DTYPE_NAMES, default=None,
                    help="dtype of the merged weights (default: the base's compute dtype)")
     p.add_argument("--requantize", action="store_true", help="store the merged 4-bit layers in NF4 again (lossy)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the merge check (adapter on base vs merged model on held-out texts; see merge_check.py)")
     p.set_defaults(run=run)
 
 
@@ -25,6 +27,7 @@ def run(args) -> int:
     import torch
 
     from lorakit.inject import merge_and_unload
+    from lorakit.merge_check import BUILTIN_TEXTS, check_inputs, compare, logits_of, require
     from lorakit.models import save_model
 
     out = new_output_dir(args.out)
@@ -33,6 +36,8 @@ def run(args) -> int:
     probe = tokenizer(PROBE, return_tensors="pt")
     with torch.no_grad():
         expected = model(**probe).logits.float()
+    inputs = [] if args.no_check else check_inputs(tokenizer, BUILTIN_TEXTS)
+    reference = logits_of(model, inputs)
     merged = merge_and_unload(model, dtype=getattr(torch, args.out_dtype) if args.out_dtype else None,
                               requantize=args.requantize)
     with torch.no_grad():
@@ -41,6 +46,9 @@ def run(args) -> int:
     print(f"merged {source.adapter} into {source.model or 'SmolLM2-135M-Instruct'}"
           f"{' (NF4 base)' if source.quantize == 'nf4' else ''}: max |logit difference| on a probe "
           f"sentence = {diff:.3g} (relative to max |logit| {expected.abs().max().item():.3g})")
+    if not args.no_check:  # beyond the output format's tolerance: an error, nothing written
+        output = "nf4" if args.requantize and source.quantize == "nf4" else (args.out_dtype or source.dtype)
+        print(require(compare(reference, logits_of(merged, inputs), output)).line())
     save_model(merged, tokenizer, out)
     print(f"wrote {out}")
     return 0
