@@ -104,3 +104,25 @@ def test_check_config_reports_targets_and_modules_to_save_together():
     with pytest.raises(ConfigError) as e:
         check_config(tiny_llama(), LoraConfig(targets=["nope"], modules_to_save=["head"]))
     assert len(e.value.problems) == 2 and "['head'] match no module" in str(e.value)
+
+
+def test_yaml_duplicate_keys_are_an_error_naming_the_line():
+    from lorakit.config import load_yaml
+
+    with pytest.raises(ValueError, match=r"^line 4: duplicate key 'lr' \(first given at line 2\); give each key once$"):
+        load_yaml("train:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n")
+    # the same key in two mappings, and merge keys, are fine
+    assert load_yaml("a: {x: 1}\nb: {x: 2}\nc: &c {y: 1}\nd: {<<: *c, y: 2}\n") == \
+        {"a": {"x": 1}, "b": {"x": 2}, "c": {"y": 1}, "d": {"y": 2}}
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands():
+    from lorakit.config import MAX_YAML_VALUES, load_yaml
+
+    levels = ["&a0 [x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    with pytest.raises(ValueError, match="its aliases expand to more than 100,000 values"):
+        load_yaml("targets: [" + ", ".join(levels) + "]")
+    with pytest.raises(ValueError, match="recursive alias"):
+        load_yaml("a: &a [1, *a]")
+    fits = load_yaml("a: &a [" + ", ".join(["1"] * 99) + "]\nb: [" + ", ".join(["*a"] * 100) + "]")
+    assert len(fits["b"]) == 100 and 100 * 100 < MAX_YAML_VALUES

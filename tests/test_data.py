@@ -150,3 +150,27 @@ def test_file_formats_and_errors_name_file_and_line(tmp_path):
         read_records(tmp_path / "x.txt")
     with pytest.raises(DataError, match="no such data file"):
         read_records(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("name, content", [("d.jsonl", ""), ("d.jsonl", "\n \n"), ("d.json", ""), ("d.json", "[]"),
+                                           ("d.csv", "prompt,completion\n")])
+def test_a_data_file_without_records_is_an_error(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=f"^{path}: holds no records \\(the file is empty or blank\\)"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.csv"])
+def test_non_utf8_data_names_file_and_line(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"prompt,completion\n" + b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=f"^{path}:2: not UTF-8 text \\(byte 0xe9 at offset 33\\)"):
+        read_records(path)
+
+
+def test_supervised_tokens_count_the_predicted_labels(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q:ab ", "completion": "cd"}, {"text": "xy"}])
+    dataset = build_dataset(read_records(path)[:1], tok)
+    assert dataset.supervised_tokens == 3  # "c", "d", EOS
+    assert build_dataset(read_records(path)[:1], tok, max_length=5).supervised_tokens == 0
