@@ -118,6 +118,23 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
         assert torch.equal(live[key].detach(), value), key
 
 
+def test_after_import_calls_back_once_the_module_has_run(tmp_path, monkeypatch):
+    """The hook that wraps Trainer when transformers.trainer is imported after add_lora."""
+    import sys
+
+    from lorakit.hf_trainer import AfterImport
+
+    (tmp_path / "lorakit_probe_module.py").write_text("VALUE = 41\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    hook = AfterImport("lorakit_probe_module", lambda module: seen.append(module.VALUE + 1))
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    import lorakit_probe_module  # noqa: F401
+
+    assert seen == [42] and hook not in sys.meta_path
+    monkeypatch.delitem(sys.modules, "lorakit_probe_module")
+
+
 def test_resume_refuses_an_adapter_saved_with_another_config(tmp_path):
     out = tmp_path / "run"
     Trainer(model=lora_model(), args=arguments(out, max_steps=2), train_dataset=token_dataset()).train()

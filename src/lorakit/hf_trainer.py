@@ -17,8 +17,8 @@ class's method again, writing the full model. transformers' own adapter hook (th
 Resuming. Trainer reloads a checkpoint's weights in `Trainer._load_from_checkpoint` and
 `_load_best_model`, which know full weights and peft's PeftModel, and transformers offers no hook
 there: a checkpoint holding only an adapter fails with "Can't find a checkpoint index". So lorakit
-wraps these two methods on transformers' Trainer class (once, and only once transformers.trainer
-is imported): for a model carrying lorakit adapters and a checkpoint holding adapters, the saved
+wraps these two methods on transformers' Trainer class, once (if transformers.trainer is not
+imported yet when add_lora runs, a one-shot import hook wraps them when it is): for a model carrying lorakit adapters and a checkpoint holding adapters, the saved
 tensors are copied into the model's adapters, strictly (the same config, every tensor present,
 same shapes; otherwise ValueError); everything else goes to transformers' methods unchanged.
 Optimizer, scheduler, RNG and data order are restored by Trainer itself.
@@ -35,6 +35,8 @@ usual and the loss is transformers' own on them.
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -148,10 +150,39 @@ def _holds_adapters(directory: str | os.PathLike | None) -> bool:
         (Path(directory) / WEIGHTS_NAME).is_file()
 
 
+class AfterImport(importlib.abc.MetaPathFinder):
+    """A one-shot import hook: `callback(module)` right after module `name` first runs. It finds
+    nothing itself: it takes itself off sys.meta_path, asks the other finders for the module's
+    spec, and has that spec's loader call back once the module's code has run."""
+
+    def __init__(self, name: str, callback):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            self.callback(module)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader object
+        return spec
+
+
 def wrap_trainer() -> None:
     """Wrap transformers' Trainer._load_from_checkpoint and _load_best_model (see the module
-    docstring) if transformers.trainer is imported; once."""
+    docstring), once: now if transformers.trainer is imported, else when it is."""
     module = sys.modules.get("transformers.trainer")
+    if module is None:
+        if not any(isinstance(f, AfterImport) and f.name == "transformers.trainer" for f in sys.meta_path):
+            sys.meta_path.insert(0, AfterImport("transformers.trainer", lambda _: wrap_trainer()))
+        return
     trainer = getattr(module, "Trainer", None)
     if trainer is None or getattr(trainer, "_lorakit_resumes_adapters", False):
         return
