@@ -66,6 +66,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .loss import CHUNKED_LOSS_MODEL_TYPES, DEFAULT_CHUNK_SIZE
+from .files import read_json_object
+from .patterns import pattern_problem
 
 GiB = 1024**3
 METHODS = ("full", "lora", "qlora")
@@ -281,7 +283,7 @@ def arch_from_config(config: dict | str | os.PathLike, name: str | None = None) 
             raise ValueError(f"model config {str(path)!r} does not exist; pass a config.json or a directory "
                              "that holds one")
         name = name or path.parent.name
-        config = json.loads(path.read_text())
+        config = read_json_object(path)
     c = config.get("text_config", config) if "hidden_size" not in config else config
     model_type = c.get("model_type", config.get("model_type", ""))
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -404,6 +406,9 @@ def targeted_modules(arch: Architecture, targets) -> list[tuple[str, int, int]]:
             pattern = re.compile(targets)
         except re.error as err:
             raise ValueError(f"targets regex {targets!r} does not compile: {err}") from None
+        problem = pattern_problem(targets)
+        if problem:
+            raise ValueError(f"targets regex {problem}")
         chosen = [m for m in modules
                   if any(pattern.fullmatch(f"model.layers.{i}.{m[0]}") for i in range(arch.num_layers))]
     else:
