@@ -115,6 +115,29 @@ def test_falcon_trains_with_in_place_adds_onto_adapted_outputs():
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, targets="all-linear", init="random"))
     assert_paths_agree(model, torch.randint(0, 128, (2, 9)))
 
+
+def test_under_autocast_the_layer_computes_as_the_plain_path():
+    """Under torch.autocast (trl's SFTTrainer turns bf16 autocast on by default) autocast picks
+    each matrix multiply's dtype, which a custom Function does not follow: the layer takes the
+    plain path there, so fused and plain give the same outputs and gradients."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(24, 20))
+    add_lora(layer, LoraConfig(r=4, alpha=8, targets=["0"], init="random"))
+    x0 = torch.randn(3, 5, 24)
+    results = []
+    for fused in (True, False):
+        set_fused(layer, fused)
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)  # raised "mat1 and mat2 must have the same dtype" on the fused path
+        (y.float() * torch.linspace(-1, 1, 20)).sum().backward()
+        lora = layer[0]
+        results.append((y, x.grad, lora.lora_A["default"].weight.grad, lora.lora_B["default"].weight.grad))
+    assert results[0][0].dtype == torch.bfloat16
+    for fused_t, plain_t in zip(*results):
+        torch.testing.assert_close(fused_t, plain_t, rtol=0, atol=0)
+
 def test_layer_is_the_lora_equation_with_a_hand_set_mask():
     """p = 0.5, scale 2: out = W x + 2 · B A (x ⊙ m / 0.5) for the mask dropout.sample draws."""
     lin = nn.Linear(4, 1, bias=False)

@@ -3,6 +3,7 @@ checkpoints and save_model hold PEFT adapters that reload exactly (lorakit and p
 gives the uninterrupted run's losses, and ChunkedLoss gives transformers' loss and gradients."""
 
 import copy
+import math
 import shutil
 
 import pytest
@@ -307,3 +308,19 @@ def test_chunked_loss_in_sft_trainer_gives_trls_losses(tmp_path):
     assert sorted(runs["chunked"]) == [1, 2]
     for step, value in runs["chunked"].items():
         assert value == pytest.approx(runs["trl"][step], abs=1e-5), step
+
+
+def test_sft_trainer_with_its_default_bf16_autocast_trains_the_adapters(tmp_path):
+    """SFTConfig turns bf16 autocast on by default; the adapters train under it (the fused update
+    failed there with "mat1 and mat2 must have the same dtype"), and only they change."""
+    trl = pytest.importorskip("trl")
+    data = token_dataset(vocab=100, labels=False)
+    model = lora_model(vocab=100, config=CONFIG.replace(dropout=0.0))
+    args = arguments(tmp_path / "run", cls=trl.SFTConfig, save_strategy="no", max_steps=2)
+    assert args.bf16
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=char_tokenizer())
+    trainer.train()
+    assert sorted(losses(trainer)) == [1, 2] and all(math.isfinite(v) for v in losses(trainer).values())
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed and all(".lora_B." in n or ".lora_A." in n for n in changed)

@@ -144,14 +144,17 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         live = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
         base = self.base_layer
-        if self.fused and live and type(base) is nn.Linear and not base.weight.requires_grad:
+        # Under torch.autocast each matrix multiply's dtype is autocast's choice, which the fused
+        # Function (computing in the adapters' dtype) does not make: there, the modules as written.
+        fused = self.fused and not torch.is_autocast_enabled(x.device.type)
+        if fused and live and type(base) is nn.Linear and not base.weight.requires_grad:
             # base(x) and the first adapter in one function (fused.lora_linear): backward adds
             # both input gradients in one matrix multiply
             y = lora_linear(x, base.weight, base.bias, *self._fused_args(live.pop(0)))
         else:
             y = base(x)
         for name in live:
-            if self.fused:
+            if fused:
                 # The same sum, computed by fused.lora_update: keeps x and the dropout sample for
                 # backward instead of dropout(x).
                 y = lora_update(y, x, *self._fused_args(name))
