@@ -30,6 +30,11 @@ def test_every_problem_is_reported_at_once():
     ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head'"),
     ({"layers_pattern": "layers"}, "layers_pattern is set but layers is not"),
     ({"alpha_pattern": {"v_proj": 0}}, "alpha_pattern['v_proj']=0"),
+    # regexes that may backtrack without end on a module name (patterns.py) are refused, not run
+    ({"targets": "((.)*)*!"}, "targets='((.)*)*!': '((.)*)*!' can align with a 128-character module name"),
+    ({"exclude": r"(\w+\.)*x"}, "exclude=" + repr(r"(\w+\.)*x") + ": "),
+    ({"rank_pattern": {r"(.|\w)*": 4}}, "rank_pattern[" + repr(r"(.|\w)*") + "]: "),
+    ({"alpha_pattern": {"((.)*)*!": 4}}, "alpha_pattern['((.)*)*!']: "),
 ])
 def test_single_errors_name_the_value(kwargs, fragment):
     with pytest.raises(ConfigError, match=None) as e:

@@ -142,6 +142,9 @@ def test_file_formats_and_errors_name_file_and_line(tmp_path):
     bad.write_text('{"prompt": "a", "completion": 3}\n')
     with pytest.raises(DataError, match=rf"{bad}:1: 'completion' must be a string, got int"):
         build_dataset(read_records(bad), tok)
+    bad.write_text('{"prompt": "a", "completion": "b", "answer": 7}\n')  # scored by exact match
+    with pytest.raises(DataError, match=rf"{bad}:1: 'answer' must be a string, got int"):
+        build_dataset(read_records(bad), tok)
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
     with pytest.raises(DataError, match="the last message must be the assistant's"):
         build_dataset(read_records(bad), tok)

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .patterns import pattern_problem
+
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian", "random")
 ALL_LINEAR = "all-linear"
@@ -123,9 +125,13 @@ class LoraConfig:
         for key, value in _dict_items(self.rank_pattern, "rank_pattern", out):
             if not _is_int(value) or value <= 0:
                 out.append(f"rank_pattern[{key!r}]={value!r}: ranks must be integers > 0")
+            elif problem := pattern_problem(key):
+                out.append(f"rank_pattern[{key!r}]: {problem}")
         for key, value in _dict_items(self.alpha_pattern, "alpha_pattern", out):
             if not _is_number(value) or value <= 0:
                 out.append(f"alpha_pattern[{key!r}]={value!r}: alphas must be numbers > 0")
+            elif problem := pattern_problem(key):
+                out.append(f"alpha_pattern[{key!r}]: {problem}")
         return out
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
@@ -217,11 +223,8 @@ def _module_spec_problems(key: str, value) -> list[str]:
     if isinstance(value, str):
         if value == ALL_LINEAR:
             return []
-        try:
-            re.compile(value)
-        except re.error as e:
-            return [f"{key}={value!r}: not a valid regular expression ({e})"]
-        return []
+        problem = pattern_problem(value)  # invalid, or may backtrack without end on a module name
+        return [f"{key}={value!r}: {problem}"] if problem else []
     if _is_str_list(value) and value:
         return []
     return [f"{key}={value!r}: must be a non-empty list of module names, a regex string, or '{ALL_LINEAR}'"]

@@ -160,7 +160,7 @@ def render(record: Record, fmt: str, tokenizer) -> tuple[list[int], list[int], s
             completion = _text(record, "output")
         else:
             prompt, completion = _text(record, "prompt"), _text(record, "completion")
-        reference = record.fields.get("answer", completion)
+        reference = _text(record, "answer") if "answer" in record.fields else completion
         if eos and not completion.endswith(eos):
             completion += eos  # so the model learns to stop
         p = tokenizer(prompt, add_special_tokens=True)["input_ids"]

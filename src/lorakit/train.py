@@ -158,11 +158,11 @@ def check_data(config: RunConfig, train: Dataset, validation: Dataset | None, wo
 
 def skeleton(config: RunConfig) -> torch.nn.Module:
     """The base model on the meta device: its modules and shapes, with no weights read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from .models import resolve_model_dir
+    from .models import load_config, resolve_model_dir
 
-    model_config = AutoConfig.from_pretrained(resolve_model_dir(config.model.path), local_files_only=True)
+    model_config = load_config(resolve_model_dir(config.model.path))
     if hasattr(model_config, "quantization_config"):  # a 4-bit checkpoint: the shapes are those of the layers
         del model_config.quantization_config
     with torch.device("meta"):
