@@ -474,3 +474,17 @@ def test_smollm2_quantized_exports_within_bounds_in_llama_cpp(tmp_path, quant):
     print("llama.cpp", result.line())
     max_abs, top1 = {"q8_0": (6.0, 0.85), "q4_0": (40.0, 0.50)}[quant]
     assert result.max_abs <= max_abs and result.top1 >= top1
+
+
+def test_inspect_serving_lists_what_vllm_refuses(tmp_path, capsys):
+    tokenizer = bpe_tokenizer()
+    model = adapted(tiny("llama", len(tokenizer)), r=32, modules_to_save=["model.norm"])
+    save_adapter(model, tmp_path / "a")
+    assert main(["inspect", str(tmp_path / "a"), "--serving", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["serving"] == [
+        "vLLM: modules_to_save ['model.norm'] is refused (only None is supported); merge the adapter "
+        "(lorakit merge / lorakit export) to serve it",
+        "vLLM: rank 32 is above the default --max-lora-rank 16; start vLLM with --max-lora-rank 32"]
+    save_adapter(adapted(tiny("llama", len(tokenizer), seed=2), r=8), tmp_path / "b")
+    assert main(["inspect", str(tmp_path / "b"), "--serving"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("serving (vLLM): nothing known to stop it")

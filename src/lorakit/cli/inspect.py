@@ -12,6 +12,8 @@ def add_parser(sub) -> None:
                                    "per-module norms (||A||, ||B||, ||ΔW|| = scale·||B A||, Frobenius).")
     p.add_argument("directory", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--serving", action="store_true",
+                   help="also list what would stop the adapter from loading in vLLM (see lorakit/serving.py)")
     p.set_defaults(run=run)
 
 
@@ -19,6 +21,10 @@ def run(args) -> int:
     from lorakit.adapter_io import adapter_report
 
     report = adapter_report(args.directory)
+    if args.serving:
+        from lorakit.serving import serving_problems
+
+        report["serving"] = serving_problems(report["config"])
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -33,4 +39,8 @@ def run(args) -> int:
     for m in report["modules"]:
         print(f"  {m['module']:<56} {m['r']:>4} {m['scale']:>8.3g} {m['norm_A']:>9.4f} "
               f"{m['norm_B']:>9.4f} {m['norm_delta']:>9.4f}")
+    if args.serving:
+        print("\n  serving (vLLM): " + ("nothing known to stop it" if not report["serving"] else ""))
+        for line in report["serving"]:
+            print(f"    {line}")
     return 0
