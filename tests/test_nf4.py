@@ -444,7 +444,7 @@ def test_cuda_matches_cpu():
         (lambda: NF4Linear(0, 8), r"in_features=0 must be a positive int"),
         (lambda: NF4Linear(8, 8, compute_dtype=torch.int8), r"compute_dtype is torch.int8"),
         (lambda: NF4Linear(8, 8, blocksize=100), r"blocksize=100"),
-        (lambda: NF4Linear.from_linear(nn.Conv1d(1, 1, 1)), r"expects an nn.Linear, got Conv1d"),
+        (lambda: NF4Linear.from_linear(nn.Conv1d(1, 1, 1)), r"expects an nn.Linear or a transformers Conv1D, got Conv1d"),
         (lambda: nf4.storage_bits_per_parameter(nn.Linear(2, 2)), r"NF4State or NF4Linear, got Linear"),
         (
             lambda: from_bnb_tensors({"a.weight": torch.zeros(1)}, "a"),

@@ -62,7 +62,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 
 def _fan_in_fan_out(model: nn.Module, name: str) -> bool:
-    return any(getattr(m, "fan_in_fan_out", False) for _, m in lora_layers(model) if name in m.rank)
+    """PEFT's fan_in_fan_out: the adapter sits on Conv1D layers (GPT-2), full precision or 4-bit."""
+    return any(getattr(m, "fan_in_fan_out", False) or getattr(m.base_layer, "fan_in_fan_out", False)
+               for _, m in lora_layers(model) if name in m.rank)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:

@@ -397,9 +397,10 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requant
     """Merge the active adapters and return the plain model, with no lorakit module left.
 
     A 4-bit base weight is dequantized and merged in float32: W = deq(W_nf4) + scale · B A, stored
-    as an nn.Linear in `dtype` (default: the layer's compute dtype), exact up to that dtype's
-    rounding. requantize=True stores W in NF4 again instead, which is lossy: the relative error
-    ||deq(nf4(W)) - W|| / ||W|| of every layer is measured and reported in a warning.
+    as an nn.Linear (a Conv1D holding Wᵀ for GPT-2's layers) in `dtype` (default: the layer's
+    compute dtype), exact up to that dtype's rounding. requantize=True stores W in NF4 again
+    instead, which is lossy: the relative error ||deq(nf4(W)) - W|| / ||W|| of every layer is
+    measured and reported in a warning.
     """
     shared = _shared_weights(model)
     untied = False
@@ -431,26 +432,17 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requant
 def _merged_4bit(layer: LoraLinear, dtype: torch.dtype | None, requantize: bool,
                  errors: list[float]) -> nn.Module:
     q = layer.base_layer
-    weight = q.dequantize_weight(torch.float32)
+    weight = q.dequantize_weight(torch.float32)  # (out, in), also for a Conv1D's weight
     for name in layer.active_adapters:
         weight += layer.delta_weight(name)
     if requantize:
-        linear = nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        merged = NF4Linear.from_linear(linear, dtype or q.compute_dtype, q.weight_nested_absmax is not None,
+        plain = q.to_plain(weight, torch.float32)  # nn.Linear, or Conv1D for GPT-2: from_linear keeps the kind
+        merged = NF4Linear.from_linear(plain, dtype or q.compute_dtype, q.weight_nested_absmax is not None,
                                        q.blocksize, q.quant_type)
-        merged.bias = q.bias
         errors.append((torch.linalg.matrix_norm(merged.dequantize_weight(torch.float32) - weight)
                        / torch.linalg.matrix_norm(weight)).item())
         return merged
-    linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
-                       dtype=dtype or q.compute_dtype, device=weight.device)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if q.bias is not None:
-            linear.bias.copy_(q.bias)
-    linear.requires_grad_(False)
-    return linear
+    return q.to_plain(weight, dtype)  # nn.Linear, or GPT-2's Conv1D with its (in, out) weight
 
 
 def memory_report(model: nn.Module) -> dict[str, int]:

@@ -192,8 +192,8 @@ def load_model(path_or_name: str | os.PathLike | None = None, dtype: torch.dtype
 
     `path_or_name` is a directory with config.json and safetensors weights, or the name of the
     default model ("SmolLM2-135M-Instruct", also chosen by None). Nothing is downloaded.
-    quantize="nf4" stores every linear layer but the output head in NF4 (QLoRA's frozen base),
-    quantized while the checkpoint streams in; `compute_dtype` (default: `dtype`) is what the
+    quantize="nf4" stores every linear layer (GPT-2's Conv1D too) but the output head in NF4
+    (QLoRA's frozen base), quantized while the checkpoint streams in; `compute_dtype` (default: `dtype`) is what the
     4-bit layers compute in. A transformers + bitsandbytes 4-bit checkpoint loads in NF4 as it is.
     """
     from transformers import AutoModelForCausalLM
@@ -231,15 +231,16 @@ class CheckpointLoader:
         loader.fill()                      # the rest (embeddings, head); checks nothing is missing
 
     At most one full-precision tensor is in memory at a time besides the parts already filled.
-    quantize="nf4" makes every linear layer but the output head an NF4Linear, quantized as its
-    weight streams in; a transformers + bitsandbytes 4-bit checkpoint loads in NF4 as it is (its
-    packed weights are taken byte for byte). Modules may be wrapped after construction (LoRA,
+    quantize="nf4" makes every linear layer (nn.Linear, GPT-2's Conv1D) but the output head an
+    NF4Linear, quantized as its weight streams in; a transformers + bitsandbytes 4-bit checkpoint
+    loads in NF4 as it is (its packed weights are taken byte for byte). Modules may be wrapped after construction (LoRA,
     modules_to_save): tensors are found by the module objects, not by name.
     """
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, quantize: str | None = None,
                  compute_dtype: torch.dtype | None = None, double_quant: bool = True):
         from transformers import AutoModelForCausalLM
+        from transformers.pytorch_utils import Conv1D
 
         from .files import open_safetensors
         from .inject import output_head_names
@@ -260,10 +261,15 @@ class CheckpointLoader:
         if quantize == "nf4" or self.prequantized:
             heads = output_head_names(self.model)
             for name, module in list(self.model.named_modules()):
-                if type(module) is nn.Linear and name not in heads:
+                if type(module) in (nn.Linear, Conv1D) and name not in heads:
                     parent_name, _, attr = name.rpartition(".")
-                    q4 = NF4Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                   compute_dtype=compute_dtype or dtype, double_quant=double_quant, device="meta")
+                    # GPT-2's Conv1D stores its weight (in, out); as in bitsandbytes, its 4-bit
+                    # state holds the transpose, (out, in), and the layer computes the same
+                    conv = isinstance(module, Conv1D)
+                    in_features, out_features = module.weight.shape if conv else module.weight.shape[::-1]
+                    q4 = NF4Linear(in_features, out_features, bias=module.bias is not None,
+                                   compute_dtype=compute_dtype or dtype, double_quant=double_quant, device="meta",
+                                   fan_in_fan_out=conv)
                     setattr(self.model.get_submodule(parent_name) if parent_name else self.model, attr, q4)
                     self.linears[name] = q4
         # checkpoint key -> every (module, attribute) holding that tensor (tied weights: several)
@@ -290,7 +296,7 @@ class CheckpointLoader:
         """Read the checkpoint's tensors that belong to `part` (a submodule of the model), or all
         that are left when `part` is None, which also checks that the model is complete."""
         from .files import open_safetensors
-        from .nf4 import from_bnb_tensors, quantize_nf4
+        from .nf4 import from_bnb_tensors
 
         inside = {id(m) for m in (self.model if part is None else part).modules()}
         todo: dict[Path, list[str]] = {}
@@ -307,8 +313,8 @@ class CheckpointLoader:
                     if layer is not None and leaf != "bias":
                         if self.prequantized:
                             packed.setdefault(layer, {})[key] = f.get_tensor(key)
-                        elif leaf == "weight":
-                            self.linears[layer]._set_state(quantize_nf4(f.get_tensor(key), double_quant=self.double_quant))
+                        elif leaf == "weight":  # in the checkpoint's layout ((in, out) for a Conv1D)
+                            self.linears[layer].quantize_weight_(f.get_tensor(key), self.double_quant)
                         else:
                             self.unexpected.append(key)
                     elif key in self.slots:

@@ -635,6 +635,12 @@ class NF4Linear(nn.Module):
     ``weight.quant_state.bitsandbytes__nf4``), so a transformers+bnb checkpoint loads 1:1 with
     ``load_state_dict``, whatever blocksize / DQ setting it was made with.
 
+    ``fan_in_fan_out``: the layer stands for a transformers ``Conv1D`` (GPT-2), which computes
+    x @ W + b with W stored (in, out). The 4-bit state holds Wᵀ, (out, in), exactly what
+    transformers + bitsandbytes store for a Conv1D (they make it a ``Linear4bit`` of the transposed
+    weight), so the layer computes the same as the Conv1D and its checkpoint is bnb's. The flag
+    only says which layout the weight goes back to when it leaves 4 bits (``to_plain``).
+
     LoRA wraps this module like any nn.Linear; quantization stays a property of the frozen weight.
     """
 
@@ -649,6 +655,7 @@ class NF4Linear(nn.Module):
         quant_type: str = "nf4",
         weight_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        fan_in_fan_out: bool = False,
     ):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -661,6 +668,7 @@ class NF4Linear(nn.Module):
         if not isinstance(double_quant, bool):
             raise ValueError(f"double_quant={double_quant!r} must be True or False")
         self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = bool(fan_in_fan_out)
         self.compute_dtype = compute_dtype
         shape = (out_features, in_features)
         self._set_state(_placeholder_state(shape, weight_dtype, blocksize, double_quant, quant_type, device))
@@ -669,22 +677,28 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         compute_dtype: torch.dtype | None = None,
         double_quant: bool = True,
         blocksize: int = 64,
         quant_type: str = "nf4",
     ) -> NF4Linear:
-        """Quantize an nn.Linear's weight on its device; the bias is copied unquantized.
+        """Quantize an nn.Linear's (or a transformers Conv1D's) weight on its device; the bias is
+        copied unquantized. A Conv1D's (in, out) weight is quantized transposed, as (out, in).
 
         ``compute_dtype`` defaults to the linear's weight dtype.
         """
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"NF4Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        from transformers.pytorch_utils import Conv1D
+
+        if not isinstance(linear, (nn.Linear, Conv1D)):
+            raise ValueError(f"NF4Linear.from_linear expects an nn.Linear or a transformers Conv1D, "
+                             f"got {type(linear).__name__}")
+        fan_in_fan_out = isinstance(linear, Conv1D)
         weight = linear.weight.detach()
+        in_features, out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
         module = cls(
-            linear.in_features,
-            linear.out_features,
+            in_features,
+            out_features,
             bias=linear.bias is not None,
             compute_dtype=weight.dtype if compute_dtype is None else compute_dtype,
             blocksize=blocksize,
@@ -692,11 +706,46 @@ class NF4Linear(nn.Module):
             quant_type=quant_type,
             weight_dtype=weight.dtype if weight.dtype in SUPPORTED_DTYPES else torch.float32,
             device="meta",  # the placeholder is replaced right away: allocate nothing
+            fan_in_fan_out=fan_in_fan_out,
         )
-        module._set_state(quantize_nf4(weight, blocksize, double_quant, quant_type))
+        module.quantize_weight_(weight, double_quant)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return module
+
+    def quantize_weight_(self, weight: torch.Tensor, double_quant: bool) -> None:
+        """Replace the 4-bit weight by ``weight`` quantized, with this layer's blocksize and quant type.
+
+        ``weight`` comes in the source layer's layout: (out, in), or (in, out) when
+        ``fan_in_fan_out`` (a Conv1D's, e.g. from a GPT-2 checkpoint), then quantized transposed.
+        """
+        weight = weight.detach()
+        if self.fan_in_fan_out:
+            weight = weight.T.contiguous()  # (in, out) -> (out, in): bnb's Linear4bit layout
+        self._set_state(quantize_nf4(weight, self.blocksize, double_quant, self.quant_type))
+
+    def to_plain(self, weight: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+        """The full-precision layer this one stands for: an nn.Linear, or a Conv1D when
+        ``fan_in_fan_out``, holding ``weight`` ((out, in); default: the dequantized weight) in
+        ``dtype`` (default: compute_dtype) and a copy of the bias; frozen."""
+        from transformers.pytorch_utils import Conv1D
+
+        dtype = self.compute_dtype if dtype is None else dtype
+        weight = self.dequantize_weight(torch.float32) if weight is None else weight  # (out, in)
+        if self.fan_in_fan_out:
+            plain = Conv1D(self.out_features, self.in_features)  # its weight: (in, out)
+            plain.to(device=weight.device, dtype=dtype)
+            weight = weight.T
+            if self.bias is None:
+                plain.bias = None
+        else:
+            plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              dtype=dtype, device=weight.device)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain.requires_grad_(False)
 
     def _set_state(self, state: NF4State) -> None:
         """Replace the quantized weight (buffers may change shape, e.g. with another blocksize)."""
@@ -740,9 +789,10 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.weight_nested_absmax is not None else ""
+        conv = ", fan_in_fan_out (a Conv1D's weight, stored transposed)" if self.fan_in_fan_out else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}, compute_dtype={self.compute_dtype}"
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}, compute_dtype={self.compute_dtype}{conv}"
         )
 
     def _apply(self, fn, recurse=True):
@@ -789,10 +839,13 @@ _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 def quantize_linears(model: nn.Module, compute_dtype: torch.dtype | None = None, skip: set[str] = frozenset(),
                      double_quant: bool = True, blocksize: int = 64, quant_type: str = "nf4") -> nn.Module:
-    """Replace every nn.Linear of `model` (except the names in `skip`, e.g. the output head) by
-    an NF4Linear, in place, one layer at a time (at most one full-precision layer is freed per
-    step). Embeddings and other modules are left as they are."""
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skip]
+    """Replace every nn.Linear and transformers Conv1D (GPT-2's linear layers) of `model` (except
+    the names in `skip`, e.g. the output head) by an NF4Linear, in place, one layer at a time (at
+    most one full-precision layer is freed per step). Embeddings and other modules are left as
+    they are."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and n not in skip]
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
