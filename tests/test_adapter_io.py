@@ -180,3 +180,66 @@ def test_second_adapter_saves_and_loads_under_its_name(tmp_path, tokens):
     other = load_adapter(tiny_llama(), tmp_path / "second", name="mine")
     assert list(adapter_configs(other)) == ["mine"]
     torch.testing.assert_close(logits(other, tokens), expected)
+
+
+# --- "all-linear" is saved as the modules it adapted, so peft adapts exactly those -----------------
+
+def tiny_mixtral():
+    """Mixtral: besides q/k/v/o_proj it has a router `mlp.gate` and 3-D expert weights, which peft's
+    own "all-linear" wraps too (as target_parameters) while lorakit's all-linear leaves them."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=64)
+    return MixtralForCausalLM(config).eval()
+
+
+def _adapted(model):
+    """Names of the LoRA-wrapped modules, relative to the base model (lorakit's or peft's)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) or isinstance(module, peft.tuners.lora.LoraLayer):
+            names.add(name.removeprefix("base_model.model."))
+    return names
+
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.mark.parametrize("make, saved", [
+    (tiny_llama, ATTENTION + ["gate_proj", "up_proj", "down_proj"]),
+    (tiny_mixtral, ATTENTION),
+], ids=["llama", "mixtral"])
+def test_all_linear_is_saved_as_the_adapted_modules_and_peft_adapts_exactly_those(tmp_path, tokens, make, saved):
+    ours = add_lora(make(), LoraConfig(r=4, alpha=8, targets="all-linear", init="random"))
+    expected = logits(ours, tokens)
+    save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == saved
+    adapted = _adapted(ours)
+    assert len(adapted) == 2 * len(saved)
+
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path)
+    assert _adapted(theirs) == adapted  # no router, no experts: what lorakit trained, nothing more
+    torch.testing.assert_close(logits(theirs, tokens), expected, rtol=1e-5, atol=1e-5)
+    again = load_adapter(make(), tmp_path)
+    assert _adapted(again) == adapted
+    torch.testing.assert_close(logits(again, tokens), expected, rtol=0, atol=0)
+
+
+def test_all_linear_is_saved_as_full_names_when_a_name_also_ends_an_unadapted_module(tmp_path):
+    class Model(torch.nn.Module):  # the head is called `out`, like a linear inside the block
+        def __init__(self):
+            super().__init__()
+            self.block = torch.nn.ModuleDict({"out": torch.nn.Linear(4, 4), "inner": torch.nn.Linear(4, 4)})
+            self.out = torch.nn.Linear(4, 3)
+
+        def get_output_embeddings(self):
+            return self.out
+
+    model = add_lora(Model(), LoraConfig(r=2, targets="all-linear"))
+    save_adapter(model, tmp_path)
+    # ["out", "inner"] would adapt the head too
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["block.out", "block.inner"]
+    assert _adapted(load_adapter(Model(), tmp_path)) == {"block.out", "block.inner"}

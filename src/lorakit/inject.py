@@ -132,6 +132,21 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return chosen
 
 
+def target_list(model: nn.Module, config: LoraConfig, chosen: list[str]) -> list[str]:
+    """A target list selecting exactly the modules `chosen` (full names, in model order), as peft
+    writes lists: their distinct last names (["q_proj", "k_proj", ...]), or the full names when
+    a last name also ends a module not chosen (e.g. a block's `out` and an output head `out`).
+    Matched like any list (a name equal to an entry or ending in "." + entry), with the config's
+    exclude and layers, by lorakit and peft alike."""
+    names = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in chosen))
+    try:
+        if resolve_targets(model, config.replace(targets=names)) == chosen:
+            return names
+    except ValueError:  # a last name also ends a module LoRA cannot adapt
+        pass
+    return list(chosen)
+
+
 def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "default",
              adapter_dtype: torch.dtype | None = torch.float32) -> nn.Module:
     """Freeze `model` and add a LoRA adapter called `name` to the layers `config` targets.
@@ -151,6 +166,10 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
     if config.targets is None:
         config = config.replace(targets=default_targets(model))
     targets = resolve_targets(model, config)
+    if config.targets == ALL_LINEAR:
+        # Other tools resolve "all-linear" their own way (peft also wraps MoE routers and experts):
+        # the adapter's config, and so its saved adapter_config.json, names what is adapted here.
+        config = config.replace(targets=target_list(model, config, targets))
     to_save = _resolve_modules_to_save(model, config.modules_to_save)
     first = not configs
     if first:
