@@ -153,6 +153,8 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
 
     The first adapter becomes the active one; later ones are added inactive (use set_adapter).
     adapter_dtype: dtype of A and B (float32 by default, also on a bfloat16 base); None: the base's.
+    The adapter's config (adapter_configs, save_adapter) names the modules it adapts: targets=None
+    becomes the model type's defaults, "all-linear" the list of modules it selected (target_list).
     Returns the model, changed in place.
     """
     config = config or LoraConfig()
