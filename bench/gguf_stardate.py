@@ -1,12 +1,13 @@
 """A run's adapter, exported to GGUF and run by llama.cpp on the run's held-out test set.
 
-    ./dev bench gguf_stardate RUN_DIR [--quant f16] [--limit N]
+    ./dev bench gguf_stardate RUN_DIR [--quant f16] [--limit N] [--adapter-only]
 
 Exports RUN_DIR (base + adapter, merged in float32) with `lorakit export`'s library call, then
 greedy-decodes every held-out prompt with llama.cpp (llama-cpp-python: `pip install
 'lorakit[llama]'`) using only the GGUF file: its tokenizer, its weights. Prints llama.cpp's exact
 match next to lorakit's own evaluation of the same adapter (transformers, the run's summary.json)
-and the number of predictions that differ between the two.
+and the number of predictions that differ between the two. --adapter-only: the base model and the
+adapter as two files, the adapter applied by llama.cpp at load time (its --lora).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> int:
     parser.add_argument("--quant", default="f16")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--adapter-only", action="store_true")
     args = parser.parse_args()
 
     import llama_cpp
@@ -35,7 +37,8 @@ def main() -> int:
     from lorakit.cli.common import load, resolve_source
     from lorakit.cli.export import run_test_ids
     from lorakit.config import RunConfig, load_yaml
-    from lorakit.gguf_export import export_merged
+    from lorakit.gguf_export import export_adapter, export_merged
+    from lorakit.models import load_model
     from lorakit.tasks import exact_match
     from lorakit.train import exact_match_accuracy, load_data
 
@@ -48,11 +51,19 @@ def main() -> int:
     ours, rows = exact_match_accuracy(model, tokenizer, test, args.max_new_tokens, 32, limit=args.limit)
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.gguf"
+        path, lora = Path(tmp) / "model.gguf", None
         t0 = time.perf_counter()
-        _, check = export_merged(model, tokenizer, path, args.quant, check_ids=run_test_ids(args.run_dir, tokenizer))
-        print(f"exported {args.run_dir} as {args.quant} in {time.perf_counter() - t0:.1f} s; {check.line()}")
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=2, verbose=False)
+        if args.adapter_only:
+            lora = export_adapter(model, Path(tmp) / "lora.gguf")
+            base, _ = load_model(source.model)
+            _, check = export_merged(base, tokenizer, path, args.quant)
+        else:
+            _, check = export_merged(model, tokenizer, path, args.quant,
+                                     check_ids=run_test_ids(args.run_dir, tokenizer))
+        print(f"exported {args.run_dir} as {args.quant}{' + a LoRA adapter GGUF' if lora else ''} in "
+              f"{time.perf_counter() - t0:.1f} s; {check.line()}")
+        llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512, n_batch=512,
+                              n_threads=2, logits_all=True, verbose=False)
         eos = llm.token_eos()
         predictions = []
         t0 = time.perf_counter()
