@@ -1,4 +1,4 @@
-"""Every subcommand but train, fed the kinds of bad input users hand it (missing paths, files where
+"""Every subcommand but train (tests/test_cli_train_errors.py), fed the kinds of bad input users hand it (missing paths, files where
 directories belong, empty or broken files, bad numbers): each must end in a `lorakit <cmd>: error:`
 message and a non-zero exit, never a traceback. Most cases run in-process (main() as the console
 script calls it); a few run as real subprocesses."""
@@ -81,12 +81,20 @@ CASES = {
         ["{bad_config_model}", "--out", "{missing}"], ["{model}", "--out", "{empty_dir}"],
         ["{model}", "--out", "{missing}", "--compute-dtype", "int4"],
     ],
+    "export": [
+        ["{missing}", "--out", "{missing}"], ["{empty_txt}", "--out", "{missing}"],
+        ["{empty_dir}", "--out", "{missing}"], ["{broken_adapter}", "--base", "{model}", "--out", "{missing}"],
+        ["{broken_model}", "--out", "{missing}"], ["{bad_config_model}", "--out", "{missing}"],
+        ["{model}", "--out", "{empty_txt}"], ["{model}", "--out", "{missing}/sub/x.gguf"],
+        ["{adapter}", "--base", "{missing}", "--out", "{missing}"],
+        ["{model}", "--out", "{missing}", "--quant", "q2_k"],
+    ],
 }
 
 
 def test_every_subcommand_but_train_is_fuzzed():
-    # train (and export, added with it) are fuzzed with their own configs and data files elsewhere
-    assert set(COMMANDS) - {"train", "export"} == set(CASES)
+    # train is fuzzed with its own configs and data files (tests/test_cli_train_errors.py)
+    assert set(COMMANDS) - {"train"} == set(CASES)
 
 
 @pytest.mark.parametrize("command, args", [(c, a) for c, cases in CASES.items() for a in cases],
