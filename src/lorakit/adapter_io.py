@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, LoraConfig
-from .files import describe, open_safetensors, read_json_object
+from .files import describe, new_file_mode, open_safetensors, read_json_object
 from .inject import _check_names, add_lora, adapter_configs, delete_adapter, lora_layers
 from .layer import LoraEmbedding, LoraLayer, ModulesToSave
 from .patterns import pattern_problem
@@ -96,17 +96,11 @@ def _write_temporary(directory: Path, name: str, write) -> str:
     try:
         write(tmp)
         # mkstemp (and safetensors' writer) make it private (0600); give it a new file's usual mode
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, new_file_mode())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return tmp
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
@@ -154,9 +148,14 @@ def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor
     problems += [f"{k} holds NaN or infinite values" for k, t in tensors.items()
                  if t.is_floating_point() and not torch.isfinite(t).all()]
     if problems:
-        shown = problems[:8] + ([f"... ({len(problems)} problems in all)"] if len(problems) > 8 else [])
-        raise ValueError(f"{describe(path)}: not a usable adapter:\n  " + "\n  ".join(shown))
+        raise ValueError(f"{describe(path)}: not a usable adapter:{_listed(problems)}")
     return tensors
+
+
+def _listed(problems: list[str], most: int = 8) -> str:
+    """The first `most` problems, one per indented line, and how many there are in all."""
+    shown = problems[:most] + ([f"... ({len(problems)} problems in all)"] if len(problems) > most else [])
+    return "".join(f"\n  {p}" for p in shown)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
@@ -231,8 +230,7 @@ def adapter_report(directory: str | os.PathLike) -> dict:
                                 "norm_A": a.norm().item(), "norm_B": b.norm().item(),
                                 "norm_delta": scale * (b @ a).norm().item()})
     if problems:
-        shown = problems[:8] + ([f"... ({len(problems)} problems in all)"] if len(problems) > 8 else [])
-        raise ValueError(f"adapter in {directory} is inconsistent:\n  " + "\n  ".join(shown))
+        raise ValueError(f"adapter in {directory} is inconsistent:{_listed(problems)}")
     files = [directory / CONFIG_NAME, directory / WEIGHTS_NAME]
     return {
         "config": json.loads((directory / CONFIG_NAME).read_text()),

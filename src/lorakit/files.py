@@ -38,6 +38,15 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return value
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file, 0666 less the umask: for files made private by the way they
+    are written (mkstemp, safetensors' writer: 0600) that should look like the rest of the user's
+    files. os.umask reads the mask only by setting it, so it is set and put back."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def open_safetensors(path: str | os.PathLike):
     """safetensors' safe_open(path) (PyTorch tensors); ValueError naming the file when it is not a
     regular file or not a valid safetensors file (empty, truncated, bad header, offsets outside it)."""

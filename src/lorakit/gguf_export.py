@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .files import new_file_mode
+
 GGUF_HINT = "pip install 'gguf>=0.10' (lorakit's extra: pip install 'lorakit[gguf]')"
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 ADAPTER_QUANTS = ("f32", "f16", "bf16")
@@ -328,7 +330,7 @@ def write_gguf(path: str | os.PathLike, arch_name: str, metadata, tensors: list[
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -35,6 +35,7 @@ from . import distributed, monitor
 from .adapter_io import save_adapter
 from .config import BUILTIN_PREFIX, ConfigError, RunConfig
 from .data import DataError, Dataset, batch_at, build_dataset, collate, pack, read_records, split_validation
+from .files import new_file_mode
 from .inject import add_lora, trainable_parameters
 from .loss import chunked_cross_entropy, supports_chunked_loss
 
@@ -391,7 +392,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     try:
         tmp.mkdir()
         save_file(weights, tmp / "trainable.safetensors")
-        os.chmod(tmp / "trainable.safetensors", _new_file_mode())  # save_file makes it 0600
+        os.chmod(tmp / "trainable.safetensors", new_file_mode())  # save_file makes it 0600
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": [cpu for cpu, _ in rngs], "cuda_rng": [gpu for _, gpu in rngs]}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
@@ -411,13 +412,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         shutil.rmtree(old[1])
     distributed.barrier(ctx)
     return final
-
-
-def _new_file_mode() -> int:
-    """The mode open() gives a new file: 0666 less the umask (os.umask only reads it by setting it)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
