@@ -169,14 +169,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     tensors = read_adapter_tensors(directory)
     add_lora(model, config, name)
     try:
-        _copy_into(model, name, tensors, directory)
+        copy_into(model, name, tensors, directory)
     except BaseException:
         delete_adapter(model, name)
         raise
     return model
 
 
-def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory) -> None:
+def copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory) -> None:
+    """Copy an adapter's saved tensors (PEFT's keys) into the model's adapter `name`, strictly:
+    missing or unexpected keys and shape mismatches are a ValueError naming `directory`, raised
+    before anything is copied."""
     expected = adapter_state_dict(model, name)
     # PEFT also saves the base weight of an adapted embedding (save_embedding_layers): accept it.
     optional = {PREFIX + n + ".base_layer.weight": m.base_layer.weight

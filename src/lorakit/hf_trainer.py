@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, _copy_into, adapter_state_dict, read_adapter_config, \
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, copy_into, read_adapter_config, \
     read_adapter_tensors, save_adapter
 from .inject import adapter_configs
 from .loss import CHUNKED_LOSS_MODEL_TYPES, DEFAULT_CHUNK_SIZE, causal_lm_loss, supports_chunked_loss
@@ -142,7 +142,7 @@ def load_adapter_checkpoint(model: nn.Module, directory: str | os.PathLike) -> N
                              f"({'; '.join(differ)}); call add_lora with the config of the saved run")
         loaded[name] = (where, read_adapter_tensors(where))
     for name, (where, tensors) in loaded.items():
-        _copy_into(model, name, tensors, where)
+        copy_into(model, name, tensors, where)
 
 
 def _holds_adapters(directory: str | os.PathLike | None) -> bool:
