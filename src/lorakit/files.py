@@ -10,8 +10,11 @@ the file (and where a symlink points), and refuses things that are not regular f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +44,57 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
 def new_file_mode() -> int:
     """The mode open() gives a new file, 0666 less the umask: for files made private by the way they
     are written (mkstemp, safetensors' writer: 0600) that should look like the rest of the user's
-    files. os.umask reads the mask only by setting it, so it is set and put back."""
+    files."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask: os.umask reads it only by setting it, so it is set and put back."""
     umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, directory: bool = False):
+    """Write `path` atomically: yields a new temporary path next to it (a file, or an empty directory
+    when directory=True) to fill; when the block ends without an exception it is renamed onto `path`
+    (a directory already there is removed first), with a new file's usual mode instead of mkstemp's
+    private 0600. On any exception the temporary is removed and `path` is left as it was, so a
+    crash, a kill or a full disk never leaves a half-written file under the final name.
+    """
+    path = Path(path)
+    parent = path.parent
+    make = tempfile.mkdtemp if directory else tempfile.mkstemp
+    made = make(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    if not directory:
+        os.close(made[0])
+    tmp = Path(made if directory else made[1])
+    try:
+        if directory:  # mkdtemp's is 0700; a new directory's usual mode is 0777 less the umask
+            os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if not directory:
+            os.chmod(tmp, new_file_mode())  # writers such as safetensors' make the file private again
+        if directory and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(path: str | os.PathLike, content: str | bytes) -> Path:
+    """`path` holds `content` (text as UTF-8), written through replacing(): all or nothing."""
+    with replacing(path) as tmp:
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        else:
+            tmp.write_bytes(content)
+    return Path(path)
 
 
 def open_safetensors(path: str | os.PathLike):
