@@ -131,3 +131,17 @@ def test_yaml_alias_bomb_is_refused_before_it_expands():
         load_yaml("a: &a [1, *a]")
     fits = load_yaml("a: &a [" + ", ".join(["1"] * 99) + "]\nb: [" + ", ".join(["*a"] * 100) + "]")
     assert len(fits["b"]) == 100 and 100 * 100 < MAX_YAML_VALUES
+
+
+def test_method_is_the_one_place_the_4bit_decision_lives():
+    from lorakit.config import RunConfig
+
+    assert [RunConfig.from_dict({"method": m}).quantize for m in ("lora", "qlora", "full")] == [None, "nf4", None]
+    # configs written while model.quantize existed (a run's config.yaml) load when they agree with the method
+    assert RunConfig.from_dict({"method": "qlora", "model": {"quantize": "nf4"}}).quantize == "nf4"
+    assert RunConfig.from_dict({"model": {"quantize": "none"}}).to_dict()["model"] == {"path": None, "dtype": "float32"}
+    for method in ("lora", "full"):
+        with pytest.raises(ConfigError, match=rf"method='{method}' with model.quantize='nf4': .* set method=qlora"):
+            RunConfig.from_dict({"method": method, "model": {"quantize": "nf4"}})
+    with pytest.raises(ConfigError, match=r"model.quantize='fp4': model.quantize is implied by the method"):
+        RunConfig.from_dict({}, ["method=qlora", "model.quantize=fp4"])

@@ -265,10 +265,9 @@ BUILTIN_PREFIX = "builtin:"
 @dataclass
 class ModelSection:
     path: str | None = None          # local transformers directory (or hub id); None: SmolLM2-135M-Instruct
-    dtype: str = "float32"           # dtype of the frozen base
-    quantize: str = "none"           # "nf4" stores the frozen linear weights in 4 bits (QLoRA)
+    dtype: str = "float32"           # dtype of the frozen base (with method qlora: of its non-4-bit parts)
 
-    choices = {"dtype": DTYPES, "quantize": ("none", "nf4")}
+    choices = {"dtype": DTYPES}
 
 
 @dataclass
@@ -379,11 +378,6 @@ class RunConfig:
             out.append("train.lr=0: must be > 0")
         if _is_number(d.validation_fraction) and not 0 <= d.validation_fraction < 1:
             out.append(f"data.validation_fraction={d.validation_fraction}: must be in [0, 1)")
-        if self.method == "full" and self.model.quantize == "nf4":
-            out.append("method='full' with model.quantize='nf4': a 4-bit base cannot be fine-tuned "
-                       "in full; use method=qlora")
-        if self.method == "lora" and self.model.quantize == "nf4":
-            out.append("method='lora' with model.quantize='nf4' is QLoRA: set method=qlora")
         for key in ("train", "test", "validation"):
             value = getattr(d, key)
             if isinstance(value, str) and value.startswith(BUILTIN_PREFIX):
@@ -395,17 +389,17 @@ class RunConfig:
                                + ", ".join(BUILTIN_PREFIX + k for k in TASKS))
         return out
 
-    def resolved(self) -> RunConfig:
-        """A copy with implied settings made explicit (qlora -> model.quantize=nf4)."""
-        if self.method == "qlora" and self.model.quantize == "none":
-            return dataclasses.replace(self, model=dataclasses.replace(self.model, quantize="nf4"))
-        return self
+    @property
+    def quantize(self) -> str | None:
+        """How the frozen base is stored: "nf4" (4-bit NormalFloat) for QLoRA, else None. The method
+        is the one place this is decided."""
+        return "nf4" if self.method == "qlora" else None
 
     def validate(self) -> RunConfig:
         problems = self.problems()
         if problems:
             raise ConfigError("run configuration", problems)
-        return self.resolved()
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **{s: dataclasses.asdict(getattr(self, s)) for s in self.SECTIONS}}
@@ -435,6 +429,7 @@ class RunConfig:
                     problems.append(f"--set {item!r}: {group} is not a group")
             else:
                 raw[group] = value
+        problems += _retired_quantize(raw)
         kwargs: dict[str, Any] = {}
         sections = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in raw.items():
@@ -455,7 +450,24 @@ class RunConfig:
         problems += config.problems()
         if problems:
             raise ConfigError("run configuration", problems)
-        return config.resolved()
+        return config
+
+
+def _retired_quantize(raw: dict[str, Any]) -> list[str]:
+    """`model.quantize` repeated what `method` says (nf4 exactly for qlora). Configs written before it
+    was retired (run directories' config.yaml included) still load: the key is dropped when it agrees
+    with the method, and a contradiction is reported, as it always was."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or "quantize" not in model:
+        return []
+    value, method = model.pop("quantize"), raw.get("method", "lora")
+    if value in (None, "none") or (value == "nf4" and method == "qlora"):
+        return []
+    if value == "nf4":
+        return [f"method={method!r} with model.quantize='nf4': the 4-bit base is method=qlora's; "
+                "set method=qlora (model.quantize is implied by the method and can be left out)"]
+    return [f"model.quantize={value!r}: model.quantize is implied by the method (nf4 exactly for "
+            "method=qlora) and can be left out; valid values were none and nf4"]
 
 
 # More values than this after expanding YAML aliases is refused: a few lines of nested aliases

@@ -68,7 +68,7 @@ def load_base(config: RunConfig, lazy: bool = False):
     part as it arrives; otherwise it is loaded and fill is None."""
     from .models import CheckpointLoader, load_model, load_tokenizer, resolve_model_dir
 
-    quantize = None if config.model.quantize == "none" else config.model.quantize
+    quantize = config.quantize
     if lazy:
         path = resolve_model_dir(config.model.path)
         loader = CheckpointLoader(path, _dtype(config.model.dtype), quantize)

@@ -72,7 +72,7 @@ def resolve_source(args) -> Source:
         adapter = Path(args.adapter)
         if (adapter / "config.yaml").is_file() and (adapter / "adapter").is_dir():
             run = RunConfig.from_dict(load_yaml((adapter / "config.yaml").read_text()))
-            model, quantize, dtype = run.model.path, run.model.quantize, run.model.dtype
+            model, quantize, dtype = run.model.path, run.quantize, run.model.dtype
             adapter = adapter / "adapter"
         elif not (adapter / "adapter_config.json").is_file():
             raise ValueError(f"--adapter {adapter}: neither an adapter directory (adapter_config.json) "
