@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,8 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, LoraConfig
-from .files import describe, new_file_mode, open_safetensors, read_json_object
-from .inject import _check_names, add_lora, adapter_configs, delete_adapter, lora_layers
+from .files import describe, open_safetensors, read_json_object, replacing
+from .inject import add_lora, adapter_configs, check_adapter_names, delete_adapter, lora_layers
 from .layer import LoraEmbedding, LoraLayer, ModulesToSave
 from .patterns import pattern_problem
 
@@ -35,7 +34,7 @@ PREFIX = "base_model.model."
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under their on-disk names (live tensors, not copies)."""
-    _check_names(model, [name])
+    check_adapter_names(model, [name])
     config = adapter_configs(model)[name]
     out = {}
     for module_name, module in model.named_modules():
@@ -69,38 +68,19 @@ def _fan_in_fan_out(model: nn.Module, name: str) -> bool:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` to `directory` in PEFT's layout. Both files are first written in full
-    to temporary names, then renamed back to back, so a failed or interrupted save leaves the
-    previous adapter (weights and config together) as it was, and never a half-written file."""
+    to temporary names, then renamed back to back (weights, then config), so a failed or
+    interrupted save leaves the previous adapter (weights and config together) as it was, and
+    never a half-written file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: t.detach().contiguous().clone().cpu() for k, t in adapter_state_dict(model, name).items()}
     peft_config = adapter_configs(model)[name].to_peft_dict(fan_in_fan_out=_fan_in_fan_out(model, name))
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    written: dict[str, str] = {}  # final name -> its temporary file
-    try:
-        written[WEIGHTS_NAME] = _write_temporary(directory, WEIGHTS_NAME,
-                                                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        written[CONFIG_NAME] = _write_temporary(directory, CONFIG_NAME, lambda p: Path(p).write_text(text))
-        for final, tmp in written.items():
-            os.replace(tmp, directory / final)
-    finally:
-        for tmp in written.values():
-            Path(tmp).unlink(missing_ok=True)  # only left if a rename did not happen
+    # The inner block's file is renamed first: the weights, then the config that describes them.
+    with replacing(directory / CONFIG_NAME) as config_tmp, replacing(directory / WEIGHTS_NAME) as weights_tmp:
+        save_file(tensors, weights_tmp, metadata={"format": "pt"})
+        config_tmp.write_text(text)
     return directory
-
-
-def _write_temporary(directory: Path, name: str, write) -> str:
-    """A new temporary file next to `name` in `directory`, filled by write(path); its path."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp (and safetensors' writer) make it private (0600); give it a new file's usual mode
-        os.chmod(tmp, new_file_mode())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .files import new_file_mode
+from .files import replacing
+from .surgery import output_head_names
 
 GGUF_HINT = "pip install 'gguf>=0.10' (lorakit's extra: pip install 'lorakit[gguf]')"
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -167,8 +167,8 @@ def model_tensors(model: nn.Module, quant: str = "f16", progress=None) -> list[G
     state = model.state_dict()
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        del state[head_name + ".weight"]
+        for head_name in output_head_names(model):  # tied: GGUF stores the embedding once
+            del state[head_name + ".weight"]
     out = []
     items = [(k, v) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")]
     for key, value in (progress(items) if progress else items):
@@ -319,9 +319,7 @@ def write_gguf(path: str | os.PathLike, arch_name: str, metadata, tensors: list[
     """
     gguf = _gguf()
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent if str(out.parent) else ".")
-    os.close(fd)
-    try:
+    with replacing(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch_name)
         metadata(writer)
         for t in tensors:
@@ -330,11 +328,6 @@ def write_gguf(path: str | os.PathLike, arch_name: str, metadata, tensors: list[
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 
@@ -396,7 +389,7 @@ def adapter_tensors(model: nn.Module, quant: str = "f32") -> tuple[list[GGUFTens
         else:
             layers.append((module_name, layer, live[0]))
     if getattr(config, "tie_word_embeddings", False):
-        head = {n for n, m in model.named_modules() if m is model.get_output_embeddings()}
+        head = output_head_names(model)
         problems += [f"{n}: LoRA on a tied output head (the base GGUF has no output.weight)"
                      for n, _, _ in layers if n in head]
     if problems:

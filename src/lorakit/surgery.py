@@ -64,24 +64,31 @@ def unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     listed under its own name with the wrapped layer (LoraLayer.base_layer,
     ModulesToSave.original_module) as module, and nothing inside it is listed. So a model with
     adapters is searched as the base model it was built from."""
-    inside: tuple[str, ...] = ()
-    for name, module in model.named_modules():
-        if inside and name.startswith(inside):
-            continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            inside += (name + ".",)
-            module = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+    for name, module, _ in _walk(model):
         yield name, module
 
 
 def output_head_names(model: nn.Module) -> set[str]:
-    """The full names of the model's output head, the module get_output_embeddings() returns
-    (a wrapped head counts too; several names when it is reachable by several); {"lm_head"} for
-    a model that does not say."""
+    """The full names of the model's output head, the module get_output_embeddings() returns,
+    wrapped by an adapter or not (several names when it is reachable by several); {"lm_head"}
+    for a model that does not say."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    names = {name for name, module in unwrapped_modules(model) if head is not None and module is head}
+    names = {name for name, base, wrapper in _walk(model) if head is not None and head in (base, wrapper)}
     return names or {"lm_head"}
+
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """(full name, module with LoRA wrappers taken off, module as it is in the model)."""
+    inside: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        base = module
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            inside += (name + ".",)
+            base = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+        yield name, base, module
 
 
 def parent(model: nn.Module, full_name: str) -> tuple[nn.Module, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+from lorakit import dtypes
 
 
 def positive_int(text: str) -> int:
@@ -58,7 +58,7 @@ def add_model_arguments(p, adapter_required: bool = False) -> None:
                    help="adapter directory, or a lorakit run directory (its adapter/ and config.yaml)")
     p.add_argument("--quantize", choices=("none", "nf4"), default=None,
                    help="load the base in NF4 (default: as the run was trained)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="base dtype (default: as trained, else float32)")
+    p.add_argument("--dtype", choices=dtypes.NAMES, default=None, help="base dtype (default: as trained, else float32)")
 
 
 def resolve_source(args) -> Source:
@@ -84,14 +84,12 @@ def resolve_source(args) -> Source:
 
 def load(source: Source):
     """(model, tokenizer) with the adapter applied (not merged)."""
-    import torch
-
     from lorakit.adapter_io import load_adapter, read_adapter_tensors
     from lorakit.models import load_model
 
     if source.adapter:
         read_adapter_tensors(source.adapter)  # a broken adapter is refused before the model loads
-    model, tokenizer = load_model(source.model, dtype=getattr(torch, source.dtype),
+    model, tokenizer = load_model(source.model, dtype=dtypes.to_torch(source.dtype),
                                   quantize=None if source.quantize == "none" else source.quantize)
     if source.adapter:
         load_adapter(model, source.adapter)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lorakit.cli.common import DTYPE_NAMES, add_model_arguments, load, new_output_dir, resolve_source
+from lorakit import dtypes
+from lorakit.cli.common import add_model_arguments, load, new_output_dir, resolve_source
 
 PROBE = "The quick brown fox jumps over the lazy dog. 1 2 3 4 5"
 
@@ -15,7 +16,7 @@ def add_parser(sub) -> None:
                                    "error is printed).")
     add_model_arguments(p, adapter_required=True)
     p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--out-dtype", choices=DTYPE_NAMES, default=None,
+    p.add_argument("--out-dtype", choices=dtypes.NAMES, default=None,
                    help="dtype of the merged weights (default: the base's compute dtype)")
     p.add_argument("--requantize", action="store_true", help="store the merged 4-bit layers in NF4 again (lossy)")
     p.add_argument("--no-check", action="store_true",
@@ -38,7 +39,7 @@ def run(args) -> int:
         expected = model(**probe).logits.float()
     inputs = [] if args.no_check else check_inputs(tokenizer, BUILTIN_TEXTS)
     reference = logits_of(model, inputs)
-    merged = merge_and_unload(model, dtype=getattr(torch, args.out_dtype) if args.out_dtype else None,
+    merged = merge_and_unload(model, dtype=dtypes.to_torch(args.out_dtype) if args.out_dtype else None,
                               requantize=args.requantize)
     with torch.no_grad():
         got = merged(**probe).logits.float()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lorakit.cli.common import DTYPE_NAMES, new_output_dir
+from lorakit import dtypes
+from lorakit.cli.common import new_output_dir
 
 
 def add_parser(sub) -> None:
@@ -12,7 +13,7 @@ def add_parser(sub) -> None:
                                    "bitsandbytes 4-bit checkpoint (config.json with quantization_config).")
     p.add_argument("model", help="model directory (config.json + safetensors), or SmolLM2-135M-Instruct")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--compute-dtype", choices=DTYPE_NAMES, default="bfloat16")
+    p.add_argument("--compute-dtype", choices=dtypes.NAMES, default="bfloat16")
     p.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32 (4.5 bits/param)")
     p.set_defaults(run=run)
 
@@ -25,7 +26,7 @@ def run(args) -> int:
 
     out = new_output_dir(args.out)
     source = resolve_model_dir(args.model)
-    model = load_quantized(source, dtype=torch.float32, compute_dtype=getattr(torch, args.compute_dtype),
+    model = load_quantized(source, dtype=torch.float32, compute_dtype=dtypes.to_torch(args.compute_dtype),
                            double_quant=not args.no_double_quant)
     save_model(model, source, out)  # quantizing needs no tokenizer; its files are copied when present
     report = memory_report(model)
