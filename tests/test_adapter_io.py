@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_lora import logits, randomize_adapters
+from test_inject import logits, randomize_adapters
 
 from lorakit import LoraConfig, add_lora, load_adapter, save_adapter
 from lorakit.inject import adapter_configs

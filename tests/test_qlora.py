@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_llama
-from test_lora import logits, randomize_adapters
+from test_inject import logits, randomize_adapters
 from torch import nn
 
 from lorakit import LoraConfig, add_lora, merge, merge_and_unload, trainable_parameters
