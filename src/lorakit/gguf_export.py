@@ -346,15 +346,6 @@ def model_metadata(config, tokenizer, quant: str, name: str):
     return add
 
 
-def export_model(model: nn.Module, tokenizer, path: str | os.PathLike, quant: str = "f16",
-                 name: str = "lorakit export", progress: bool = False) -> Path:
-    """Write a plain (merged) transformers causal LM and its tokenizer as one GGUF file."""
-    out = check_output_path(path)
-    tensors = model_tensors(model, quant)
-    metadata = model_metadata(model.config, tokenizer, quant, name)
-    return write_gguf(out, architecture(model.config).gguf_name, metadata, tensors, progress)
-
-
 # --- adapters ------------------------------------------------------------------------------------
 
 def adapter_tensors(model: nn.Module, quant: str = "f32") -> tuple[list[GGUFTensor], float]:

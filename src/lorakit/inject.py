@@ -4,6 +4,9 @@ add_lora wraps the targeted layers in place; merge / unmerge fold ΔW in and out
 weights; merge_and_unload returns a plain model. Several named adapters may live on one model:
 set_adapter picks the active (and trainable) ones, disable_adapters switches them off for a block,
 combine_adapters builds a new adapter equal to a weighted sum of others.
+
+What a config selects follows surgery.py's rules (matches, layer_index, output_head_names), and
+wrappers go in and come out with surgery.replace_module; this module decides what to wrap.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def _is_4bit(module: nn.Module) -> bool:
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or _is_4bit(module)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the model's linear layers ("q_proj", ...), for error messages."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in unwrapped_modules(model) if _is_linear(m)})
 
 
 _first_adapter_hooks: list[Callable[[nn.Module], None]] = []
@@ -66,7 +74,7 @@ def default_targets(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[model_type]
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in unwrapped_modules(model) if _is_linear(m)})
+    linear = _linear_names(model)
     raise ValueError(
         f"no default LoRA targets for model type {model_type!r} (known: {', '.join(sorted(DEFAULT_TARGETS))}); "
         f"pass LoraConfig(targets=[...]); linear modules here: {', '.join(linear) or 'none'}"
@@ -76,10 +84,9 @@ def default_targets(model: nn.Module) -> list[str]:
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Full names of the modules `config` adapts, in model order. Errors name the candidates."""
     targets = config.targets if config.targets is not None else default_targets(model)
-    candidates = list(unwrapped_modules(model))
     heads = output_head_names(model) if targets == ALL_LINEAR else set()
     chosen, unsupported = [], []
-    for name, module in candidates:
+    for name, module in unwrapped_modules(model):
         if not name:
             continue
         if targets == ALL_LINEAR:
@@ -100,7 +107,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             "supported: nn.Linear, transformers' Conv1D, nn.Embedding, lorakit's NF4Linear"
         )
     if not chosen:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if _is_linear(m)})
+        linear = _linear_names(model)
         raise ValueError(
             f"targets {targets!r} match no module"
             + (f" (with exclude={config.exclude!r}, layers={config.layers!r})" if config.exclude or config.layers else "")
