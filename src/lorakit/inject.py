@@ -581,18 +581,3 @@ def _weighted_copy(wrapper: ModulesToSave, holder: str, weight: float, name: str
                 t.copy_((m0 + weight * (trained[key].float() - m0)).to(t.dtype))
             else:
                 t.copy_(trained[key])
-
-
-
-def check_config(model: nn.Module, config: LoraConfig) -> None:
-    """Raise ConfigError with every problem of `config` on this model (no change made)."""
-    from .config import ConfigError
-
-    problems = []
-    for resolver, arg in ((resolve_targets, config), (_resolve_modules_to_save, config.modules_to_save)):
-        try:
-            resolver(model, arg)
-        except ValueError as e:
-            problems.append(str(e))
-    if problems:
-        raise ConfigError("LoRA targets", problems)
