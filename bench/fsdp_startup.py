@@ -27,7 +27,8 @@ def one(lazy: bool, method: str) -> dict:
 
     from lorakit import distributed
     from lorakit.config import RunConfig
-    from lorakit.train import SummedLoss, load_base, prepare_model
+    from lorakit.loss import SummedLoss
+    from lorakit.training.setup import load_base, prepare_model
 
     config = RunConfig.from_dict({}, [f"method={method}", "lora.r=16", "lora.targets=all-linear",
                                       "train.strategy=fsdp"]).validate()

@@ -57,10 +57,10 @@ def worker(strategy: str, out: str, repeat: int, switch_interval: float, mode: s
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from test_train import tiny_run
+    from test_training_loop import tiny_run
 
     from lorakit import distributed
-    from lorakit.train import train
+    from lorakit.training import train
 
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -89,10 +89,10 @@ def end_of_train(strategy: str, i: int) -> None:
     """The end of train() alone: the wrapped model takes one step, then all_gather_objects and
     teardown, and the wrapper is freed when this returns, as train()'s is."""
     import torch
-    from test_train import tiny_run
+    from test_training_loop import tiny_run
 
     from lorakit import distributed
-    from lorakit.train import SummedLoss
+    from lorakit.loss import SummedLoss
 
     ctx = distributed.setup("cpu")
     if strategy == "ddp":  # one layer: nothing freed ahead of its Reducer lets the GIL go

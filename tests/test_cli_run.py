@@ -53,7 +53,7 @@ def test_eval_reports_loss_and_exact_match(tmp_path, base_dir, capsys):
     assert main(["eval", "--model", str(base_dir), "--data", str(data), "--max-new-tokens", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
     from lorakit.data import build_dataset, read_records
-    from lorakit.train import heldout_loss
+    from lorakit.training.evaluate import heldout_loss
 
     model, tok = load_model(base_dir)
     expected = heldout_loss(model, build_dataset(read_records(data), tok), tok.pad_token_id, 8)

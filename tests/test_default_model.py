@@ -8,7 +8,8 @@ from lorakit import load_adapter
 from lorakit.config import RunConfig
 from lorakit.data import collate
 from lorakit.models import load_model
-from lorakit.train import Prepared, load_data, prepare_model, train
+from lorakit.training import Prepared, train
+from lorakit.training.setup import load_data, prepare_model
 
 
 def test_default_recipe_on_the_real_model_for_three_steps(tmp_path):

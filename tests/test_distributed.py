@@ -24,10 +24,10 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
     from conftest import tiny_llama
-    from test_train import tiny_run
+    from test_training_loop import tiny_run
     from lorakit.nf4 import quantize_linears
-    import lorakit.train
-    from lorakit.train import prepare_model, train
+    from lorakit.training import SFT, Hooks, train
+    from lorakit.training.setup import prepare_model
     import torch.distributed.fsdp as fsdp
     from torch.distributed.tensor import DTensor
     out, resume, base, *overrides = sys.argv[1:]
@@ -41,18 +41,25 @@ SCRIPT = textwrap.dedent("""
     # buffers apart: rotary frequencies, NF4 code tables)
     models_seen, whole_at_shard = [], []
     shard = fsdp.fully_shard
-    def prepare(model, config):
-        models_seen.append(model)
-        return prepare_model(model, config)
     def whole(module):
         return sum(p.numel() * p.element_size() for p in module.parameters()
                    if not p.requires_grad and not p.is_meta and not isinstance(p, DTensor))
     def counting_shard(module, *args, **kwargs):  # (in the whole model, in the part being sharded)
-        whole_at_shard.append((whole(models_seen[0] if models_seen else prepared.model), whole(module)))
+        whole_at_shard.append((whole(models_seen[0]), whole(module)))
         return shard(module, *args, **kwargs)
-    lorakit.train.prepare_model, fsdp.fully_shard = prepare, counting_shard
-    train(config, out, resume=resume == "resume", prepared=prepared, progress=False, log=lambda *_: None)
-    model = models_seen[0] if models_seen else prepared.model
+    fsdp.fully_shard = counting_shard
+    objective = SFT()
+    if os.environ.get("DIE_AT"):  # "RANK:STEP": that rank fails while it builds that step's batches
+        die_rank, die_step = map(int, os.environ["DIE_AT"].split(":"))
+        class Dying(SFT):
+            def micro_batches(self, dataset, step, config, ctx, pad_id):
+                if ctx.rank == die_rank and step == die_step:
+                    raise RuntimeError(f"rank {{die_rank}} fails on purpose")
+                return super().micro_batches(dataset, step, config, ctx, pad_id)
+        objective = Dying()
+    train(config, out, resume=resume == "resume", prepared=prepared, progress=False, log=lambda *_: None,
+          objective=objective, hooks=Hooks(model_ready=models_seen.append))
+    model = models_seen[0]
     # bytes of this rank's parameters (local shards under FSDP), frozen NF4 codes/scales apart
     sizes = {{"nf4": [0, 0], "frozen": [0, 0], "trainable": [0, 0]}}
     for name, p in model.named_parameters():
@@ -153,7 +160,7 @@ def on_disk(tmp_path) -> list[str]:
     """The tiny model, tokenizer and reverse-task data written out, as `lorakit train` reads them."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import char_tokenizer, tiny_llama
-    from test_train import reverse_task
+    from test_training_loop import reverse_task
 
     tok = char_tokenizer()
     tiny_llama(vocab=len(tok), init_range=0.1).save_pretrained(tmp_path / "model")
@@ -253,7 +260,7 @@ def test_fsdp_resume_with_two_processes(tmp_path):
 
 
 def test_qlora_with_fsdp_equals_one_process_and_shards_the_nf4_base(tmp_path):
-    qlora = ["train.grad_accum=2"]  # method stays lora: the planner refuses qlora in float32
+    qlora = ["train.grad_accum=2"]  # the NF4 base is built in the script (base "nf4"), so method stays lora
     single = run(tmp_path, "single", 1, [*qlora, "train.batch_size=8"], nf4=True)
     fsdp = run(tmp_path, "fsdp", 2, [*qlora, "train.batch_size=4", "train.strategy=fsdp"], nf4=True)
     assert_same_run(single, fsdp)
@@ -298,22 +305,11 @@ def test_fsdp_with_gradient_checkpointing_equals_one_process(tmp_path):
 
 def test_a_rank_that_dies_fails_the_run_instead_of_hanging(tmp_path):
     # rank 1 raises in step 7 (after the step-4 checkpoint); rank 0 is then waiting in a collective
-    script = tmp_path / "dies.py"
-    script.write_text(textwrap.dedent("""
-        import os, sys
-        import lorakit.train as train_module
-        batches = train_module.micro_batches
-        def dying(dataset, step, config, ctx, pad_id):
-            if ctx.rank == 1 and step == 7:
-                raise RuntimeError("rank 1 fails on purpose")
-            return batches(dataset, step, config, ctx, pad_id)
-        train_module.micro_batches = dying
-        exec(open(sys.argv.pop(1)).read())
-    """))
-    run(tmp_path, "ok", 1, ["train.steps=1"])  # writes run.py
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "DIE_AT": "1:7"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "run.py"), str(tmp_path / "dead"), "fresh", "float", "train.batch_size=4"]
+           str(tmp_path / "dead"), "fresh", "float", "train.batch_size=4"]
     start = time.perf_counter()
     done = run_launch(cmd, env=env, timeout=240)
     assert done.returncode != 0

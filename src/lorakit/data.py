@@ -13,6 +13,7 @@ applies (prompt tokens unless train_on_inputs, padding); the model shifts them b
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import random
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .config import BUILTIN_PREFIX
 
 IGNORE = -100
 FORMAT_KEYS = {
@@ -106,6 +109,25 @@ def read_records(path: str | Path) -> list[Record]:
     if not records:
         raise DataError(f"{path}: holds no records (the file is empty or blank); a data file needs at least one")
     return records
+
+
+def read_data(spec: str, split: str = "train", n_train: int | None = None, n_test: int | None = None) -> list[Record]:
+    """The records `spec` names: a .jsonl/.json/.csv file (read_records), or "builtin:<task>": that
+    built-in task's `split` ("train" or "test"; tasks.make_task with n_train/n_test where given),
+    each record's source "builtin:<task>[<split> <i>]". What `lorakit train` reads for data.train,
+    data.validation and data.test, and `lorakit eval` for --data."""
+    if not spec.startswith(BUILTIN_PREFIX):
+        return read_records(spec)
+    sizes = tuple((k, v) for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None)
+    rows = getattr(_task(spec[len(BUILTIN_PREFIX):], sizes), split)
+    return [Record(r, f"{spec}[{split} {i}]") for i, r in enumerate(rows)]
+
+
+@functools.lru_cache(maxsize=4)  # a run reads a task's train and test splits: generate it once
+def _task(name: str, sizes: tuple):
+    from .tasks import make_task
+
+    return make_task(name, **dict(sizes))
 
 
 def _utf8(path: Path) -> str:

@@ -118,7 +118,8 @@ def wrap(model: torch.nn.Module, ctx: Context, strategy: str, fill=None) -> torc
     """DDP averages the gradients of the trainable parameters; FSDP2 shards every parameter
     (frozen base, NF4 codes and scales, adapters) across ranks, one decoder layer at a time.
 
-    `model` is train.SummedLoss(raw): the root of the FSDP tree, so its forward (which runs the
+    `model` is the objective's loss module around the raw model (loss.SummedLoss(raw) for SFT), kept
+    as `model.model`: the root of the FSDP tree, so its forward (which runs the
     embeddings, the layers and the output head) all-gathers the root's parameters once.
     fill (FSDP only): the base is still on the meta device and fill(part) loads a part of it
     (models.CheckpointLoader.fill): each decoder layer is loaded, then sharded, before the next
@@ -130,7 +131,7 @@ def wrap(model: torch.nn.Module, ctx: Context, strategy: str, fill=None) -> torc
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        raw = model.model  # SummedLoss(raw)
+        raw = model.model  # the loss module's model: SummedLoss(raw)
         layers = getattr(getattr(raw, "model", None), "layers", None)
         if layers is None:
             raise ValueError(f"strategy 'fsdp' needs a transformers decoder (model.model.layers); "
@@ -258,10 +259,6 @@ def exit_process(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def all_reduce_sum(value: float, ctx: Context) -> float:

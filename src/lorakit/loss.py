@@ -120,22 +120,74 @@ def causal_lm_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: to
 
 def supports_chunked_loss(model: nn.Module) -> bool:
     """True when `model`'s logits are exactly its plain linear output head applied to its backbone's
-    last hidden state, so that `model_loss` may skip the logits."""
+    last hidden state, so that the loss may skip the logits (SummedLoss, model_loss)."""
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return (getattr(config, "model_type", None) in CHUNKED_LOSS_MODEL_TYPES and type(head) is nn.Linear
             and hasattr(model, "base_model") and model.base_model is not model)
 
 
+def head_input(model: nn.Module, **inputs) -> tuple[torch.Tensor, nn.Linear]:
+    """(the last hidden state (B, T, d), the output head): what the chunked loss reads instead of the
+    logits, for a model that supports_chunked_loss. inputs: input_ids, attention_mask, ..."""
+    return model.base_model(**inputs).last_hidden_state, model.get_output_embeddings()
+
+
+class SummedLoss(nn.Module):
+    """The training loss: the model under training, returning the sum of next-token cross-entropies
+    over the supervised tokens of a batch,
+
+        L_sum = Σ_{b, t : y[b, t+1] != ignore}  -log softmax(z[b, t])[y[b, t+1]]
+
+    (position t predicts token t + 1). A sum, not a mean, so that the loop can divide by the
+    supervised tokens of the whole global batch (all micro-batches, all ranks): every token weighs
+    the same however the batch is split. An nn.Module so that DDP and FSDP wrap it and every
+    computation happens in forward.
+
+    Where the logits are exactly head(last hidden state) (supports_chunked_loss), the head runs
+    only at the positions that have a target, in chunks (chunked_cross_entropy): prompt positions
+    cost no vocabulary projection and full float32 logits never exist. Otherwise the model's
+    logits are used.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.chunked = supports_chunked_loss(model)
+
+    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        targets = labels[:, 1:]                                    # (B, T-1): position t predicts token t + 1
+        if not self.chunked:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        hidden, head = head_input(self.model, input_ids=input_ids, attention_mask=attention_mask)
+        keep = targets != IGNORE_INDEX
+        return chunked_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], head.bias,
+                                     reduction="sum", chunk_size=self.chunk_size)  # (n_supervised, d) rows only
+
+
+def supervised_tokens(batch: dict) -> int:
+    """The tokens SummedLoss sums over: labels after the first position that are not ignored."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def model_loss(model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE, **batch) -> torch.Tensor:
-    """`model(**batch).loss` (batch holds input_ids, labels, optionally attention_mask, ...),
-    computed with chunked_cross_entropy when the model supports it, else by the model itself."""
+    """`model(**batch).loss` (batch holds input_ids, labels, optionally attention_mask, ...), in
+    transformers' convention: the mean over the targets, or their sum / num_items_in_batch.
+
+    The same loss as SummedLoss (computed from head_input in chunks where the model allows it,
+    else by the model itself), laid out as transformers lays it out: every position goes through
+    causal_lm_loss (the last one with an ignored target), as hf_trainer.ChunkedLoss computes it.
+    SummedLoss keeps only the rows with a target; the two agree to rounding, not bit for bit
+    (the chunks group the rows differently), and the planner's activation formula models this one.
+    """
     if "labels" not in batch:
         raise ValueError(f"model_loss needs labels in the batch; got keys {sorted(batch)}")
     if not supports_chunked_loss(model):
         return model(**batch).loss
     labels = batch.pop("labels")
     num_items = batch.pop("num_items_in_batch", None)
-    hidden = model.base_model(**batch).last_hidden_state  # (B, T, d): the backbone, without the head
-    head = model.get_output_embeddings()
+    hidden, head = head_input(model, **batch)  # (B, T, d): the backbone, without the head
     return causal_lm_loss(hidden, head.weight, labels, head.bias, num_items, chunk_size=chunk_size)

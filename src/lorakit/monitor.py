@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from .files import replacing, write_atomically
 
 # A loss this many times its best value (after warm-up), and at least DIVERGENCE_MIN_RISE nats
 # above it, counts as divergence. The absolute margin keeps the noise of a nearly converged run
@@ -129,9 +130,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Keep only records up to `step` (a resumed run rewrites what came after its checkpoint)."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_losses(records: list[dict], path: str | Path) -> Path | None:
@@ -161,10 +160,9 @@ def plot_losses(records: list[dict], path: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -176,7 +174,3 @@ def peak_memory_bytes(device) -> int:
         return torch.cuda.max_memory_allocated(device)
     # ru_maxrss is in KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def as_dict(d: Diagnostic | None) -> dict | None:
-    return asdict(d) if d else None

@@ -26,17 +26,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import math
 
-    from lorakit.config import BUILTIN_PREFIX
-    from lorakit.data import Record, build_dataset, read_records
-    from lorakit.train import exact_match_accuracy, heldout_loss
+    from lorakit.data import build_dataset, read_data
+    from lorakit.training.evaluate import exact_match_accuracy, heldout_loss
 
-    if args.data.startswith(BUILTIN_PREFIX):
-        from lorakit.tasks import make_task
-
-        split = make_task(args.data[len(BUILTIN_PREFIX):]).test
-        records = [Record(r, f"{args.data}[test {i}]") for i, r in enumerate(split)]
-    else:
-        records = read_records(args.data)
+    records = read_data(args.data, "test")  # a file, or a built-in task's test split
     records = records[:args.limit]
     if not records:
         raise ValueError(f"--data {args.data}: no records to score")

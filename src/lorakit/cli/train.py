@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
 
 def resolve(args) -> tuple[RunConfig, Path, bool]:
     """The config, the run directory and whether to resume; errors before any model is loaded."""
-    from lorakit.train import check_run_dir
+    from lorakit.training.run_dir import check_run_dir
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -59,7 +59,7 @@ def _read_yaml(path: Path):
 
 def run(args) -> int:
     from lorakit.monitor import STOPPED
-    from lorakit.train import train
+    from lorakit.training import train
 
     config, run_dir, resume = resolve(args)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run

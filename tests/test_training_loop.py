@@ -1,5 +1,8 @@
+"""The training loop end to end on a tiny seeded model: the loss falls, runs are bit for bit
+reproducible, a resumed (or killed and resumed) run reproduces the uninterrupted curve, and the
+diagnostics (divergence, collapse, plateau, broken start) fire as they should."""
+
 import json
-import math
 import os
 import signal
 import subprocess
@@ -15,7 +18,9 @@ from conftest import char_tokenizer, tiny_llama
 from lorakit import monitor
 from lorakit.config import RunConfig
 from lorakit.data import Record, build_dataset, collate
-from lorakit.train import Prepared, checkpoints, lr_lambda, prepare_model, train
+from lorakit.training import Hooks, Prepared, train
+from lorakit.training.checkpoint import checkpoints
+from lorakit.training.setup import prepare_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,34 +82,17 @@ def _batches(prepared, steps):
     return [batch_at(prepared.train, s, 8, 0) for s in range(steps)]
 
 
-def test_schedule_warmup_then_cosine():
-    config = RunConfig.from_dict({}, ["train.steps=10", "train.warmup_steps=2"])
-    f = lr_lambda(config)
-    assert [f(0), f(1)] == [0.5, 1.0]
-    assert f(2) == 1.0 and f(6) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
-    f = lr_lambda(RunConfig.from_dict({}, ["train.steps=10", "train.warmup_steps=0", "train.schedule=linear"]))
-    assert f(5) == pytest.approx(0.5)
-
-
-def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     run_tiny(tmp_path / "full")
+    saved = []
 
-    import lorakit.train as t
-
-    real = t.save_checkpoint
-    calls = []
-
-    def crash_after_second_checkpoint(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out)
-        if len(calls) == 2:
+    def crash_after_second_checkpoint(step, path):
+        saved.append(path)
+        if len(saved) == 2:
             raise KeyboardInterrupt("killed")
-        return out
 
-    monkeypatch.setattr(t, "save_checkpoint", crash_after_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        run_tiny(tmp_path / "cut")
-    monkeypatch.setattr(t, "save_checkpoint", real)
+        run_tiny(tmp_path / "cut", hooks=Hooks(after_checkpoint=crash_after_second_checkpoint))
     assert curve(tmp_path / "cut")[-1][0] == 8
     summary = run_tiny(tmp_path / "cut", resume=True)
     assert curve(tmp_path / "cut") == curve(tmp_path / "full")
@@ -116,17 +104,14 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
-    from test_train import tiny_run
-    import lorakit.train as t
-    real = t.save_checkpoint
-    def slow(*a, **k):
-        out = real(*a, **k)
-        print("checkpoint", out.name, flush=True)
+    from test_training_loop import tiny_run
+    from lorakit.training import Hooks, train
+    def slow(step, path):
+        print("checkpoint", path.name, flush=True)
         time.sleep(0.3)  # a window for the kill after the checkpoint
-        return out
-    t.save_checkpoint = slow
     config, prepared = tiny_run(["train.steps=24"])
-    t.train(config, sys.argv[1], resume=len(sys.argv) > 2, prepared=prepared, progress=False, log=lambda *_: None)
+    train(config, sys.argv[1], resume=len(sys.argv) > 2, prepared=prepared, progress=False, log=lambda *_: None,
+          hooks=Hooks(after_checkpoint=slow))
     print("done", flush=True)
 """)
 
@@ -157,31 +142,26 @@ def test_kill_9_then_resume_reproduces_the_curve(tmp_path):
 DESTROYABLE = ["lora.targets=[q_proj,v_proj,lm_head]", "train.save_every=2", "eval.every=0"]
 
 
-def destroy_adapter_at(monkeypatch, at_step):
-    """Before checkpoint `at_step` is written, fill every lora_B with N(0, 10^2) noise: the saved
-    checkpoint and the model that trains on hold a destroyed adapter (the one on the output head
-    sends the loss to ~68 nats), and the next step's loss shoots up."""
-    import lorakit.train as t
+def destroy_adapter_at(at_step):
+    """Hooks that, before checkpoint `at_step` is written, fill every lora_B with N(0, 10^2) noise:
+    the saved checkpoint and the model that trains on hold a destroyed adapter (the one on the
+    output head sends the loss to ~68 nats), and the next step's loss shoots up."""
 
-    real = t.save_checkpoint
-
-    def save(run_dir, step, model, *args, **kwargs):
+    def destroy(step, model):
         if step == at_step:
             g = torch.Generator().manual_seed(0)
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     if "lora_B" in name:
                         p.copy_(10 * torch.randn(p.shape, generator=g))
-        return real(run_dir, step, model, *args, **kwargs)
 
-    monkeypatch.setattr(t, "save_checkpoint", save)
+    return Hooks(before_checkpoint=destroy)
 
 
-def test_divergence_keeps_the_last_checkpoint_judged_good(tmp_path, monkeypatch):
+def test_divergence_keeps_the_last_checkpoint_judged_good(tmp_path):
     from safetensors.torch import load_file
 
-    destroy_adapter_at(monkeypatch, 6)
-    summary = run_tiny(tmp_path, DESTROYABLE)
+    summary = run_tiny(tmp_path, DESTROYABLE, hooks=destroy_adapter_at(6))
     (diag,) = summary["diagnostics"]
     assert (diag["kind"], diag["step"]) == ("diverged", 7) and "rose far above its best" in diag["message"]
     # step-6 holds the destroyed adapter (its held-out loss is above the base's): step-4 is kept
@@ -194,25 +174,13 @@ def test_divergence_keeps_the_last_checkpoint_judged_good(tmp_path, monkeypatch)
     assert torch.equal(written["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], kept[key])
 
 
-def test_divergence_with_no_good_checkpoint_writes_no_adapter(tmp_path, monkeypatch):
-    destroy_adapter_at(monkeypatch, 2)
-    summary = run_tiny(tmp_path, DESTROYABLE)
+def test_divergence_with_no_good_checkpoint_writes_no_adapter(tmp_path):
+    summary = run_tiny(tmp_path, DESTROYABLE, hooks=destroy_adapter_at(2))
     assert [(d["kind"], d["step"]) for d in summary["diagnostics"]] == [("diverged", 3)]
     assert summary["result"] is None and summary["after"] is None and summary["steps"] == 0
     assert summary["no_result"].startswith("no checkpoint of this run is better than the start")
     assert not (tmp_path / "adapter").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["no_result"] == summary["no_result"]
-
-
-def test_before_after_table_keeps_columns_apart():
-    from lorakit.train import before_after_table
-
-    table = before_after_table({"val_loss": 2.8, "val_ppl": 16.44}, {"val_loss": 28.1, "val_ppl": math.exp(50)})
-    assert table.splitlines() == [
-        "                         before       after",
-        "held-out loss            2.8000     28.1000",
-        "held-out perplexity       16.44   5.185e+21",
-    ]
 
 
 def test_collapse_is_not_a_plateau(tmp_path):
@@ -239,75 +207,9 @@ def test_nan_loss_before_any_update_blames_the_weights_not_the_learning_rate(tmp
     assert "too high" not in diag["message"] and summary["result"] is None
 
 
-def test_heldout_loss_without_a_token_to_score_is_an_error():
-    from lorakit.train import heldout_loss
-
-    tok = char_tokenizer()
-    rows = [Record({"prompt": "<abcdef>=", "completion": "fedcba"}, "mem:0")]
-    dataset = build_dataset(rows, tok, max_length=5)  # the answer is truncated away
-    assert dataset.supervised_tokens == 0
-    with pytest.raises(ValueError, match="none of the 1 held-out examples has a token to score"):
-        heldout_loss(tiny_llama(vocab=len(tok)), dataset, 0, 8)
-
-
-def test_plateau_diagnosis_on_synthetic_curves():
-    steps = list(range(1, 31))
-    flat = [3.0 - 0.5 * min(s, 10) / 10 for s in steps]  # falls to 2.5, then flat
-    d = monitor.check_plateau(steps, flat, r=2, lr=1e-5)
-    assert d.kind == "plateau" and "rank (r=2) may be too low" in d.message and "(1e-05) too small" in d.message
-    learning = [3.0 * 0.9 ** s for s in steps]
-    assert monitor.check_plateau(steps, learning, r=2, lr=1e-3) is None
-    converged = [3.0 * 0.5 ** min(s, 10) for s in steps]  # flat, but far below the start
-    assert monitor.check_plateau(steps, converged, r=2, lr=1e-3) is None
-    assert monitor.check_divergence(5, float("nan"), 1.0, 1e-3, True).kind == "diverged"
-    assert monitor.check_divergence(5, 3.5, 1.0, 1e-3, True) is not None
-    assert monitor.check_divergence(5, 1.4, 0.45, 1e-3, True) is None  # 3.1x, but only 0.95 nats up
-    assert monitor.check_divergence(18, 0.0198, 0.0042, 1e-3, True) is None  # noise near convergence
-    assert monitor.check_divergence(5, 3.5, 1.0, 1e-3, False) is None  # warm-up spikes are tolerated
-
-
 def test_tiny_learning_rate_is_diagnosed_as_plateau(tmp_path):
     summary = run_tiny(tmp_path, ["train.lr=1e-7", "train.steps=12"])
     assert [d["kind"] for d in summary["diagnostics"]] == ["plateau"]
-
-
-def test_no_loss_on_prompt_tokens():
-    config, prepared = tiny_run()
-    model = prepared.model
-    batch = collate(prepared.train.examples[:4], 0)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits.detach().requires_grad_(True)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                             ignore_index=-100)
-    loss.backward()
-    prompt_len = len("<abcd>=")
-    # positions 0..prompt_len-2 predict prompt tokens 1..prompt_len-1: no gradient reaches them
-    assert logits.grad[:, : prompt_len - 1].abs().sum() == 0
-    assert logits.grad[:, prompt_len - 1].abs().sum() > 0  # the first completion token is learned
-    with torch.no_grad():
-        torch.testing.assert_close(model(**batch).loss, loss)
-
-
-def test_summed_loss_head_only_at_targets_equals_full_logits():
-    from lorakit.train import SummedLoss
-
-    config, prepared = tiny_run()
-    model = prepared.model
-    batch = collate(prepared.train.examples[:6], 0)
-    fast = SummedLoss(model)
-    assert fast.chunked
-    loss = fast(**batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                            ignore_index=-100, reduction="sum")
-    ref.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_checkpointing_gives_the_same_curve(tmp_path):

@@ -1,0 +1,206 @@
+"""What a run shows and writes for its user: ONE sink on rank 0, a silent one on every other rank.
+
+Output (rank 0) owns the log lines, the progress bar and the files that describe the run:
+config.yaml, metrics.jsonl (one line per logged step, "train", and per evaluation, "eval"),
+loss.png and summary.json (before/after metrics, wall times, tokens, peak memory, diagnostics),
+and the before/after table. Silent (the other ranks) takes the same calls and does nothing, so the
+training loop never asks which rank it runs on to report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .. import monitor
+from ..config import RunConfig
+from ..files import write_atomically
+from .checkpoint import RunState
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Report:
+    """summary.json's facts, gathered as the run goes (the rest is in RunState)."""
+
+    config: RunConfig
+    world: int
+    device: object                     # torch.device: where peak memory is measured
+    counts: object                     # inject.TrainableReport: trainable and total parameters
+    planned_peak: int | None           # the memory planner's predicted peak (bytes), None when skipped
+    wall_start: float                  # time.perf_counter() when the run started
+    steps: int = 0                     # optimizer steps the result holds
+    after: dict | None = None          # the trained model's evaluation (None when there is no result)
+    diagnostics: list[monitor.Diagnostic] = field(default_factory=list)
+    result_dir: Path | None = None     # adapter/ or model/
+    no_result: str | None = None       # why no result is written, when none is
+
+
+class Output:
+    """Rank 0's sink: log lines, progress bar, metrics.jsonl, config.yaml, loss.png, summary.json."""
+
+    def __init__(self, run_dir: Path, log=print, progress: bool = True):
+        self.run_dir, self.log, self.progress = Path(run_dir), log, progress
+        self.metrics = monitor.MetricsLog(self.run_dir / "metrics.jsonl")
+        self._bar = None
+        self._since = (0.0, 0)  # (train_seconds, tokens) at the last logged step: tokens/s between logs
+
+    def started(self, config: RunConfig) -> None:
+        """A fresh run: no metrics yet, the full resolved configuration in config.yaml."""
+        self.metrics.path.unlink(missing_ok=True)
+        write_atomically(self.run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def resumed(self, step: int, path: Path) -> None:
+        self.metrics.truncate_after(step)  # what came after the checkpoint is written again
+        self.log(f"resumed from {path} (step {step})")
+
+    def evaluated(self, step: int, metrics: dict | None) -> None:
+        self.metrics.write({"type": "eval", "step": step, **metrics})
+
+    def steps_begin(self, total: int, state: RunState) -> None:
+        self._since = (state.train_seconds, 0)  # tokens/s counts training time only, not evaluation
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=state.step, desc="train", unit="step", file=sys.stderr,
+                             dynamic_ncols=True)
+
+    def trained(self, state: RunState, tokens: int, loss: float, lr: float, grad_norm: float, logged: bool) -> None:
+        """One optimizer step done (state.step); `logged`: a metrics line and a progress update."""
+        last, since = self._since[0], self._since[1] + tokens
+        self._since = (last, since)
+        if not logged:
+            return
+        now = state.train_seconds
+        record = {"type": "train", "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": state.tokens, "tokens_per_s": since / max(now - last, 1e-9),
+                  "train_seconds": state.train_seconds}
+        self.metrics.write(record)
+        self._since = (now, 0)
+        if self._bar is not None:
+            self._bar.n = state.step
+            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                  refresh=False)
+            self._bar.refresh()
+
+    def steps_end(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def curve(self) -> list[dict]:
+        """The training records logged so far (metrics.jsonl's "train" lines)."""
+        return [r for r in self.metrics.read() if r.get("type") == "train"]
+
+    def finish(self, report: Report, state: RunState) -> dict:
+        """The trained model's evaluation in metrics.jsonl, loss.png, summary.json, the before/after
+        table; returns the summary."""
+        after = dict(report.after) if report.after is not None else None
+        samples = after.pop("samples", []) if after else []
+        if after is not None:
+            self.evaluated(report.steps, after)
+        plot = monitor.plot_losses(self.metrics.read(), self.run_dir / "loss.png")
+        summary = {
+            "method": report.config.method,
+            "model": report.config.model.path or DEFAULT_MODEL_NAME,
+            "steps": report.steps,
+            "world_size": report.world,
+            "trainable_parameters": report.counts.trainable,
+            "total_parameters": report.counts.total,
+            "before": state.before,
+            "after": after,
+            "tokens_seen": state.tokens,
+            "train_seconds": state.train_seconds,
+            "wall_seconds": time.perf_counter() - report.wall_start,
+            "peak_memory_bytes": monitor.peak_memory_bytes(report.device),
+            "planned_peak_bytes": report.planned_peak,
+            "diagnostics": [dataclasses.asdict(d) for d in report.diagnostics],
+            "result": str(report.result_dir) if report.result_dir else None,
+            "no_result": report.no_result,
+            "loss_plot": str(plot) if plot else None,
+            "samples": samples[:5],
+        }
+        write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        self.log(before_after_table(state.before, after or {}))
+        self.log(f"wrote {f'{report.result_dir}, ' if report.result_dir else ''}{self.run_dir / 'summary.json'}, "
+                 f"{self.metrics.path}" + (f", {plot}" if plot else ""))
+        return summary
+
+
+class Silent:
+    """The sink of every rank but 0: takes Output's calls and does nothing."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def started(self, config: RunConfig) -> None:
+        pass
+
+    def resumed(self, step: int, path: Path) -> None:
+        pass
+
+    def evaluated(self, step: int, metrics: dict | None) -> None:
+        pass
+
+    def steps_begin(self, total: int, state: RunState) -> None:
+        pass
+
+    def trained(self, state: RunState, tokens: int, loss: float, lr: float, grad_norm: float, logged: bool) -> None:
+        pass
+
+    def steps_end(self) -> None:
+        pass
+
+    def curve(self) -> list[dict]:
+        return []
+
+    def finish(self, report: Report, state: RunState) -> None:
+        return None
+
+
+def sink(main: bool, run_dir: Path, log=print, progress: bool = True) -> Output | Silent:
+    """Output on rank 0 (main), Silent elsewhere."""
+    return Output(run_dir, log, progress) if main else Silent()
+
+
+def summary_line(metrics: dict) -> str:
+    """One evaluation in words: exact match, held-out loss and perplexity."""
+    parts = []
+    if "exact_match" in metrics:
+        parts.append(f"exact match {100 * metrics['exact_match']:.1f}%")
+    if "val_loss" in metrics:
+        parts.append(f"held-out loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.2f})")
+    return ", ".join(parts) or "no held-out data"
+
+
+def before_after_table(before: dict | None, after: dict) -> str:
+    """The base model's and the trained model's held-out metrics side by side."""
+    before = before or {}
+    rows = [("held-out exact match", "exact_match", lambda v: f"{100 * v:.1f}%"),
+            ("held-out loss", "val_loss", lambda v: _number(v, 4)),
+            ("held-out perplexity", "val_ppl", lambda v: _number(v, 2))]
+    cells = [("", "before", "after")]
+    for label, key, fmt in rows:
+        if key in after or key in before:
+            b = fmt(before[key]) if key in before and not _isnan(before[key]) else "-"
+            a = fmt(after[key]) if key in after and not _isnan(after[key]) else "-"
+            cells.append((label, b, a))
+    width = [max(len(row[i]) for row in cells) for i in range(3)]
+    # columns at least two spaces apart, however wide a number gets
+    return "\n".join(f"{label:<{width[0]}}  {b:>{max(width[1], 10)}}  {a:>{max(width[2], 10)}}"
+                     for label, b, a in cells)
+
+
+def _number(v: float, decimals: int) -> str:
+    return f"{v:.{decimals}f}" if abs(v) < 1e6 else f"{v:.4g}"
+
+
+def _isnan(v) -> bool:
+    return isinstance(v, float) and math.isnan(v)
