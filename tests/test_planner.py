@@ -11,7 +11,7 @@ from lorakit.planner import (
     GiB, Architecture, PlanConfig, arch_from_config, fits, plan, render_plan, resolve_model,
     trainable_parameters,
 )
-from lorakit.presets import PRESETS, find_preset
+from lorakit.planner import PRESETS, find_preset
 
 
 def test_seed_lora_example_4096_r8():

@@ -2,12 +2,17 @@
 
 The planner needs only shapes, never weights, so these presets let `lorakit plan` work without a
 model hub. Each entry gives the hub id whose config the numbers come from. Parameter totals implied
-by these numbers are pinned in `tests/test_planner.py` against the totals the model cards publish.
+by these numbers are pinned in `tests/test_planner_architecture.py` against the totals the model
+cards publish. `resolve_model` turns what a user types (a preset, a path, a hub id) into an
+Architecture.
 """
 
 from __future__ import annotations
 
-from lorakit.planner import Architecture
+import re
+from pathlib import Path
+
+from .architecture import Architecture, arch_from_config
 
 
 def _llama(name, hub_id, h, inter, layers, heads, kv, vocab, tied, head_dim=None, **kw):
@@ -78,6 +83,9 @@ for _a in _PRESETS:
 ALIASES["meta-llama/meta-llama-3-8b"] = "llama-3.1-8b"
 ALIASES["meta-llama/meta-llama-3-70b"] = "llama-3.1-70b"
 ALIASES["meta-llama/llama-3.3-70b-instruct"] = "llama-3.1-70b"
+# lorakit's default model (models.DEFAULT_MODEL): the instruct tune, same shapes as the base
+ALIASES["smollm2-135m-instruct"] = "smollm2-135m"
+ALIASES["huggingfacetb/smollm2-135m-instruct"] = "smollm2-135m"
 
 
 def find_preset(name: str) -> Architecture | None:
@@ -85,3 +93,26 @@ def find_preset(name: str) -> Architecture | None:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     return PRESETS.get(key)
+
+
+def resolve_model(model: str | Architecture | dict) -> Architecture:
+    """A preset name or hub id of a preset, a local directory / config.json, or a reachable hub id."""
+    if isinstance(model, Architecture):
+        return model
+    if isinstance(model, dict):
+        return arch_from_config(model)
+    preset = find_preset(model)
+    if preset is not None:
+        return preset
+    if Path(model).exists():
+        return arch_from_config(model)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return arch_from_config(hf_hub_download(model, "config.json"), name=model)
+        except Exception as err:  # offline, gated, missing: all mean "not reachable"
+            reason = f"hub id {model!r} is not reachable ({type(err).__name__})"
+    else:
+        reason = f"{model!r} is neither a preset, an existing path nor a hub id"
+    raise ValueError(f"model {reason}; presets: {', '.join(PRESETS)}")

@@ -1,0 +1,219 @@
+"""The shapes of a decoder-only transformer: all the planner knows about a model.
+
+An `Architecture` holds the sizes of a Hugging Face config.json (no weights) and counts parameters
+from them. `arch_from_config` reads one from a config (a dict, a config.json, a model directory),
+checking every size first; `targeted_modules` says which linear modules of a layer a LoRA target
+spec selects, with the one matching rule of `lorakit.surgery.matches`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..files import read_json_object
+from ..loss import CHUNKED_LOSS_MODEL_TYPES
+from ..patterns import pattern_problem
+from ..surgery import matches
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # what targets=None selects (the LoRA paper's W_q and W_v)
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shapes of a decoder-only transformer, as in its Hugging Face config.json."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_embeddings: bool
+    num_experts: int = 0  # 0: dense MLP; else a mixture of experts of intermediate_size each
+    experts_per_token: int = 0
+    attention_bias: bool = False  # biases on q/k/v (Qwen2)
+    fused_projections: bool = False  # qkv_proj and gate_up_proj (Phi-3)
+    norms_per_layer: int = 2  # Gemma 2 has four RMSNorms per layer
+    attention: str = "sdpa"  # "eager" materializes (b, nh, s, s) attention probabilities
+    attn_softcap: bool = False  # tanh soft-capping of attention scores (Gemma 2)
+    final_softcap: bool = False  # tanh soft-capping of the logits (Gemma 2)
+    # lorakit computes the loss in chunks from the last hidden states (loss.py) for the families
+    # whose logits are the plain head's output; otherwise the model's own logits are used
+    chunked_loss: bool = True
+    hub_id: str = ""
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_modules(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of the nn.Linear modules of one decoder layer.
+
+        MoE experts are 3-D parameters in transformers >= 5 (not nn.Linear), so they are not LoRA targets.
+        """
+        h, inter, dq, dkv = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim
+        if self.fused_projections:
+            attn = [("self_attn.qkv_proj", h, dq + 2 * dkv), ("self_attn.o_proj", dq, h)]
+            mlp = [("mlp.gate_up_proj", h, 2 * inter), ("mlp.down_proj", inter, h)]
+        else:
+            attn = [("self_attn.q_proj", h, dq), ("self_attn.k_proj", h, dkv),
+                    ("self_attn.v_proj", h, dkv), ("self_attn.o_proj", dq, h)]
+            mlp = [("mlp.gate_proj", h, inter), ("mlp.up_proj", h, inter), ("mlp.down_proj", inter, h)]
+        return attn + ([] if self.num_experts else mlp)
+
+    def layer_parameters(self) -> int:
+        """Parameters of one decoder layer: linears (+ q/k/v biases), experts and router, norms."""
+        n = sum(i * o for _, i, o in self.linear_modules())
+        if self.attention_bias:
+            n += self.q_dim + 2 * self.kv_dim
+        if self.num_experts:
+            n += self.num_experts * 3 * self.hidden_size * self.intermediate_size  # gate, up, down
+            n += self.num_experts * self.hidden_size  # router
+        return n + self.norms_per_layer * self.hidden_size
+
+    def quantizable_layer_parameters(self) -> int:
+        """Parameters of one layer that QLoRA stores in NF4: linear weights and expert weights."""
+        n = sum(i * o for _, i, o in self.linear_modules())
+        if self.num_experts:
+            n += self.num_experts * 3 * self.hidden_size * self.intermediate_size
+        return n
+
+    def embedding_parameters(self) -> int:
+        """Input embedding plus the untied lm_head."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+
+    def num_parameters(self) -> int:
+        return self.embedding_parameters() + self.num_layers * self.layer_parameters() + self.hidden_size
+
+
+def targeted_modules(arch: Architecture, targets) -> list[tuple[str, int, int]]:
+    """The linear modules of one layer that LoRA wraps (the planner takes every layer to be the same).
+
+    targets: None (q_proj and v_proj), "all-linear" (every linear in the blocks; lm_head excluded, as in
+    peft), a sequence of names or a regex string, matched by `surgery.matches` against full names like
+    "model.layers.0.self_attn.q_proj" (a module matching in any layer counts in every layer).
+    """
+    return list(_targeted_modules(arch, tuple(targets) if isinstance(targets, list) else targets))
+
+
+@functools.lru_cache(maxsize=256)  # a plan asks several times, and a name is matched in each of L layers
+def _targeted_modules(arch: Architecture, targets) -> tuple[tuple[str, int, int], ...]:
+    modules = arch.linear_modules()
+    if targets is None:
+        targets = DEFAULT_TARGETS
+    if targets == ALL_LINEAR:
+        return tuple(modules)
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"targets regex {targets!r} does not compile: {err}") from None
+        problem = pattern_problem(targets)
+        if problem:
+            raise ValueError(f"targets regex {problem}")
+    chosen = [m for m in modules
+              if any(matches(targets, f"model.layers.{i}.{m[0]}") for i in range(arch.num_layers))]
+    if not chosen:
+        names = ", ".join(n.split(".")[-1] for n, _, _ in modules)
+        raise ValueError(f"targets {targets!r} match no linear module of {arch.name}; its linear modules: "
+                         f"{names} (or 'all-linear')")
+    return tuple(chosen)
+
+
+def arch_from_config(config: dict | str | os.PathLike, name: str | None = None) -> Architecture:
+    """An Architecture from a Hugging Face config: a dict, a config.json path, or a model directory."""
+    if not isinstance(config, dict):
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"model config {str(path)!r} does not exist; pass a config.json or a directory "
+                             "that holds one")
+        name = name or path.parent.name
+        config = read_json_object(path)
+    c = config.get("text_config", config) if "hidden_size" not in config else config
+    model_type = c.get("model_type", config.get("model_type", ""))
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported by the planner; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in required if k not in c]
+    if missing:
+        raise ValueError(f"config of model_type {model_type!r} lacks {', '.join(missing)}")
+    problems = config_value_problems(c)
+    if problems:
+        raise ValueError(f"config of model_type {model_type!r} is not a model the planner can size: "
+                         + "; ".join(problems))
+    h, heads = c["hidden_size"], c["num_attention_heads"]
+    gemma = model_type == "gemma2"
+    return Architecture(
+        name=name or c.get("_name_or_path") or model_type,
+        hidden_size=h,
+        intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or h // heads,
+        vocab_size=c["vocab_size"],
+        # transformers' defaults when the key is absent: Gemma ties, the others do not.
+        tie_embeddings=bool(c.get("tie_word_embeddings", gemma)),
+        num_experts=c.get("num_local_experts", 0) if model_type == "mixtral" else 0,
+        experts_per_token=c.get("num_experts_per_tok", 0) if model_type == "mixtral" else 0,
+        attention_bias=model_type == "qwen2" or bool(c.get("attention_bias", False)),
+        fused_projections=model_type == "phi3",
+        norms_per_layer=4 if gemma else 2,
+        attention="eager" if gemma else "sdpa",
+        attn_softcap=gemma and c.get("attn_logit_softcapping") is not None,
+        final_softcap=gemma and c.get("final_logit_softcapping") is not None,
+        chunked_loss=model_type in CHUNKED_LOSS_MODEL_TYPES,
+    )
+
+
+# Sane ranges of a config's sizes, far beyond any released model (Llama 3.1 405B: hidden 16,384,
+# 126 layers, 128 heads, vocab 128,256) and small enough that a plan's arithmetic stays instant.
+CONFIG_RANGES = {
+    "hidden_size": (1, 1 << 20),
+    "intermediate_size": (1, 1 << 22),
+    "num_hidden_layers": (1, 10_000),
+    "num_attention_heads": (1, 1 << 16),
+    "num_key_value_heads": (1, 1 << 16),
+    "head_dim": (1, 1 << 16),
+    "vocab_size": (1, 1 << 24),
+    "num_local_experts": (0, 1 << 16),
+    "num_experts_per_tok": (0, 1 << 16),
+}
+
+
+def config_value_problems(c: dict) -> list[str]:
+    """Every size in config dict `c` that is not an integer in its CONFIG_RANGES range (absent
+    optional keys and nulls are fine), and head counts that do not divide."""
+    problems = []
+    for key, (lo, hi) in CONFIG_RANGES.items():
+        value = c.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{key}={value!r} must be an integer, not a {type(value).__name__}")
+        elif not lo <= value <= hi:
+            problems.append(f"{key}={value!r} must be in [{lo:,}, {hi:,}]")
+    if problems:
+        return problems
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if heads % kv:
+        problems.append(f"num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}")
+    if not c.get("head_dim") and c["hidden_size"] % heads:
+        problems.append(f"hidden_size={c['hidden_size']} must be a multiple of num_attention_heads={heads} "
+                        "(or give head_dim)")
+    return problems
