@@ -154,6 +154,13 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
             hooks.after_checkpoint(step, save_checkpoint(run_dir, raw, optimizer, scheduler, state, ctx))
     out.steps_end()
 
+    return _finish(run_dir, model, raw, prepared, config, state, optimizer, scheduler, report, out, ctx)
+
+
+def _finish(run_dir: Path, model, raw, prepared: Prepared, config: RunConfig, state: RunState, optimizer,
+            scheduler, report: Report, out, ctx: distributed.Context) -> dict:
+    """After the last step: diagnose the curve (or, after a divergence, go back to the last good
+    checkpoint), evaluate the trained model, write the result and the summary."""
     report.steps = state.step
     if report.diagnostics and report.diagnostics[0].kind in monitor.STOPPED:
         _keep_good_checkpoint(run_dir, model, raw, prepared, config, state, optimizer, scheduler, report, out, ctx)
