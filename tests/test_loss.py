@@ -10,7 +10,8 @@ from test_training_loop import tiny_run
 
 from lorakit import LoraConfig, add_lora
 from lorakit.data import collate
-from lorakit.loss import SummedLoss, causal_lm_loss, chunked_cross_entropy, model_loss, supports_chunked_loss
+from lorakit.loss import (SummedLoss, causal_lm_loss, chunked_cross_entropy, model_loss, supervised_tokens,
+                          supports_chunked_loss)
 
 
 # ---- chunked cross-entropy -----------------------------------------------------------------------
@@ -141,3 +142,24 @@ def test_summed_loss_head_only_at_targets_equals_full_logits():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["lm_head"]], ids=["chunked", "logits"])
+def test_summed_loss_over_its_tokens_is_model_loss(tokens, targets):
+    """One loss in two conventions: SummedLoss / supervised tokens = model_loss (the mean), and
+    model_loss with num_items_in_batch = the sum over that count, on both of their paths."""
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=4, alpha=8, targets=targets))
+    randomize_adapters(model)
+    labels = tokens.clone()
+    labels[:, :4] = -100  # a masked prompt
+    batch = dict(input_ids=tokens, attention_mask=torch.ones_like(tokens), labels=labels)
+    summed = SummedLoss(model)
+    assert summed.chunked == (targets != ["lm_head"])
+    n = supervised_tokens(batch)
+    assert n == 2 * (10 - 4)  # labels after the first position that are not ignored
+    with torch.no_grad():
+        total = summed(**batch)
+        torch.testing.assert_close(total / n, model_loss(model, **batch), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(total / 7, model_loss(model, **batch, num_items_in_batch=torch.tensor(7)),
+                                   rtol=1e-6, atol=1e-6)
