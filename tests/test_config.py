@@ -4,7 +4,7 @@ import pytest
 from conftest import MLP, tiny_gpt2, tiny_llama
 
 from lorakit import ConfigError, LoraConfig, add_lora
-from lorakit.inject import check_config, resolve_targets
+from lorakit.inject import resolve_targets
 
 
 def test_every_problem_is_reported_at_once():
@@ -103,12 +103,6 @@ def test_target_matching_rules():
     with pytest.raises(ValueError, match="match no module"):
         names(targets=["proj"])
     assert resolve_targets(tiny_gpt2(), LoraConfig()) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
-
-
-def test_check_config_reports_targets_and_modules_to_save_together():
-    with pytest.raises(ConfigError) as e:
-        check_config(tiny_llama(), LoraConfig(targets=["nope"], modules_to_save=["head"]))
-    assert len(e.value.problems) == 2 and "['head'] match no module" in str(e.value)
 
 
 def test_yaml_duplicate_keys_are_an_error_naming_the_line():
