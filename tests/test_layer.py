@@ -97,3 +97,17 @@ def test_float32_adapters_on_bfloat16_base(tokens):
     loss = model(tokens, labels=tokens).loss
     loss.backward()
     assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+
+
+def test_every_configurable_init_has_an_initialiser():
+    from lorakit.config import INIT_MODES
+    from lorakit.layer import LINEAR_INITS
+
+    assert tuple(LINEAR_INITS) == INIT_MODES
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(6, 5))
+    for init in INIT_MODES:
+        layer.add_adapter(init, 3, 1.0, 0.0, init, torch.float32, torch.device("cpu"))
+    a, b = layer.lora_A["gaussian"].weight, layer.lora_B
+    assert torch.equal(b["default"].weight, torch.zeros(5, 3)) and torch.equal(b["gaussian"].weight, torch.zeros(5, 3))
+    assert b["random"].weight.abs().min() > 0 and a.std().item() == pytest.approx(1 / 3, rel=0.5)

@@ -122,19 +122,11 @@ class LoraLinear(LoraLayer):
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str,
                     dtype: torch.dtype, device: torch.device) -> None:
-        a = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
-        b = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
-        if init == "gaussian":
-            nn.init.normal_(a.weight, std=1 / r)
-        else:
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-        if init == "random":
-            nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(b.weight)  # ΔW = 0 at the start: the adapted model equals the base
-        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
         self.lora_dropout[name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name], self.rank[name] = scaling, r
+        LINEAR_INITS[init](self, name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW = scale · B A, float32, in the base weight's layout ((out, in), or (in, out) for Conv1D)."""
@@ -142,27 +134,40 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        live = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
-        base = self.base_layer
+        """y = base(x) + Σ_active scale · B(A(dropout(x)))."""
+        live = self.live_adapters()
         # Under torch.autocast each matrix multiply's dtype is autocast's choice, which the fused
-        # Function (computing in the adapters' dtype) does not make: there, the modules as written.
-        fused = self.fused and not torch.is_autocast_enabled(x.device.type)
-        if fused and live and type(base) is nn.Linear and not base.weight.requires_grad:
-            # base(x) and the first adapter in one function (fused.lora_linear): backward adds
-            # both input gradients in one matrix multiply
-            y = lora_linear(x, base.weight, base.bias, *self._fused_args(live.pop(0)))
+        # functions (computing in the adapters' dtype) do not make: there, the modules as written.
+        if self.fused and not torch.is_autocast_enabled(x.device.type):
+            return self.fused_forward(x, live)
+        y = self.base_layer(x)
+        for name in live:
+            y = y + self.update(name, x).to(y.dtype)
+        return y
+
+    def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """scale · B(A(dropout(x))) of one adapter, computed in the adapter's dtype (float32
+        adapters on a bfloat16 base compute in float32; the caller adds in the base's)."""
+        a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        return self.scaling[name] * b(a(dropout(x.to(a.weight.dtype))))
+
+    def live_adapters(self) -> list[str]:
+        """The adapters this forward adds: active, not merged into the weight, not disabled."""
+        return [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def fused_forward(self, x: torch.Tensor, live: list[str]) -> torch.Tensor:
+        """forward's sum computed by fused.py (same loss and gradients, less memory): each update
+        keeps x and the dropout sample for backward instead of dropout(x); on a frozen nn.Linear
+        the base and the first adapter are one function, whose backward adds both input
+        gradients in one matrix multiply."""
+        base = self.base_layer
+        if live and type(base) is nn.Linear and not base.weight.requires_grad:
+            y = lora_linear(x, base.weight, base.bias, *self._fused_args(live[0]))
+            live = live[1:]
         else:
             y = base(x)
         for name in live:
-            if fused:
-                # The same sum, computed by fused.lora_update: keeps x and the dropout sample for
-                # backward instead of dropout(x).
-                y = lora_update(y, x, *self._fused_args(name))
-                continue
-            a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            # Adapters may be float32 on a bfloat16 base: compute in theirs, add in the base's.
-            h = dropout(x.to(a.weight.dtype))
-            y = y + (self.scaling[name] * b(a(h))).to(y.dtype)
+            y = lora_update(y, x, *self._fused_args(name))
         return y
 
     def _fused_args(self, name: str) -> tuple:
@@ -170,6 +175,33 @@ class LoraLinear(LoraLayer):
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, (Dropout, nn.Dropout)) and dropout.training else 0.0
         return self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
+
+
+# --- initialisations ---------------------------------------------------------------------------
+# How a new adapter's A and B start (LoraConfig.init), by name: the seam where an initialisation
+# that also rewrites the frozen weight (PiSSA, OLoRA, LoftQ) plugs in. Each takes the layer and the
+# adapter's name; A and B already exist with nn.Linear's own initialisation.
+
+def _init_default(layer: LoraLinear, name: str) -> None:
+    """A ~ kaiming-uniform (nn.Linear's), B = 0: ΔW = 0 at the start, the adapted model equals the
+    base (Hu et al. 2021, section 4.1)."""
+    nn.init.kaiming_uniform_(layer.lora_A[name].weight, a=math.sqrt(5))
+    nn.init.zeros_(layer.lora_B[name].weight)
+
+
+def _init_gaussian(layer: LoraLinear, name: str) -> None:
+    """A ~ N(0, 1/r²), B = 0 (peft's init_lora_weights="gaussian")."""
+    nn.init.normal_(layer.lora_A[name].weight, std=1 / layer.rank[name])
+    nn.init.zeros_(layer.lora_B[name].weight)
+
+
+def _init_random(layer: LoraLinear, name: str) -> None:
+    """A and B both kaiming-uniform: ΔW != 0 from the start (peft's init_lora_weights=False; for tests)."""
+    nn.init.kaiming_uniform_(layer.lora_A[name].weight, a=math.sqrt(5))
+    nn.init.kaiming_uniform_(layer.lora_B[name].weight, a=math.sqrt(5))
+
+
+LINEAR_INITS = {"default": _init_default, "gaussian": _init_gaussian, "random": _init_random}
 
 
 class LoraEmbedding(LoraLayer):
