@@ -31,6 +31,7 @@ from .memory import (
     GiB,
     Plan,
     PlanConfig,
+    Recommendation,
     activation_bytes,
     fits,
     head_activation_bytes,
@@ -45,7 +46,6 @@ from .presets import PRESETS, find_preset, resolve_model
 from .recommend import (
     DEFAULT_BUDGET_GIB,
     MAX_BUDGET_GIB,
-    Recommendation,
     available_memory,
     device_warning,
     recommend_method,

@@ -105,7 +105,12 @@ def targeted_modules(arch: Architecture, targets) -> list[tuple[str, int, int]]:
     peft), a sequence of names or a regex string, matched by `surgery.matches` against full names like
     "model.layers.0.self_attn.q_proj" (a module matching in any layer counts in every layer).
     """
-    return list(_targeted_modules(arch, tuple(targets) if isinstance(targets, list) else targets))
+    chosen = _targeted_modules(arch, tuple(targets) if isinstance(targets, list) else targets)
+    if not chosen:
+        names = ", ".join(n.split(".")[-1] for n, _, _ in arch.linear_modules())
+        raise ValueError(f"targets {DEFAULT_TARGETS if targets is None else targets!r} match no linear module "
+                         f"of {arch.name}; its linear modules: {names} (or 'all-linear')")
+    return list(chosen)
 
 
 @functools.lru_cache(maxsize=256)  # a plan asks several times, and a name is matched in each of L layers
@@ -123,13 +128,8 @@ def _targeted_modules(arch: Architecture, targets) -> tuple[tuple[str, int, int]
         problem = pattern_problem(targets)
         if problem:
             raise ValueError(f"targets regex {problem}")
-    chosen = [m for m in modules
-              if any(matches(targets, f"model.layers.{i}.{m[0]}") for i in range(arch.num_layers))]
-    if not chosen:
-        names = ", ".join(n.split(".")[-1] for n, _, _ in modules)
-        raise ValueError(f"targets {targets!r} match no linear module of {arch.name}; its linear modules: "
-                         f"{names} (or 'all-linear')")
-    return tuple(chosen)
+    return tuple(m for m in modules
+                 if any(matches(targets, f"model.layers.{i}.{m[0]}") for i in range(arch.num_layers)))
 
 
 def arch_from_config(config: dict | str | os.PathLike, name: str | None = None) -> Architecture:

@@ -35,16 +35,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING
-
 from ..config import METHODS
 from ..dtypes import ALIASES as DTYPE_ALIASES
 from ..dtypes import BYTES, NAMES
 from ..loss import DEFAULT_CHUNK_SIZE
 from .architecture import Architecture, targeted_modules
-
-if TYPE_CHECKING:
-    from .recommend import Recommendation
 
 GiB = 1024**3
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
@@ -135,6 +130,16 @@ class PlanConfig:
     def trained_bytes(self) -> int:
         """Bytes per trainable parameter: the compute dtype in full fine-tuning, else the adapters'."""
         return self.p if self.method == "full" else BYTES[self.adapter_dtype]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """Which method to train with (recommend.recommend_method), and why."""
+
+    method: str
+    reason: str
+    budget_gib: float
+    peaks_gib: dict[str, float]  # predicted per-GPU peak (with overhead) of each method
 
 
 @dataclass(frozen=True)

@@ -8,21 +8,13 @@ training loop reads it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from ..config import METHODS
-from .memory import GPUS, GiB, Plan, fits, predict
+from .memory import GPUS, GiB, Plan, Recommendation, fits, predict
 
 DEFAULT_BUDGET_GIB = 24.0
 MAX_BUDGET_GIB = 1 << 20  # a GiB budget above a petabyte per GPU is a typo
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    method: str
-    reason: str
-    budget_gib: float
-    peaks_gib: dict[str, float]  # predicted per-GPU peak (with overhead) of each method
 
 
 def budget_problem(budget_gib) -> str | None:
