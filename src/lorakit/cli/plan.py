@@ -143,10 +143,15 @@ def flag_settings(args: argparse.Namespace) -> dict[str, object]:
     return settings
 
 
+def flags_only(args: argparse.Namespace) -> bool:
+    """--model with neither CONFIG nor --set: the planner's defaults, not a run's."""
+    return args.config is None and not args.overrides and args.model is not None
+
+
 def resolve(args: argparse.Namespace) -> tuple[RunConfig, str, int]:
     """The run config, the device ("cuda" or "cpu") and the number of GPUs sharding the model."""
     settings = flag_settings(args)
-    if args.config is None and not args.overrides and args.model is not None:  # flags only
+    if flags_only(args):
         config = read_run_config(None, (), {**FLAG_DEFAULTS, **settings})
         return config, "cuda", args.gpus
     config = read_run_config(args.config, args.overrides, settings)
@@ -165,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     print(render_plan(result))
-    run_mode = args.config is not None or args.overrides or args.model is None
-    if run_mode:
+    if not flags_only(args):  # the run's plan: say it as train will
         print()
         if args.gpus > 1 and n_gpus == 1:
             print(f"train.strategy={config.train.strategy}: each of the {args.gpus} ranks holds the whole "
