@@ -10,8 +10,8 @@ import torch
 
 from lorakit.cli import main
 from lorakit.cli import plan as plan_cli
-from lorakit.config import ConfigError, RunConfig
-from lorakit.planner import arch_for_run, memory_plan_line, plan, plan_run, run_device
+from lorakit.config import ConfigError, RunConfig, read_run_config
+from lorakit.planner import arch_for_run, plan, plan_run, run_device
 
 
 def _parse(argv):
@@ -114,7 +114,7 @@ def test_plan_prints_the_line_train_logs(tmp_path, capsys, method):
     LlamaConfig(**{k: v for k, v in SMOL_CONFIG.items() if k != "model_type"}).save_pretrained(model_dir)
     path = write_config(tmp_path, f"method: {method}\nmodel:\n  path: {model_dir}\ntrain:\n  device: cpu\n"
                                   "  batch_size: 2\ndata:\n  max_length: 100\n")
-    config = plan_cli.read_run_config(path)
+    config = read_run_config(path)
     logged = []
     model = SimpleNamespace(config=LlamaConfig.from_pretrained(model_dir))
     peak = memory_check(model, config, logged.append, torch.device("cpu"))
@@ -216,6 +216,6 @@ def test_a_key_given_twice_is_refused(capsys):
 
 def test_read_run_config_settings_go_between_file_and_set(tmp_path):
     path = write_config(tmp_path, "lora:\n  r: 4\n  alpha: 8\ntrain:\n  steps: 7\n")
-    config = plan_cli.read_run_config(path, ["lora.alpha=2"], {"lora.r": 16, "lora.alpha": 32, "method": "full"})
+    config = read_run_config(path, ["lora.alpha=2"], {"lora.r": 16, "lora.alpha": 32, "method": "full"})
     assert (config.lora.r, config.lora.alpha, config.train.steps, config.method) == (16, 2, 7, "full")
-    assert plan_cli.read_run_config(None) == RunConfig.from_dict({})
+    assert read_run_config(None) == RunConfig.from_dict({})

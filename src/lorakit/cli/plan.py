@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from lorakit.cli.common import positive_int
-from lorakit.config import METHODS, RunConfig, load_yaml
+from lorakit.config import METHODS, RunConfig, read_run_config
 from lorakit.dtypes import ALIASES as DTYPE_ALIASES
 from lorakit.dtypes import NAMES as DTYPE_NAMES
 from lorakit.dtypes import canonical
@@ -87,39 +84,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=run)
     return p
-
-
-def read_yaml_file(path: str | os.PathLike):
-    """The YAML document in `path` (config.load_yaml's rules); ValueError naming the file when it is
-    not UTF-8 or not valid YAML."""
-    path = Path(path)
-    try:
-        return load_yaml(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # bad YAML, a duplicate key, an alias bomb, text that is not UTF-8
-        raise ValueError(f"{path}: {e}") from None
-
-
-def read_run_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
-                    settings: Mapping[str, object] | None = None) -> RunConfig:
-    """The RunConfig of `lorakit train [CONFIG.yaml] [--set ...]`: the YAML file at `path` (None: no
-    file), then `settings` ({"lora.r": 16, ...}: values set over the file's), then the --set
-    `overrides`, all checked by RunConfig.from_dict (every problem at once, as ConfigError)."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        raw = read_yaml_file(path) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of groups (model, lora, data, train, eval)")
-    for key, value in (settings or {}).items():
-        group, dot, name = key.partition(".")
-        if not dot:
-            raw[group] = value
-        elif isinstance(raw.setdefault(group, {}), dict):
-            raw[group] = {**raw[group], name: value}
-        # else: the file's group is not a mapping; from_dict reports it
-    return RunConfig.from_dict(raw, list(overrides))
 
 
 def _targets(values):
