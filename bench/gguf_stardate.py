@@ -40,7 +40,8 @@ def main() -> int:
     from lorakit.gguf_export import export_adapter, export_merged
     from lorakit.models import load_model
     from lorakit.tasks import exact_match
-    from lorakit.train import exact_match_accuracy, load_data
+    from lorakit.training.evaluate import exact_match_accuracy
+    from lorakit.training.setup import load_data
 
     source = resolve_source(SimpleNamespace(adapter=str(args.run_dir), model=None, quantize=None, dtype="float32"))
     source.dtype = "float32"

@@ -107,7 +107,7 @@ def model_under_training(c: Case, dtype: torch.dtype, device: str):
     if c.ckpt:
         model.gradient_checkpointing_enable()
         if c.method == "lora":
-            model.enable_input_require_grads()  # as lorakit.train.prepare_model does
+            model.enable_input_require_grads()  # as lorakit.training.setup.prepare_model does
     model.train()
     return model
 

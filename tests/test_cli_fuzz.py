@@ -4,8 +4,6 @@ message and a non-zero exit, never a traceback. Most cases run in-process (main(
 script calls it); a few run as real subprocesses."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from conftest import char_tokenizer, tiny_llama

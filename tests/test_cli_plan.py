@@ -219,3 +219,35 @@ def test_read_run_config_settings_go_between_file_and_set(tmp_path):
     config = read_run_config(path, ["lora.alpha=2"], {"lora.r": 16, "lora.alpha": 32, "method": "full"})
     assert (config.lora.r, config.lora.alpha, config.train.steps, config.method) == (16, 2, 7, "full")
     assert read_run_config(None) == RunConfig.from_dict({})
+
+
+def _trained_plan(tmp_path, config_path) -> int:
+    """The planned peak `lorakit train CONFIG` reports (summary.json), from a one-step run."""
+    from lorakit.training import train
+
+    summary = train(read_run_config(config_path), tmp_path / "run", progress=False, log=lambda *_: None)
+    return summary["planned_peak_bytes"]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_plan_gives_the_peak_train_plans_for_a_model_directory(tmp_path, capsys, method):
+    from conftest import char_tokenizer, tiny_llama
+
+    tok = char_tokenizer()
+    tiny_llama(hidden=64, vocab=len(tok), init_range=0.1).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"<{i}>=", "completion": str(i)[::-1]}) + "\n" for i in range(8)))
+    path = write_config(tmp_path, f"method: {method}\nmodel:\n  path: {tmp_path / 'model'}\ntrain:\n  device: cpu\n"
+                                  f"  steps: 1\n  batch_size: 4\n  warmup_steps: 0\ndata:\n  train: {data}\n"
+                                  "  validation_fraction: 0\n  max_length: 24\neval:\n  every: 0\n  generate: false\n")
+    planned = cli_json(capsys, str(path))["peak_bytes"]
+    assert planned == _trained_plan(tmp_path, path) and planned > 0
+
+
+def test_plan_gives_the_peak_train_plans_for_the_default_model(tmp_path, capsys):
+    path = write_config(tmp_path, "train:\n  device: cpu\n  steps: 1\n  batch_size: 2\n  warmup_steps: 0\n"
+                                  "data:\n  n_train: 4\n  n_test: 1\n  validation_fraction: 0\n"
+                                  "eval:\n  every: 0\n  generate: false\n")
+    planned = cli_json(capsys, str(path))["peak_bytes"]
+    assert planned == _trained_plan(tmp_path, path) and planned > 0

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import char_tokenizer, tiny_llama
-from test_lora import randomize_adapters
+from test_inject import randomize_adapters
 
 from lorakit import LoraConfig, add_lora, save_adapter
 from lorakit.cli import main

@@ -8,8 +8,6 @@ Tests marked slow use the real SmolLM2-135M-Instruct.
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

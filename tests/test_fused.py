@@ -4,7 +4,7 @@
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
-from test_lora import randomize_adapters
+from test_inject import randomize_adapters
 from torch import nn
 
 from lorakit import LoraConfig, add_lora, disable_adapters, dropout, merge, set_adapter, unmerge

@@ -22,7 +22,8 @@ from lorakit.adapter_io import adapter_state_dict
 from lorakit.config import RunConfig
 from lorakit.data import Record, build_dataset
 from lorakit.monitor import MetricsLog
-from lorakit.train import Prepared, prepare_model, train
+from lorakit.training import Prepared, train
+from lorakit.training.setup import prepare_model
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("LORAKIT_REGEN_GOLDEN") == "1"

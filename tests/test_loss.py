@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_gpt2, tiny_llama
-from test_lora import randomize_adapters
+from test_inject import randomize_adapters
 from test_training_loop import tiny_run
 
 from lorakit import LoraConfig, add_lora

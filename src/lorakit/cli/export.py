@@ -78,7 +78,7 @@ def check_base(source) -> None:
 def run_test_ids(run_dir: Path, tokenizer) -> list[list[int]] | None:
     """Token ids of the first records of a run's held-out test split, formatted as the run did."""
     from lorakit.config import RunConfig, load_yaml
-    from lorakit.train import load_data
+    from lorakit.training.setup import load_data
 
     config = RunConfig.from_dict(load_yaml((run_dir / "config.yaml").read_text()))
     _, _, test = load_data(config, tokenizer)

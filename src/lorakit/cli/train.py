@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from lorakit.config import RunConfig, load_yaml
+from lorakit.config import RunConfig, read_run_config
 
 
 def add_parser(sub) -> None:
@@ -34,27 +34,12 @@ def resolve(args) -> tuple[RunConfig, Path, bool]:
             raise ValueError(f"--resume {run_dir}: no config.yaml there; is it a lorakit run directory?")
         if args.config or args.overrides or args.out:
             raise ValueError("--resume continues a run with its saved config.yaml; drop CONFIG, --set and --out")
-        return RunConfig.from_dict(_read_yaml(saved)), run_dir, True
-    raw = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        raw = _read_yaml(path) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of groups (model, lora, data, train, eval)")
-    config = RunConfig.from_dict(raw, args.overrides)
+        return read_run_config(saved), run_dir, True
+    config = read_run_config(args.config, args.overrides)
     run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.method}")
     if os.environ.get("RANK", "0") == "0":  # under torchrun the others would find rank 0's lock and files
         check_run_dir(run_dir, resume=False)
     return config, run_dir, False
-
-
-def _read_yaml(path: Path):
-    try:
-        return load_yaml(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # bad YAML, a duplicate key, an alias bomb, text that is not UTF-8
-        raise ValueError(f"{path}: {e}") from None
 
 
 def run(args) -> int:

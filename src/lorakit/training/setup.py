@@ -12,7 +12,7 @@ import torch
 from .. import distributed
 from ..config import BUILTIN_PREFIX, ConfigError, RunConfig
 from ..data import DataError, Dataset, build_dataset, pack, read_data, split_validation
-from ..dtypes import ALIASES, to_torch
+from ..dtypes import to_torch
 from ..inject import add_lora
 
 
@@ -207,32 +207,20 @@ def optimizer_and_schedule(model: torch.nn.Module, config: RunConfig):
     return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
 
-# the planner's names for the dtypes (fp32, bf16, fp16): dtypes.ALIASES read backwards
-_PLANNER_DTYPE = {name: alias for alias, name in ALIASES.items()}
-
-
 def memory_check(model, config: RunConfig, log, device: torch.device, n_gpus: int = 1) -> int | None:
     """Run the planner for this run and warn when the step will not fit the device; returns the
     predicted peak in bytes (None when the planner does not know the architecture). n_gpus > 1:
     FSDP sharding over that many ranks (DDP replicates: plan it with n_gpus=1)."""
-    from ..planner import GiB, arch_from_config, device_warning, plan
+    from ..planner import GiB, arch_from_config, available_memory, device_warning, memory_plan_line, plan_run
 
     try:
-        p = plan(arch_from_config(model.config.to_dict()), method=config.method, rank=config.lora.r,
-                 targets=config.lora.targets, batch_size=config.train.batch_size,
-                 seq_len=config.data.max_length, grad_checkpointing=config.train.gradient_checkpointing,
-                 dtype=_PLANNER_DTYPE[config.model.dtype], lora_dropout=config.lora.dropout,
-                 device="cuda" if device.type == "cuda" else "cpu", n_gpus=n_gpus, recommend=False)
+        p = plan_run(config, arch_from_config(model.config.to_dict()), "cuda" if device.type == "cuda" else "cpu",
+                     n_gpus)
     except (ValueError, KeyError, AttributeError) as e:  # an architecture or setup it does not model
         log(f"memory plan: skipped ({e})")
         return None
-    if device.type == "cuda":
-        available = torch.cuda.get_device_properties(device).total_memory
-    else:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    sharding = f", sharded over {n_gpus} ranks" if n_gpus > 1 else ""
-    log(f"memory plan: predicted peak {p.peak / GiB:.2f} GiB (batch {config.train.batch_size} x "
-        f"{config.data.max_length} tokens{sharding}) of {available / GiB:.1f} GiB available on {device.type}")
+    available = available_memory(device)
+    log(memory_plan_line(p, available, device.type))
     warning = device_warning(p, available / GiB)
     if warning:
         log(warning)
