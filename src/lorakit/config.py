@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .dtypes import NAMES as DTYPES
 from .patterns import pattern_problem
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -259,7 +260,6 @@ def _is_str_list(v) -> bool:
 # is loaded, and every problem is reported at once.
 
 METHODS = ("lora", "qlora", "full")
-DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "prompt_completion", "alpaca", "chat", "text")
 SCHEDULES = ("cosine", "linear", "constant")
 BUILTIN_PREFIX = "builtin:"
