@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -230,11 +231,20 @@ class CheckpointLoader:
             shard(layer)                   # e.g. FSDP: keep this rank's part, free the rest
         loader.fill()                      # the rest (embeddings, head); checks nothing is missing
 
-    At most one full-precision tensor is in memory at a time besides the parts already filled.
+    Checkpoint keys are read as transformers' from_pretrained reads them: through the model's own
+    checkpoint conversion (transformers.conversion_mapping.get_model_conversion_mapping), so renamed
+    keys (GPT-NeoX's `embed_out` -> `lm_head`, Mixtral's `block_sparse_moe` -> `mlp`) and per-expert
+    tensors fused into one 3-D parameter (`experts.N.w1/w3.weight` -> `experts.gate_up_proj`,
+    Qwen2/3-MoE's `experts.N.gate_proj/up_proj`) load as they do there; lorakit holds no key table.
+
+    At most one full-precision parameter (with the checkpoint tensors it is made of, e.g. one
+    layer's experts) is in memory at a time besides the parts already filled.
     quantize="nf4" makes every linear layer (nn.Linear, GPT-2's Conv1D) but the output head an
-    NF4Linear, quantized as its weight streams in; a transformers + bitsandbytes 4-bit checkpoint
-    loads in NF4 as it is (its packed weights are taken byte for byte). Modules may be wrapped after construction (LoRA,
-    modules_to_save): tensors are found by the module objects, not by name.
+    NF4Linear, quantized as its weight streams in, and stores every mixture-of-experts weight
+    (surgery.expert_parameters) in NF4 (nf4.NF4Weight) as soon as it is built; a transformers +
+    bitsandbytes 4-bit checkpoint loads in NF4 as it is (its packed weights are taken byte for
+    byte). Modules may be wrapped after construction (LoRA, modules_to_save): tensors are found by
+    the module objects, not by name.
     """
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, quantize: str | None = None,
@@ -245,7 +255,7 @@ class CheckpointLoader:
         from .dtypes import to_torch
         from .files import open_safetensors
         from .nf4 import NF4Linear
-        from .surgery import is_full_precision_linear, output_head_names, replace_module
+        from .surgery import expert_parameters, is_full_precision_linear, output_head_names, replace_module
 
         self.path, self.dtype, self.double_quant = Path(path), dtype, double_quant
         config = load_config(path)
@@ -256,9 +266,11 @@ class CheckpointLoader:
             name = str(q.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", "")  # "bfloat16"
             compute_dtype = compute_dtype or to_torch(name)
             del config.quantization_config
+        self.compute_dtype = compute_dtype or dtype
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         self.linears: dict[str, NF4Linear] = {}  # checkpoint name -> its NF4 layer
+        self.experts: set[tuple[int, str]] = set()  # (id(module), parameter name) to store in NF4
         if quantize == "nf4" or self.prequantized:
             heads = output_head_names(self.model)
             for name, module in list(self.model.named_modules()):
@@ -268,10 +280,11 @@ class CheckpointLoader:
                     conv = isinstance(module, Conv1D)
                     in_features, out_features = module.weight.shape if conv else module.weight.shape[::-1]
                     q4 = NF4Linear(in_features, out_features, bias=module.bias is not None,
-                                   compute_dtype=compute_dtype or dtype, double_quant=double_quant, device="meta",
+                                   compute_dtype=self.compute_dtype, double_quant=double_quant, device="meta",
                                    fan_in_fan_out=conv)
                     replace_module(self.model, name, q4)
                     self.linears[name] = q4
+            self.experts = {(id(self.model.get_submodule(m)), leaf) for m, leaf in expert_parameters(self.model)}
         # checkpoint key -> every (module, attribute) holding that tensor (tied weights: several)
         self.slots: dict[str, list[tuple[nn.Module, str]]] = {}
         holders: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -291,6 +304,38 @@ class CheckpointLoader:
             with open_safetensors(file) as f:
                 self.files.update(dict.fromkeys(f.keys(), file))
         self.unexpected: list[str] = []
+        self.pending = self._targets()
+
+    def _targets(self) -> dict[str, list[tuple[str, str, str | None]]]:
+        """What each checkpoint key becomes, by transformers' conversion of this model's keys:
+        {target: [(checkpoint key, renamed key, converter pattern or None), ...]}, a target being
+        a model tensor's name, or an NF4 layer's name for the packed tensors of a 4-bit checkpoint.
+        Keys that fit nothing go to self.unexpected."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        mapping = get_model_conversion_mapping(self.model)
+        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        self.converters = {pattern: c for c in converters for pattern in c.source_patterns}
+        names = dict.fromkeys([*self.slots, *(f"{layer}.weight" for layer in self.linears)], True)
+        targets: dict[str, list[tuple[str, str, str | None]]] = {}
+        for key in sorted(self.files, key=dot_natural_key):  # from_pretrained's order: experts 0, 1, .., 10
+            renamed, pattern = rename_source_key(key, renamings, converters, self.model.base_model_prefix, names)
+            if renamed not in names and key in names:  # as from_pretrained: a key of the model stays itself
+                renamed, pattern = key, None
+            layer, leaf = _split_key(renamed, self.linears)
+            if pattern is not None and renamed in names:
+                target = renamed  # one of several checkpoint tensors (or one of several targets)
+            elif layer is not None and leaf != "bias" and self.prequantized:
+                target = layer  # P.weight, P.weight.absmax, ...: the layer's 4-bit state
+            elif renamed in names and (layer is None or leaf in ("weight", "bias")):
+                target = renamed
+            else:
+                self.unexpected.append(key)
+                continue
+            targets.setdefault(target, []).append((key, renamed, pattern))
+        return targets
 
     def fill(self, part: nn.Module | None = None) -> None:
         """Read the checkpoint's tensors that belong to `part` (a submodule of the model), or all
@@ -299,36 +344,48 @@ class CheckpointLoader:
         from .nf4 import from_bnb_tensors
 
         inside = {id(m) for m in (self.model if part is None else part).modules()}
-        todo: dict[Path, list[str]] = {}
-        for key, file in self.files.items():
-            owner = self._owner(key)
-            if part is None or (owner is not None and id(owner) in inside):
-                todo.setdefault(file, []).append(key)
-        packed: dict[str, dict[str, torch.Tensor]] = {}  # bnb tensors of one layer, until complete
-        for file, keys in todo.items():
-            with open_safetensors(file) as f:
-                for key in keys:
-                    del self.files[key]
-                    layer, leaf = _split_key(key, self.linears)
-                    if layer is not None and leaf != "bias":
-                        if self.prequantized:
-                            packed.setdefault(layer, {})[key] = f.get_tensor(key)
-                        elif leaf == "weight":  # in the checkpoint's layout ((in, out) for a Conv1D)
-                            self.linears[layer].quantize_weight_(f.get_tensor(key), self.double_quant)
-                        else:
-                            self.unexpected.append(key)
-                    elif key in self.slots:
-                        self._assign(key, f.get_tensor(key))
-                    else:
-                        self.unexpected.append(key)
-        for layer, tensors in packed.items():
-            self.linears[layer].set_quant_state(from_bnb_tensors(tensors, layer))
+        todo = [t for t in self.pending if part is None or id(self._owner(t)) in inside]
+        files = sorted({self.files[key] for t in todo for key, _, _ in self.pending[t]})
+        with contextlib.ExitStack() as stack:
+            opened = {file: stack.enter_context(open_safetensors(file)) for file in files}
+
+            def read(key: str) -> torch.Tensor:
+                return opened[self.files[key]].get_tensor(key)
+
+            for target in todo:
+                sources = self.pending.pop(target)
+                if target in self.linears:  # a bitsandbytes 4-bit layer, byte for byte
+                    packed = {renamed: read(key) for key, renamed, _ in sources}
+                    self.linears[target].set_quant_state(from_bnb_tensors(packed, target))
+                elif sources[0][2] is not None:
+                    self._convert(target, sources, read)
+                else:
+                    self._put(target, read(sources[0][0]))
         self._materialize_leftovers(self.model if part is None else part)
         if part is None:
             missing = self._missing()
             if missing or self.unexpected:
                 raise ValueError(f"checkpoint {self.path} does not fit {type(self.model).__name__}: "
                                  f"missing {missing[:8]}, unexpected {self.unexpected[:8]}")
+
+    def _convert(self, target: str, sources: list[tuple[str, str, str | None]], read) -> None:
+        """Several checkpoint tensors -> one (or several) model tensors, by transformers' own
+        WeightConverter for them (e.g. E experts' w1 and w3 -> gate_up_proj (E, 2I, H))."""
+        converter = copy.deepcopy(self.converters[sources[0][2]])
+        for key, _, pattern in sources:
+            converter.add_tensor(target, key, pattern, functools.partial(read, key))  # read when converting
+        for name, tensor in converter.convert(target, model=self.model, config=self.model.config).items():
+            self._put(name, tensor[0] if isinstance(tensor, list) else tensor)
+
+    def _put(self, name: str, tensor: torch.Tensor) -> None:
+        """Place the model tensor called `name`: into its NF4 layer (quantized) or its slot."""
+        layer, leaf = _split_key(name, self.linears)
+        if layer is not None and leaf == "weight":  # in the checkpoint's layout ((in, out) for a Conv1D)
+            self.linears[layer].quantize_weight_(tensor, self.double_quant)
+        elif name in self.slots:
+            self._assign(name, tensor)
+        else:
+            self.unexpected.append(name)
 
     def _missing(self) -> list[str]:
         """Names of what is still on the meta device: NF4 layers as a whole, other tensors by name."""
@@ -343,13 +400,15 @@ class CheckpointLoader:
                                                          *module.named_buffers(recurse=False)] if t.is_meta]
         return out
 
-    def _owner(self, key: str) -> nn.Module | None:
-        layer, _ = _split_key(key, self.linears)
-        if layer is not None:
-            return self.linears[layer]
-        return self.slots[key][0][0] if key in self.slots else None
+    def _owner(self, target: str) -> nn.Module:
+        if target in self.linears:
+            return self.linears[target]
+        layer, _ = _split_key(target, self.linears)
+        return self.linears[layer] if layer is not None else self.slots[target][0][0]
 
     def _assign(self, key: str, tensor: torch.Tensor) -> None:
+        from .nf4 import quantize_parameter_
+
         if tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
         holders = self.slots[key]
@@ -358,6 +417,8 @@ class CheckpointLoader:
             tensor = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
         for module, leaf in holders:
             (module._parameters if leaf in module._parameters else module._buffers)[leaf] = tensor
+        if (id(module), leaf) in self.experts:  # a mixture-of-experts weight: to NF4 right away
+            quantize_parameter_(module, leaf, self.compute_dtype, self.double_quant)
 
     def _materialize_leftovers(self, part: nn.Module) -> None:
         """Build what a checkpoint does not hold: buffers such as rotary frequencies (with the
@@ -407,11 +468,14 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
     A model with NF4 layers is written in transformers + bitsandbytes' 4-bit layout: each layer's
     packed weight and quantization state under its module path, and a `quantization_config` in
     config.json, so `AutoModelForCausalLM.from_pretrained` (with bitsandbytes) loads it as it is.
+    NF4 mixture-of-experts weights (nf4.NF4Weight) are written dequantized, as bitsandbytes keeps
+    them (it has no 4-bit layout for them); loading stores them in NF4 again: the same codes and
+    absmaxes, the DQ scales within DQ's rounding.
     """
     from safetensors.torch import save_file
 
     from .dtypes import name_of
-    from .nf4 import NF4Linear
+    from .nf4 import NF4Linear, dequantize, nf4_weights
     from .surgery import output_head_names
 
     out_dir = Path(out_dir)
@@ -420,11 +484,21 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
                               "overwrites (an empty directory is fine)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out_dir, directory=True) as tmp:
+        nf4_layers = {name for name, m in model.named_modules() if isinstance(m, NF4Linear)}
         layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
         if not layers:
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             state = model.state_dict()
+            for name, weight in nf4_weights(model).items():
+                if not name.endswith(".weight") or name.removesuffix(".weight") not in nf4_layers:
+                    # An NF4 weight of a mixture of experts: bitsandbytes has no layout for it (it
+                    # leaves 3-D expert weights in full precision), so it is written as the model
+                    # computes with it, dequantized; lorakit's loader stores it in NF4 again.
+                    module, _, leaf = name.rpartition(".")
+                    for key in [k for k in state if k.startswith(f"{module}.parametrizations.{leaf}.")]:
+                        del state[key]
+                    state[name] = dequantize(weight)
             if getattr(model.config, "tie_word_embeddings", False):
                 for head in output_head_names(model):
                     state.pop(head + ".weight", None)  # stored once, as transformers does

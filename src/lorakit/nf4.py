@@ -37,21 +37,24 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .dtypes import DTYPES, name_of
-from .surgery import is_full_precision_linear, replace_module
 
 __all__ = [
     "FP4_CODE",
     "NF4_CODE",
     "NF4Linear",
     "NF4State",
+    "NF4Weight",
     "SUPPORTED_BLOCKSIZES",
     "create_dynamic_map",
     "dequantize",
     "dequantize_absmax",
     "from_bnb_tensors",
+    "nf4_weights",
     "quantize_nf4",
+    "quantize_parameter_",
     "storage_bits_per_parameter",
     "to_bnb_tensors",
 ]
@@ -95,6 +98,10 @@ FP4_CODE = torch.tensor(
 
 _CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 QUANT_TYPES = tuple(_CODES)
+
+# The layers an NF4Linear stands for, exactly these types (not subclasses): nn.Linear and
+# transformers' Conv1D (GPT-2's linear layer, its weight stored (in, out)).
+FULL_PRECISION_LINEARS = (nn.Linear, Conv1D)
 
 # Blocksizes bitsandbytes' quantize_4bit / dequantize_4bit accept.
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -688,8 +695,6 @@ class NF4Linear(nn.Module):
 
         ``compute_dtype`` defaults to the linear's weight dtype.
         """
-        from transformers.pytorch_utils import Conv1D
-
         if not isinstance(linear, (nn.Linear, Conv1D)):
             raise ValueError(f"NF4Linear.from_linear expects an nn.Linear or a transformers Conv1D, "
                              f"got {type(linear).__name__}")
@@ -728,8 +733,6 @@ class NF4Linear(nn.Module):
         """The full-precision layer this one stands for: an nn.Linear, or a Conv1D when
         ``fan_in_fan_out``, holding ``weight`` ((out, in); default: the dequantized weight) in
         ``dtype`` (default: compute_dtype) and a copy of the bias; frozen."""
-        from transformers.pytorch_utils import Conv1D
-
         dtype = self.compute_dtype if dtype is None else dtype
         weight = self.dequantize_weight(torch.float32) if weight is None else weight  # (out, in)
         if self.fan_in_fan_out:
@@ -843,8 +846,115 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype | None = None,
     the names in `skip`, e.g. the output head) by an NF4Linear, in place, one layer at a time (at
     most one full-precision layer is freed per step). Embeddings and other modules are left as
     they are."""
-    names = [n for n, m in model.named_modules() if is_full_precision_linear(m) and n not in skip]
+    names = [n for n, m in model.named_modules() if type(m) in FULL_PRECISION_LINEARS and n not in skip]
     for name in names:
         q = NF4Linear.from_linear(model.get_submodule(name), compute_dtype, double_quant, blocksize, quant_type)
-        replace_module(model, name, q.requires_grad_(False))
+        model.set_submodule(name, q.requires_grad_(False))
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4 weights of any shape: mixture-of-experts weights (E, out, in)
+# ----------------------------------------------------------------------------------------------
+
+
+class NF4Weight(nn.Module):
+    """A frozen weight of any shape stored in NF4, as a parametrization of the parameter
+    (torch.nn.utils.parametrize): quantization is a property of the weight, the module that
+    holds it keeps its class, its forward and its parameter names.
+
+    Made for transformers 5's mixture-of-experts weights, which are one 3-D parameter per layer
+    (Mixtral's `mlp.experts.gate_up_proj`, (E, 2 * intermediate, hidden)) read in the experts'
+    forward in three ways (a loop over `W[e]`, a gather `W[ids]`, a grouped matmul over all of W):
+    whichever it uses, `module.gate_up_proj` evaluates to
+
+        W' = dequantize(W_nf4)   (same shape, in compute_dtype)
+
+    right_inverse quantizes (the float weight -> its packed codes, which parametrize keeps as
+    `parametrizations.<name>.original0`); the block absmaxes and DQ scales are buffers of this
+    module. Flattened row-major and quantized in 64-blocks exactly like an NF4Linear's (out, in)
+    weight, so expert e's slice W'[e] is what NF4Linear would compute from W[e] when
+    out * in is a multiple of 64. Storage: 4.127 bits per element with DQ, 4.5 without.
+
+    Memory in training: the dequantized weight of a layer exists while that layer runs, and autograd
+    keeps it for the backward of the matmuls that read it (the experts' own code does the matmul);
+    activation checkpointing frees it until the backward recomputes the layer.
+    """
+
+    def __init__(self, compute_dtype: torch.dtype = torch.float32, blocksize: int = 64, double_quant: bool = True,
+                 quant_type: str = "nf4"):
+        super().__init__()
+        _check_float_dtype(compute_dtype, "compute_dtype")
+        _check_blocksize(blocksize)
+        _check_quant_type(quant_type)
+        self.compute_dtype, self.blocksize, self.double_quant, self.quant_type = (
+            compute_dtype, blocksize, double_quant, quant_type)
+        self.shape: torch.Size | None = None  # set by right_inverse
+        self.weight_dtype = torch.float32
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
+        """Quantize `weight`: its packed codes are returned (parametrize stores them as
+        `original0`: a 1-tuple, since a single tensor may not change dtype), the rest of the state
+        goes into this module's buffers."""
+        state = quantize_nf4(weight.detach(), self.blocksize, self.double_quant, self.quant_type)
+        self.shape, self.weight_dtype = state.shape, state.dtype
+        for name, tensor in zip(_STATE_BUFFERS[1:], (state.absmax, state.code, state.nested_absmax,
+                                                     state.nested_code, state.offset)):
+            self.register_buffer(name, tensor, persistent=True)
+        return (state.packed,)
+
+    def state(self, packed: torch.Tensor) -> NF4State:
+        """The 4-bit state, given the packed codes parametrize holds (no copies)."""
+        return NF4State(packed, self.weight_absmax, self.weight_quant_map, self.shape, self.weight_dtype,
+                        self.blocksize, self.quant_type, self.weight_nested_absmax,
+                        self.weight_nested_quant_map, self.weight_nested_offset)
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.state(packed), self.compute_dtype)  # (*shape), compute_dtype
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"shape={list(self.shape or [])}, quant_type={self.quant_type}, blocksize={self.blocksize}{dq}, "
+                f"compute_dtype={self.compute_dtype}")
+
+    def _apply(self, fn, recurse=True):
+        # As NF4Linear: .to(dtype) / .half() must not cast the state's float32 tensors.
+        before = {name: t for name, t in self._buffers.items() if t is not None}
+        super()._apply(fn, recurse)
+        for name, tensor in before.items():
+            if self._buffers[name].dtype != tensor.dtype:
+                self._buffers[name] = tensor.to(self._buffers[name].device)
+        return self
+
+
+def quantize_parameter_(module: nn.Module, name: str, compute_dtype: torch.dtype | None = None,
+                        double_quant: bool = True, blocksize: int = 64, quant_type: str = "nf4") -> NF4Weight:
+    """Store `module.<name>` (a parameter of any shape) in NF4, in place: afterwards the
+    attribute evaluates to the dequantized weight, frozen. `compute_dtype` defaults to the
+    weight's dtype. Returns the parametrization (its state: nf4_weights)."""
+    from torch.nn.utils import parametrize
+
+    weight = getattr(module, name)
+    if not isinstance(weight, torch.Tensor) or parametrize.is_parametrized(module, name):
+        raise ValueError(f"quantize_parameter_: {type(module).__name__}.{name} is not a plain parameter")
+    # Kept as a buffer, so parametrize keeps the packed codes as a buffer too (never a parameter:
+    # optimizers, parameter counts and FSDP's parameter sharding leave them alone, as NF4Linear's).
+    del module._parameters[name]
+    module.register_buffer(name, weight.detach())
+    quantizer = NF4Weight(compute_dtype or weight.dtype, blocksize, double_quant, quant_type)
+    parametrize.register_parametrization(module, name, quantizer, unsafe=True)
+    return quantizer
+
+
+def nf4_weights(model: nn.Module) -> dict[str, NF4State]:
+    """Every NF4 weight of `model` by full name ("model.layers.0.mlp.experts.gate_up_proj",
+    "model.layers.0.self_attn.q_proj.weight"): NF4Weight parametrizations and NF4Linear layers."""
+    out = {}
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        if isinstance(module, NF4Linear):
+            out[prefix + "weight"] = module.quant_state
+        for leaf, plist in getattr(module, "parametrizations", {}).items():
+            if isinstance(plist[0], NF4Weight):
+                out[prefix + leaf] = plist[0].state(plist.original0)
+    return out

@@ -20,9 +20,9 @@ import re
 from collections.abc import Iterator
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .layer import LoraLayer, ModulesToSave
+from .nf4 import FULL_PRECISION_LINEARS
 
 # Names of the container holding a model's blocks: Llama "layers", GPT-2 "h", others "blocks", BERT "layer".
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "blocks", "layer")
@@ -55,7 +55,26 @@ def layer_index(name: str, patterns: str | list[str] | tuple[str, ...] | None = 
 def is_full_precision_linear(module: nn.Module) -> bool:
     """An nn.Linear or transformers' Conv1D (GPT-2's linear layer, weight stored (in, out)),
     exactly those types: what NF4 quantization turns into an NF4Linear."""
-    return type(module) in (nn.Linear, Conv1D)
+    return type(module) in FULL_PRECISION_LINEARS
+
+
+def expert_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """(module name, parameter name) of every mixture-of-experts weight: a parameter of 3 or more
+    dimensions whose first is the module's `num_experts`, e.g. Mixtral's `mlp.experts.gate_up_proj`
+    (E, 2 * intermediate, hidden) in transformers 5, which stores all experts of a layer as one
+    tensor instead of E nn.Linear modules. Biases (E, out) are 2-D and not listed. A parameter
+    already NF4 (a parametrization, nf4.NF4Weight) is listed under its name too; quantize them with
+    nf4.quantize_parameter_."""
+    out = []
+    for name, module in unwrapped_modules(model):
+        experts = getattr(module, "num_experts", None)
+        if not isinstance(experts, int):
+            continue
+        shapes = {leaf: tuple(p.shape) for leaf, p in module.named_parameters(recurse=False)}
+        for leaf, plist in getattr(module, "parametrizations", {}).items():  # NF4 already: its shape
+            shapes[leaf] = tuple(getattr(plist[0], "shape", None) or getattr(module, leaf).shape)
+        out += [(name, leaf) for leaf, shape in shapes.items() if len(shape) >= 3 and shape[0] == experts]
+    return out
 
 
 def unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
