@@ -65,8 +65,54 @@ def test_peft_dict_round_trip():
 
 def test_peft_features_lorakit_lacks_are_refused():
     with pytest.raises(ConfigError) as e:
-        LoraConfig.from_peft_dict({"peft_type": "LORA", "r": 4, "use_dora": True, "lora_bias": True})
-    assert len(e.value.problems) == 2 and "use_dora=True" in str(e.value)
+        LoraConfig.from_peft_dict({"peft_type": "LORA", "r": 4, "use_qalora": True, "lora_bias": True})
+    assert len(e.value.problems) == 2 and "use_qalora=True" in str(e.value)
+    # DoRA is supported now (tests/test_dora.py); an init lorakit lacks is named with the supported ones
+    assert LoraConfig.from_peft_dict({"r": 4, "use_dora": True}).dora is True
+    with pytest.raises(ConfigError, match=r"init_lora_weights='corda': not supported by lorakit; supported: "
+                                          r"true, false, 'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq'"):
+        LoraConfig.from_peft_dict({"r": 4, "init_lora_weights": "corda"})
+
+
+def test_variant_and_init_keys_round_trip_through_peft_and_report_every_problem():
+    for config, peft_init in ((LoraConfig(init="pissa", pissa_niter=4, dora=True), "pissa_niter_4"),
+                              (LoraConfig(init="pissa"), "pissa"), (LoraConfig(init="olora"), "olora"),
+                              (LoraConfig(init="loftq", loftq_iters=3), "loftq")):
+        d = config.to_peft_dict()
+        assert (d["init_lora_weights"], d["use_dora"]) == (peft_init, config.dora)
+        assert LoraConfig.from_peft_dict(d) == config
+    assert LoraConfig(init="loftq", loftq_iters=3).to_peft_dict()["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 3}
+    with pytest.raises(ConfigError) as e:
+        LoraConfig(init="svd", pissa_niter=-1, loftq_iters=0, dora="yes")
+    assert e.value.problems == [
+        "init='svd': valid choices are default, gaussian, random, pissa, olora, loftq",
+        "pissa_niter=-1: must be an integer >= 0 (subspace iterations of the randomized SVD; typical: 4 to 16), "
+        "or None for the full SVD",
+        "loftq_iters=0: must be an integer > 0 (typical: 1 to 5)",
+        "dora='yes': must be true or false"]
+    with pytest.raises(ConfigError, match=r"pissa_niter=4 is set but init='olora': it applies to init='pissa' only"):
+        LoraConfig(init="olora", pissa_niter=4)
+    # the rank-2r config of a converted PiSSA adapter keeps every module's scale
+    for rslora in (False, True):
+        c = LoraConfig(r=4, alpha=8, init="pissa", rslora=rslora, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3})
+        doubled = c.doubled_rank()
+        assert (doubled.r, doubled.init, doubled.rank_pattern) == (8, "default", {"q_proj": 4})
+        for module in ("q_proj", "v_proj", "k_proj"):
+            assert doubled.scaling(module) == pytest.approx(c.scaling(module), rel=1e-12)
+
+
+def test_run_config_variant_keys():
+    from lorakit.config import RunConfig
+
+    run = RunConfig.from_dict({}, ["lora.dora=true", "lora.init=pissa", "lora.pissa_niter=8", "train.loraplus_ratio=16"])
+    config = run.lora.lora_config()
+    assert (config.dora, config.init, config.pissa_niter, run.train.loraplus_ratio) == (True, "pissa", 8, 16)
+    assert RunConfig().train.loraplus_ratio is None and RunConfig().lora.dora is False
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict({}, ["lora.init=svd", "train.loraplus_ratio=0", "lora.dora=3"])
+    assert e.value.problems == ["lora.init='svd': valid choices are default, gaussian, random, pissa, olora, loftq",
+                                "lora.dora=3: expected bool",
+                                "train.loraplus_ratio=0: must be > 0 (typical: 16), or null for off"]
     with pytest.raises(ConfigError, match="peft_type='IA3'"):
         LoraConfig.from_peft_dict({"peft_type": "IA3"})
 

@@ -4,7 +4,15 @@
     DIR/adapter_model.safetensors  base_model.model.<module path>.lora_A.weight  (r, in)
                                    base_model.model.<module path>.lora_B.weight  (out, r)
                                    ...lora_embedding_A (r, num), ...lora_embedding_B (dim, r)
+                                   ...lora_magnitude_vector (out,) for DoRA (no ".weight": peft's key)
                                    <modules_to_save path>.weight, biases when bias != "none"
+
+PiSSA and OLoRA train on a rewritten base W_res = W - scale · B₀ A₀. save_adapter writes what they
+learned as an adapter of the ORIGINAL base (as peft's path_initial_model_for_weight_conversion):
+W_res + scale · B A = W + scale · (B A - B₀ A₀) = W + scale · [B | -B₀] [A; A₀], a plain adapter
+of rank 2r with the same scale (alpha doubled; times √2 with rslora). The initial (A₀, B₀) are kept
+in memory from the initialisation on (LoraLayer.initial_adapters, a CPU copy, the adapter's size).
+A DoRA magnitude needs no change: ||W_res + scale · B A|| is ||W + ΔW'|| of the converted adapter.
 
 Loading is strict: a missing key, an unexpected key or a shape mismatch is an error that names
 them, and the model is left as it was. Pickle files (adapter_model.bin) are never unpickled.
@@ -30,6 +38,9 @@ from .patterns import pattern_problem
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# The inits whose adapters save_adapter converts for the original base. LoftQ's belongs to its
+# 4-bit base Q, no low-rank adapter of W: loading it splits W again into the same Q (deterministic).
+CONVERTED_INITS = ("pissa", "olora")
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -50,6 +61,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
             else:
                 out[prefix + "lora_A.weight"] = module.lora_A[name].weight
                 out[prefix + "lora_B.weight"] = module.lora_B[name].weight
+            if name in module.lora_magnitude_vector:
+                out[prefix + "lora_magnitude_vector"] = module.lora_magnitude_vector[name]
             if config.bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 out[prefix + "base_layer.bias"] = module.base_layer.bias
     if config.bias == "all":
@@ -66,21 +79,53 @@ def _fan_in_fan_out(model: nn.Module, name: str) -> bool:
                for _, m in lora_layers(model) if name in m.rank)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+                 original_base: bool = True) -> Path:
     """Write adapter `name` to `directory` in PEFT's layout. Both files are first written in full
     to temporary names, then renamed back to back (weights, then config), so a failed or
     interrupted save leaves the previous adapter (weights and config together) as it was, and
-    never a half-written file."""
+    never a half-written file.
+
+    original_base: an adapter initialised by PiSSA or OLoRA is written for the original base (rank
+    2r, see the module docstring), the one to ship. False writes it as trained, with its init in
+    adapter_config.json: loading it (lorakit or peft) splits the original base again and then
+    sets A and B, the same model when the split is deterministic (full SVD, QR; not pissa_niter,
+    which draws random numbers): what a checkpoint to resume from needs.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: t.detach().contiguous().clone().cpu() for k, t in adapter_state_dict(model, name).items()}
-    peft_config = adapter_configs(model)[name].to_peft_dict(fan_in_fan_out=_fan_in_fan_out(model, name))
+    config = adapter_configs(model)[name]
+    if original_base and config.init in CONVERTED_INITS:
+        tensors, config = initial_adapter(model, name, tensors), config.doubled_rank()
+    peft_config = config.to_peft_dict(fan_in_fan_out=_fan_in_fan_out(model, name))
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
     # The inner block's file is renamed first: the weights, then the config that describes them.
     with replacing(directory / CONFIG_NAME) as config_tmp, replacing(directory / WEIGHTS_NAME) as weights_tmp:
         save_file(tensors, weights_tmp, metadata={"format": "pt"})
         config_tmp.write_text(text)
     return directory
+
+
+def initial_adapter(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The saved tensors of a PiSSA/OLoRA adapter converted for the original base:
+    A' = [A; A₀] (2r, in), B' = [B | -B₀] (out, 2r), so scale · B' A' = scale · (B A - B₀ A₀).
+    Embedding adapters (which start the default way) get zero rows and columns up to rank 2r."""
+    out = dict(tensors)
+    for module_name, layer in lora_layers(model):
+        if name not in layer.rank:
+            continue
+        prefix = PREFIX + module_name + "."
+        if isinstance(layer, LoraEmbedding):
+            a, b = out[prefix + "lora_embedding_A"], out[prefix + "lora_embedding_B"]
+            out[prefix + "lora_embedding_A"] = torch.cat([a, torch.zeros_like(a)], dim=0)
+            out[prefix + "lora_embedding_B"] = torch.cat([b, torch.zeros_like(b)], dim=1)
+            continue
+        a0, b0 = layer.initial_adapters[name]
+        a, b = out[prefix + "lora_A.weight"], out[prefix + "lora_B.weight"]
+        out[prefix + "lora_A.weight"] = torch.cat([a, a0.to(a.dtype)], dim=0)
+        out[prefix + "lora_B.weight"] = torch.cat([b, -b0.to(b.dtype)], dim=1)
+    return out
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
@@ -215,7 +260,12 @@ def adapter_report(directory: str | os.PathLike) -> dict:
     if problems:
         raise ValueError(f"adapter in {directory} is inconsistent:{_listed(problems)}")
     files = [directory / CONFIG_NAME, directory / WEIGHTS_NAME]
+    magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector")]
     return {
+        "variant": "dora" if config.dora else "lora",
+        "init": config.init + (f" (randomized SVD, {config.pissa_niter} iterations)" if config.pissa_niter is not None
+                               else f" ({config.loftq_iters} iterations)" if config.init == "loftq" else ""),
+        "magnitude_vectors": len(magnitudes),
         "config": json.loads((directory / CONFIG_NAME).read_text()),
         "parameters": sum(t.numel() for t in tensors.values()),
         "bytes": sum(f.stat().st_size for f in files),

@@ -19,7 +19,7 @@ from .dtypes import NAMES as DTYPES
 from .patterns import pattern_problem
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("default", "gaussian", "random")
+INIT_MODES = ("default", "gaussian", "random", "pissa", "olora", "loftq")
 ALL_LINEAR = "all-linear"
 
 # Attention query and value projections per model family: the LoRA paper's recommended start
@@ -67,7 +67,15 @@ class LoraConfig:
     layers: only adapt these layer indices (of the `layers_pattern` block list).
     rank_pattern / alpha_pattern: per-module overrides, {name-or-regex-suffix: value}.
     init: "default" (A Kaiming-uniform, B = 0: the model starts unchanged), "gaussian"
-      (A ~ N(0, 1/r), B = 0), or "random" (B Kaiming-uniform too: the model starts changed; for tests).
+      (A ~ N(0, 1/r), B = 0), "random" (B Kaiming-uniform too: the model starts changed; for tests),
+      or one that starts from the base weight and rewrites it to W - scale · B A (lorakit.initialisation):
+      "pissa" (the top-r singular triplets, Meng et al. 2024), "olora" (QR, Büyükakyüz 2024),
+      "loftq" (alternating 4-bit quantization and SVD of the residual, Li et al. 2023).
+    pissa_niter: with init="pissa", None computes the full SVD; N uses a randomized SVD with N subspace
+      iterations (peft's init_lora_weights="pissa_niter_N"; faster on large weights).
+    loftq_iters: with init="loftq", the number of quantize / SVD alternations (peft's loftq_iter).
+    dora: weight-decomposed LoRA (Liu et al. 2024, DoRA): W' = m ⊙ (W + ΔW) / ||W + ΔW||, a trained
+      magnitude m per output (peft's use_dora).
     """
 
     r: int = 8
@@ -83,6 +91,9 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     init: str = "default"
+    pissa_niter: int | None = None
+    loftq_iters: int = 1
+    dora: bool = False
     task_type: str | None = "CAUSAL_LM"
     base_model: str | None = None
 
@@ -112,6 +123,15 @@ class LoraConfig:
             out.append(f"bias={self.bias!r}: valid choices are {', '.join(BIAS_MODES)}")
         if self.init not in INIT_MODES:
             out.append(f"init={self.init!r}: valid choices are {', '.join(INIT_MODES)}")
+        if self.pissa_niter is not None and (not _is_int(self.pissa_niter) or self.pissa_niter < 0):
+            out.append(f"pissa_niter={self.pissa_niter!r}: must be an integer >= 0 (subspace iterations of "
+                       "the randomized SVD; typical: 4 to 16), or None for the full SVD")
+        elif self.pissa_niter is not None and self.init != "pissa":
+            out.append(f"pissa_niter={self.pissa_niter!r} is set but init={self.init!r}: it applies to init='pissa' only")
+        if not _is_int(self.loftq_iters) or self.loftq_iters <= 0:
+            out.append(f"loftq_iters={self.loftq_iters!r}: must be an integer > 0 (typical: 1 to 5)")
+        if not isinstance(self.dora, bool):
+            out.append(f"dora={self.dora!r}: must be true or false")
         for key in ("targets", "exclude"):
             out += _module_spec_problems(key, getattr(self, key))
         if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
@@ -148,6 +168,21 @@ class LoraConfig:
         r, alpha = self.rank_and_alpha(module_name)
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
+    def init_options(self) -> dict[str, int]:
+        """The options of this config's initialiser (layer.LINEAR_INITS[init](layer, name, **options))."""
+        if self.init == "pissa" and self.pissa_niter is not None:
+            return {"niter": self.pissa_niter}
+        return {"iters": self.loftq_iters} if self.init == "loftq" else {}
+
+    def doubled_rank(self) -> LoraConfig:
+        """The config of a rank-2r adapter with the same scale per module (alpha doubled, or times
+        sqrt(2) with rslora), initialised the default way: what a PiSSA/OLoRA adapter converted for
+        the original base is (adapter_io.save_adapter)."""
+        factor = math.sqrt(2) if self.rslora else 2
+        return self.replace(r=2 * self.r, alpha=factor * self.alpha, init="default", pissa_niter=None,
+                            rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+                            alpha_pattern={k: factor * v for k, v in self.alpha_pattern.items()})
+
     # --- PEFT's adapter_config.json -------------------------------------------------------------
 
     def to_peft_dict(self, resolved_targets: list[str] | None = None, fan_in_fan_out: bool = False) -> dict:
@@ -160,19 +195,20 @@ class LoraConfig:
             "exclude_modules": self.exclude,
             "fan_in_fan_out": fan_in_fan_out,
             "inference_mode": True,
-            "init_lora_weights": {"default": True, "gaussian": "gaussian", "random": False}[self.init],
+            "init_lora_weights": self._peft_init(),
             "layers_pattern": self.layers_pattern,
             "layers_to_transform": self.layers,
             "lora_alpha": self.alpha,
             "lora_bias": False,
             "lora_dropout": self.dropout,
+            **({"loftq_config": {"loftq_bits": 4, "loftq_iter": self.loftq_iters}} if self.init == "loftq" else {}),
             "modules_to_save": self.modules_to_save,
             "peft_type": "LORA",
             "r": self.r,
             "rank_pattern": dict(self.rank_pattern),
             "target_modules": targets,
             "task_type": self.task_type,
-            "use_dora": False,
+            "use_dora": self.dora,
             "use_rslora": self.rslora,
         }
 
@@ -182,15 +218,16 @@ class LoraConfig:
         problems = []
         if d.get("peft_type", "LORA") != "LORA":
             problems.append(f"peft_type={d.get('peft_type')!r}: lorakit loads LORA adapters only")
-        for key in ("use_dora", "lora_bias", "use_qalora"):
+        for key in ("lora_bias", "use_qalora"):
             if d.get(key):
                 problems.append(f"{key}={d[key]!r}: not supported by lorakit (only plain LoRA)")
         for key in ("layer_replication", "trainable_token_indices", "target_parameters"):
             if d.get(key):
                 problems.append(f"{key}={d[key]!r}: not supported by lorakit")
+        init, niter = _init_from_peft(d.get("init_lora_weights", True), problems)
         if problems:
             raise ConfigError("adapter_config.json", problems)
-        init = d.get("init_lora_weights", True)
+        loftq = d.get("loftq_config") or {}
         return cls(
             r=d.get("r", 8),
             alpha=d.get("lora_alpha", 8),
@@ -204,13 +241,37 @@ class LoraConfig:
             layers_pattern=d.get("layers_pattern"),
             rank_pattern=dict(d.get("rank_pattern") or {}),
             alpha_pattern=dict(d.get("alpha_pattern") or {}),
-            init="gaussian" if init == "gaussian" else ("random" if init is False else "default"),
+            init=init,
+            pissa_niter=niter,
+            loftq_iters=loftq.get("loftq_iter", 1) if isinstance(loftq, dict) else 1,
+            dora=bool(d.get("use_dora", False)),
             task_type=d.get("task_type"),
             base_model=d.get("base_model_name_or_path"),
         )
 
     def replace(self, **changes: Any) -> LoraConfig:
         return dataclasses.replace(self, **changes)
+
+    def _peft_init(self):
+        """peft's init_lora_weights for this config's init (and pissa_niter)."""
+        if self.init == "pissa" and self.pissa_niter is not None:
+            return f"pissa_niter_{self.pissa_niter}"
+        return {"default": True, "random": False}.get(self.init, self.init)
+
+
+def _init_from_peft(value, problems: list[str]) -> tuple[str, int | None]:
+    """lorakit's (init, pissa_niter) for peft's init_lora_weights; a problem when lorakit lacks it."""
+    if value is True or value is None:
+        return "default", None
+    if value is False:
+        return "random", None
+    if isinstance(value, str) and (m := re.fullmatch(r"pissa_niter_(\d+)", value)):
+        return "pissa", int(m.group(1))
+    if value in ("gaussian", "pissa", "olora", "loftq"):
+        return value, None
+    problems.append(f"init_lora_weights={value!r}: not supported by lorakit; supported: true, false, "
+                    "'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq'")
+    return "default", None
 
 
 def _pattern_value(patterns: dict, module_name: str, default):
@@ -260,7 +321,18 @@ def _is_str_list(v) -> bool:
 # is loaded, and every problem is reported at once.
 
 METHODS = ("lora", "qlora", "full")
-DATA_FORMATS = ("auto", "prompt_completion", "alpaca", "chat", "text")
+DATA_FORMATS = ("auto", "prompt_completion", "alpaca", "chat", "sharegpt", "text", "preference")
+# data.columns maps these keys of the formats to a file's own field names
+COLUMN_KEYS = ("prompt", "completion", "answer", "instruction", "input", "output", "messages", "conversations",
+               "text", "chosen", "rejected")
+MAX_LENGTH_AUTO_CAP = 2048           # data.max_length "auto": the longest example, at most this
+DEFAULT_STEPS = 30                   # train.steps when neither train.steps nor train.epochs is given
+DEFAULT_MAX_NEW_TOKENS = 12          # eval.max_new_tokens when no test reference derives it
+# What a step minimises (training.objectives): supervised fine-tuning, or a preference objective
+# over (prompt, chosen, rejected) pairs: DPO (Rafailov et al. 2023) or ORPO (Hong et al. 2024).
+OBJECTIVES = ("sft", "dpo", "orpo")
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")
+PREFERENCE_LOSSES = ("sigmoid", "ipo")
 SCHEDULES = ("cosine", "linear", "constant")
 BUILTIN_PREFIX = "builtin:"
 
@@ -284,6 +356,9 @@ class LoraSection:
     bias: str = "none"
     modules_to_save: list[str] | None = None
     init: str = "default"
+    pissa_niter: int | None = None   # init pissa: None, the full SVD; N, a randomized SVD with N iterations
+    loftq_iters: int = 1             # init loftq: quantize / SVD alternations
+    dora: bool = False               # weight-decomposed LoRA (DoRA)
 
     choices = {"bias": BIAS_MODES, "init": INIT_MODES}
 
@@ -294,29 +369,55 @@ class LoraSection:
 
 @dataclass
 class DataSection:
-    train: str = "builtin:stardate"   # a .jsonl/.json/.csv file, or builtin:<task>
+    train: str = "builtin:stardate"   # a .jsonl/.json/.csv/.parquet file, hf:DIR-or-NAME[:split], or builtin:<task>
     test: str | None = None           # held-out file scored by exact match (builtin tasks bring one)
     validation: str | None = None     # a file, or None to split off `validation_fraction` of train
     validation_fraction: float = 0.05
     format: str = "auto"
-    max_length: int = 64
-    packing: bool = False
+    max_length: int | str = 64        # tokens per example; "auto": the longest training example (at most 2048)
+    packing: bool = False             # whole examples in rows of max_length, attention kept within each example
     train_on_inputs: bool = False     # False: prompt tokens carry no loss
     n_train: int | None = None        # builtin tasks: number of training examples
     n_test: int | None = None         # builtin tasks: number of test examples
+    columns: dict[str, str] | None = None  # {format key: the file's field}, e.g. {prompt: question, completion: answer}
+    max_leakage: float | None = None  # test/validation share also in train above which the data check stops a run (None: 0.01)
 
     choices = {"format": DATA_FORMATS}
+
+    def problems(self) -> list[str]:
+        """The rules of this group that are not a type or a choice."""
+        out = []
+        if isinstance(self.max_length, str) and self.max_length != "auto":
+            out.append(f"data.max_length={self.max_length!r}: a number of tokens, or 'auto' (the longest "
+                       f"training example, at most {MAX_LENGTH_AUTO_CAP})")
+        if self.columns is not None:
+            if not (isinstance(self.columns, dict) and self.columns
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items())):
+                out.append(f"data.columns={self.columns!r}: must map format keys to the file's field names, "
+                           "e.g. {prompt: question, completion: answer}")
+            else:
+                unknown = [k for k in self.columns if k not in COLUMN_KEYS]
+                if unknown:
+                    out.append(f"data.columns: unknown key(s) {', '.join(map(repr, unknown))}; the formats' keys "
+                               f"are {', '.join(COLUMN_KEYS)}")
+                if len(set(self.columns.values())) < len(self.columns):
+                    out.append(f"data.columns={self.columns!r}: two keys map to the same field")
+        if _is_number(self.max_leakage) and not 0 <= self.max_leakage <= 1:
+            out.append(f"data.max_leakage={self.max_leakage}: a fraction in [0, 1] (1: never an error)")
+        return out
 
 
 @dataclass
 class TrainSection:
-    steps: int = 30
+    steps: int | None = None         # optimizer steps (30 when epochs is not given either)
+    epochs: float | None = None      # or: passes over the training data; the steps follow (rounded up)
     batch_size: int = 16             # examples per micro-batch per rank
     grad_accum: int = 1
     lr: float = 2e-3
     schedule: str = "cosine"
     warmup_steps: int = 5
     weight_decay: float = 0.0
+    loraplus_ratio: float | None = None  # LoRA+: the B matrices learn at lr × ratio (typical: 16); None: off
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -329,33 +430,65 @@ class TrainSection:
 
     choices = {"schedule": SCHEDULES, "device": ("auto", "cpu", "cuda"), "strategy": ("ddp", "fsdp")}
 
+    def __post_init__(self) -> None:
+        if self.steps is None and self.epochs is None:
+            self.steps = DEFAULT_STEPS
+
+    def problems(self) -> list[str]:
+        """The rules of this group that are not a type or a choice."""
+        if self.epochs is None:
+            return []
+        if self.steps is not None:
+            return [f"train.steps={self.steps} and train.epochs={self.epochs}: give one of them (steps: "
+                    "optimizer steps; epochs: passes over the training data, from which the steps follow)"]
+        if _is_number(self.epochs) and self.epochs <= 0:
+            return [f"train.epochs={self.epochs}: must be > 0 (e.g. 1, 3, or 0.5 for half the data)"]
+        return []
+
 
 @dataclass
 class EvalSection:
     every: int = 10                  # held-out loss every N steps (0: only before and after)
     generate: bool = True            # exact match on the test split before and after training
-    max_new_tokens: int = 12
+    max_new_tokens: int | None = None  # None: the longest test reference + 2 tokens (data.derive_max_new_tokens)
     batch_size: int = 32
     limit: int | None = None         # score only the first N test examples
 
 
 @dataclass
+class PreferenceSection:
+    """The preference objectives' settings (objective dpo or orpo; training.objectives has the formulas)."""
+
+    beta: float = 0.1                # dpo: how far the policy may move from the reference (IPO: its tau)
+    loss: str = "sigmoid"            # dpo: sigmoid (the DPO paper's) or ipo (Azar et al. 2023)
+    label_smoothing: float = 0.0     # dpo sigmoid: the fraction of pairs assumed flipped (conservative DPO)
+    orpo_lambda: float = 0.1         # orpo: the weight of the odds-ratio term added to the chosen NLL
+
+    choices = {"loss": PREFERENCE_LOSSES}
+
+
+@dataclass
 class RunConfig:
     method: str = "lora"
+    objective: str = "sft"
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
 
-    choices = {"method": METHODS}
-    SECTIONS = ("model", "lora", "data", "train", "eval")
+    choices = {"method": METHODS, "objective": OBJECTIVES}
+    SECTIONS = ("model", "lora", "data", "train", "eval", "preference")
 
     def problems(self) -> list[str]:
         out = [f"method={self.method!r}: valid choices are {', '.join(METHODS)}"] \
             if self.method not in METHODS else []
+        if self.objective not in OBJECTIVES:
+            out.append(f"objective={self.objective!r}: valid choices are {', '.join(OBJECTIVES)}")
         for name in self.SECTIONS:
             out += _section_problems(name, getattr(self, name))
+            out += getattr(self, name).problems() if hasattr(getattr(self, name), "problems") else []
         if not out:
             try:
                 self.lora.lora_config()
@@ -379,6 +512,8 @@ class RunConfig:
                 out.append(f"{key}={value}: must be >= 0")
         if _is_number(t.lr) and t.lr == 0:
             out.append("train.lr=0: must be > 0")
+        if _is_number(t.loraplus_ratio) and t.loraplus_ratio <= 0:
+            out.append(f"train.loraplus_ratio={t.loraplus_ratio}: must be > 0 (typical: 16), or null for off")
         if _is_number(d.validation_fraction) and not 0 <= d.validation_fraction < 1:
             out.append(f"data.validation_fraction={d.validation_fraction}: must be in [0, 1)")
         for key in ("train", "test", "validation"):
@@ -390,6 +525,44 @@ class RunConfig:
                 if task not in TASKS:
                     out.append(f"data.{key}={value!r}: unknown built-in task; valid: "
                                + ", ".join(BUILTIN_PREFIX + k for k in TASKS))
+        return out + self._objective_problems()
+
+    def _objective_problems(self) -> list[str]:
+        """The preference group's ranges and what an objective asks of the method, the adapters and the data."""
+        p, out = self.preference, []
+        if _is_number(p.beta) and p.beta <= 0:
+            out.append(f"preference.beta={p.beta}: must be > 0 (typical: 0.1; higher keeps the policy closer "
+                       "to the reference)")
+        if _is_number(p.label_smoothing) and not 0 <= p.label_smoothing < 0.5:
+            out.append(f"preference.label_smoothing={p.label_smoothing}: must be in [0, 0.5) (the fraction of "
+                       "pairs assumed flipped; typical: 0 or 0.1)")
+        elif _is_number(p.label_smoothing) and p.label_smoothing > 0 and p.loss != "sigmoid":
+            out.append(f"preference.label_smoothing={p.label_smoothing} with preference.loss={p.loss!r}: label "
+                       "smoothing applies to loss 'sigmoid' only; set it to 0")
+        if _is_number(p.orpo_lambda) and p.orpo_lambda < 0:
+            out.append(f"preference.orpo_lambda={p.orpo_lambda}: must be >= 0 (typical: 0.1)")
+        if self.objective == "dpo" and self.method == "full":
+            out.append("objective='dpo' with method='full': DPO needs a frozen reference model, and lorakit takes "
+                       "it from the same network with the adapters disabled (no second copy of the weights); full "
+                       "fine-tuning has no adapters to disable: use method=lora or method=qlora, or "
+                       "objective=orpo (reference-free)")
+        if self.objective == "dpo" and self.method != "full" and self.lora.init in ("pissa", "olora", "loftq"):
+            out.append(f"objective='dpo' with lora.init={self.lora.init!r}: DPO's reference is the model with "
+                       "its adapters disabled, and this initialisation rewrites the base weight (W - scale·B₀A₀), "
+                       "so that is not the model training starts from: use lora.init=default or gaussian")
+        if self.objective == "dpo" and self.method != "full" and self.lora.bias != "none":
+            out.append(f"objective='dpo' with lora.bias={self.lora.bias!r}: DPO's reference is the model with its "
+                       "adapters disabled, but trained biases change the base in place, so the reference would "
+                       "move with training: use lora.bias=none")
+        if self.objective in PREFERENCE_OBJECTIVES and self.data.format not in ("auto", "preference"):
+            out.append(f"objective={self.objective!r} with data.format={self.data.format!r}: a preference "
+                       "objective trains on (prompt, chosen, rejected) records: use data.format=preference or auto")
+        if self.objective == "sft" and self.data.format == "preference":
+            out.append("data.format='preference' with objective='sft': preference records train with "
+                       f"objective={' or '.join(PREFERENCE_OBJECTIVES)}")
+        if self.objective in PREFERENCE_OBJECTIVES and self.data.packing is True:
+            out.append(f"data.packing=true with objective={self.objective!r}: a preference pair is two whole "
+                       "sequences compared with each other, they cannot be packed: set data.packing=false")
         return out
 
     @property
@@ -405,7 +578,8 @@ class RunConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **{s: dataclasses.asdict(getattr(self, s)) for s in self.SECTIONS}}
+        return {"method": self.method, "objective": self.objective,
+                **{s: dataclasses.asdict(getattr(self, s)) for s in self.SECTIONS}}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
@@ -438,7 +612,7 @@ class RunConfig:
         for key, value in raw.items():
             if key not in sections:
                 problems.append(f"unknown key {key!r}: valid top-level keys are {', '.join(sections)}")
-            elif key == "method":
+            elif key in ("method", "objective"):
                 kwargs[key] = value
             elif not isinstance(value, dict):
                 problems.append(f"{key}: expected a group of keys, got {value!r}")

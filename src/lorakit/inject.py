@@ -173,7 +173,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
         # CPU, initialised now: the same values, in the same order, as on a loaded base
         device = torch.device("cpu") if weight.is_meta else weight.device
         module.add_adapter(name, r, config.scaling(full_name), config.dropout, config.init,
-                           dtype=dtype, device=device)
+                           dtype=dtype, device=device, dora=config.dora, init_options=config.init_options())
         module.train(module.base_layer.training)  # new dropout modules follow the model's mode
         if first:
             module.active_adapters = [name]
@@ -431,7 +431,7 @@ def _merged_4bit(layer: LoraLinear, dtype: torch.dtype | None, requantize: bool,
     q = layer.base_layer
     weight = q.dequantize_weight(torch.float32)  # (out, in), also for a Conv1D's weight
     for name in layer.active_adapters:
-        weight += layer.delta_weight(name)
+        weight = layer.merged_weight(name, weight)
     if requantize:
         plain = q.to_plain(weight, torch.float32)  # nn.Linear, or Conv1D for GPT-2: from_linear keeps the kind
         merged = NF4Linear.from_linear(plain, dtype or q.compute_dtype, q.weight_nested_absmax is not None,
@@ -535,6 +535,11 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str,
         raise ValueError(f"rank={rank!r}: must be an integer > 0, or None for exact concatenation")
     if any(isinstance(m, LoraEmbedding) for _, m in lora_layers(model)):
         raise ValueError("combine_adapters supports linear layers only; this model has embedding adapters")
+    dora = [n for n in names if adapter_configs(model)[n].dora]
+    if dora:
+        raise ValueError(f"combine_adapters: {', '.join(map(repr, dora))} are DoRA adapters, whose update "
+                         "rescales the base weight (m / ||W + ΔW||): no sum of B A equals a sum of them; "
+                         "combine plain LoRA adapters only")
     configs = adapter_configs(model)
     blocks = {}
     for full_name, layer in lora_layers(model):

@@ -2,8 +2,21 @@
 
     y = base(x) + Σ_active (alpha / r) · B(A(dropout(x)))          (Hu et al. 2021, eq. 3)
 
-Attribute names (`base_layer`, `lora_A.<name>`, `lora_B.<name>`, `lora_embedding_A.<name>`, ...)
-are PEFT's, so a state dict maps 1:1 to PEFT's file format (see adapter_io).
+An adapter may be DoRA's (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"): the
+adapted weight is split into a trained magnitude m (one per output) and a direction,
+
+    W' = m ⊙ (W + ΔW) / ||W + ΔW||,      ΔW = scale · B A,  ||·|| the norm of each output's row,
+
+so with g = m / ||W + ΔW|| (out,) the layer computes g ⊙ (W x + ΔW x) + b, and its update is
+
+    update(x) = (g - 1) ⊙ W x + g ⊙ scale · B A x        (x: the dropped input, as peft applies it)
+
+As in the paper (section 4.3) and peft, ||W + ΔW|| is computed from the current weights at every
+forward but treated as a constant in backward (no gradient flows through it): m, A and B train.
+
+Attribute names (`base_layer`, `lora_A.<name>`, `lora_B.<name>`, `lora_embedding_A.<name>`,
+`lora_magnitude_vector.<name>`, ...) are PEFT's, so a state dict maps 1:1 to PEFT's file format
+(see adapter_io).
 """
 
 from __future__ import annotations
@@ -16,8 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import initialisation
 from .dropout import Dropout
 from .fused import lora_linear, lora_update
+from .nf4 import NF4Linear
 
 
 class LoraLayer(nn.Module):
@@ -34,6 +49,14 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # DoRA: the magnitude m of each DoRA adapter, (out,) (embeddings: (dim,)).
+        self.lora_magnitude_vector = nn.ParameterDict()
+        # ||W + ΔW|| of each merged DoRA adapter, from the weight it was merged into: unmerge divides by
+        # the same g = m / norm (the merged weight's own norm is m, not the original's).
+        self.merge_norms: dict[str, torch.Tensor] = {}
+        # PiSSA / OLoRA: the adapter's initial (A₀, B₀), a CPU copy, with which the trained adapter is
+        # converted into one for the original base W = W_res + scale · B₀ A₀ (initial_adapter).
+        self.initial_adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # When the base weight is shared with another module (tied input/output embeddings), merging
         # gives this layer its own copy; the shared original is kept here and restored on unmerge.
         self._tied_weight: nn.Parameter | None = None
@@ -62,12 +85,13 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             merged = weight.float()
             for name in names:
-                merged += self.delta_weight(name)
+                merged = self.merged_weight(name, merged)
             weight.copy_(merged.to(weight.dtype))
         self.merged_adapters += names
 
     def unmerge(self) -> None:
-        """W <- W - ΔW for every merged adapter; a weight untied by merge is tied back."""
+        """W <- W - ΔW for every merged adapter (DoRA: W <- W / g - ΔW), the last merged first; a
+        weight untied by merge is tied back."""
         if not self.merged_adapters:
             return
         if self._tied_weight is not None:
@@ -77,15 +101,61 @@ class LoraLayer(nn.Module):
             weight = self.base_layer.weight
             with torch.no_grad():
                 restored = weight.float()
-                for name in self.merged_adapters:
-                    restored -= self.delta_weight(name)
+                for name in reversed(self.merged_adapters):
+                    restored = self.unmerged_weight(name, restored)
                 weight.copy_(restored.to(weight.dtype))
+        self.merge_norms.clear()
         self.merged_adapters = []
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W + ΔW of adapter `name` for a float32 weight W in the base layout; DoRA: g ⊙ (W + ΔW),
+        g = m / ||W + ΔW|| (the weight the forward computes with; the norm is kept for unmerge)."""
+        merged = self.delta_weight(name).add_(weight)
+        if name not in self.lora_magnitude_vector:
+            return merged
+        norm = self.weight_norm(name, weight)
+        self.merge_norms[name] = norm
+        return merged.mul_(self.per_output(self.lora_magnitude_vector[name].detach().float() / norm))
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of merged_weight: W - ΔW; DoRA: W / g - ΔW with the g of the merge."""
+        if name in self.lora_magnitude_vector:
+            g = self.lora_magnitude_vector[name].detach().float() / self.merge_norms[name]
+            weight = weight / self.per_output(g)
+        return weight - self.delta_weight(name)
+
+    def weight_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """||W + ΔW|| per output (DoRA's column norm), float32, no gradient. W: the base weight in
+        its layout, float32 (default: the layer's own, dequantized for a 4-bit base)."""
+        with torch.no_grad():
+            weight = self.base_weight() if weight is None else weight
+            return torch.linalg.vector_norm(self.delta_weight(name).add_(weight), dim=self.norm_dim)
+
+    def magnitude_scale(self, name: str) -> torch.Tensor:
+        """DoRA's g = m / ||W + ΔW|| (out,): m trains, the norm is a constant in backward."""
+        return self.lora_magnitude_vector[name] / self.weight_norm(name).to(self.lora_magnitude_vector[name].dtype)
+
+    def per_output(self, v: torch.Tensor) -> torch.Tensor:
+        """v (one value per output) shaped to scale the base weight's outputs."""
+        return v.unsqueeze(self.norm_dim)  # (out, 1) for an (out, in) weight, (1, out) for (in, out)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in its own layout, float32 (a 4-bit weight dequantized)."""
+        base = self.base_layer
+        return base.dequantize_weight(torch.float32) if isinstance(base, NF4Linear) else base.weight.float()
+
+    def add_magnitude(self, name: str, dtype: torch.dtype, device: torch.device) -> None:
+        """DoRA's m starts as ||W + ΔW||, so that g = 1 and the adapter starts as plain LoRA."""
+        if self.base_layer.weight.is_meta:
+            raise ValueError("DoRA's magnitude starts as the norm of the base weight, which is not loaded yet "
+                             "(meta device): add DoRA adapters to a loaded model")
+        self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name).to(dtype=dtype, device=device))
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
-        for attr in ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B"):
+        for attr in ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B",
+                     "lora_magnitude_vector", "initial_adapters"):
             store = getattr(self, attr, None)
             if store is not None and name in store:
                 del store[name]
@@ -94,7 +164,8 @@ class LoraLayer(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={r}, scale={self.scaling[n]:g}" for n, r in self.rank.items())
+        ranks = ", ".join(f"{n}: r={r}, scale={self.scaling[n]:g}" + (", dora" if n in self.lora_magnitude_vector else "")
+                          for n, r in self.rank.items())
         return f"adapters=({ranks}), active={self.active_adapters}, merged={self.merged_adapters}"
 
 
@@ -104,6 +175,7 @@ class LoraLinear(LoraLayer):
 
     fused: compute the adapters' update with fused.lora_update (the default; same loss and
     gradients, less memory) or, if False, with the modules as written (the reference in tests).
+    DoRA adapters take the fused path too when their dropout is off (see can_fuse).
     """
 
     fused = True
@@ -120,13 +192,21 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
 
+    @property
+    def norm_dim(self) -> int:
+        """The input axis of the base weight: (out, in) -> 1, a Conv1D's (in, out) -> 0."""
+        return 0 if self.fan_in_fan_out else 1
+
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str,
-                    dtype: torch.dtype, device: torch.device) -> None:
+                    dtype: torch.dtype, device: torch.device, dora: bool = False,
+                    init_options: dict | None = None) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
         self.lora_dropout[name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name], self.rank[name] = scaling, r
-        LINEAR_INITS[init](self, name)
+        LINEAR_INITS[init](self, name, **(init_options or {}))
+        if dora:  # after the initialisation: m = ||W + ΔW|| of the weights it leaves
+            self.add_magnitude(name, dtype, device)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW = scale · B A, float32, in the base weight's layout ((out, in), or (in, out) for Conv1D)."""
@@ -134,22 +214,50 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = base(x) + Σ_active scale · B(A(dropout(x)))."""
+        """y = base(x) + Σ_active update(name, x)."""
         live = self.live_adapters()
         # Under torch.autocast each matrix multiply's dtype is autocast's choice, which the fused
         # functions (computing in the adapters' dtype) do not make: there, the modules as written.
-        if self.fused and not torch.is_autocast_enabled(x.device.type):
+        if self.fused and not torch.is_autocast_enabled(x.device.type) and self.can_fuse(live):
             return self.fused_forward(x, live)
-        y = self.base_layer(x)
+        base = self.base_layer(x)
+        y = base
         for name in live:
-            y = y + self.update(name, x).to(y.dtype)
+            y = y + self.update(name, x, base).to(y.dtype)
         return y
 
-    def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def update(self, name: str, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """scale · B(A(dropout(x))) of one adapter, computed in the adapter's dtype (float32
-        adapters on a bfloat16 base compute in float32; the caller adds in the base's)."""
+        adapters on a bfloat16 base compute in float32; the caller adds in the base's).
+
+        DoRA: (g - 1) ⊙ W dropout(x) + g ⊙ scale · B A dropout(x), g = m / ||W + ΔW||. W x is the
+        base output `base` (less the bias) when dropout is off; with dropout the base weight is
+        applied to the dropped input again (peft's definition).
+        """
         a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        return self.scaling[name] * b(a(dropout(x.to(a.weight.dtype))))
+        h = dropout(x.to(a.weight.dtype))
+        lora = self.scaling[name] * b(a(h))
+        if name not in self.lora_magnitude_vector:
+            return lora
+        if base is None or self.dropout_p(name) > 0:
+            base = self.base_layer(h.to(x.dtype))
+        bias = getattr(self.base_layer, "bias", None)
+        wx = (base if bias is None else base - bias).to(lora.dtype)  # W dropout(x)  (..., out)
+        g = self.magnitude_scale(name)
+        return (g - 1) * wx + g * lora
+
+    def dropout_p(self, name: str) -> float:
+        """The dropout probability adapter `name` applies now (0 outside training)."""
+        dropout = self.lora_dropout[name]
+        return dropout.p if isinstance(dropout, (Dropout, nn.Dropout)) and dropout.training else 0.0
+
+    def can_fuse(self, live: list[str]) -> bool:
+        """fused.py computes any number of plain adapters and one DoRA adapter whose dropout is off
+        (then its output g ⊙ (W x + scale · B A x) + b is the fused update rescaled). A DoRA adapter
+        with dropout applies W to the dropped input too (a second base product), and two DoRA
+        adapters each rescale the base: those take the equation as written."""
+        dora = [n for n in live if n in self.lora_magnitude_vector]
+        return not dora or (len(dora) == 1 and self.dropout_p(dora[0]) == 0)
 
     def live_adapters(self) -> list[str]:
         """The adapters this forward adds: active, not merged into the weight, not disabled."""
@@ -161,7 +269,11 @@ class LoraLinear(LoraLayer):
         the base and the first adapter are one function, whose backward adds both input
         gradients in one matrix multiply."""
         base = self.base_layer
-        if live and type(base) is nn.Linear and not base.weight.requires_grad:
+        dora = [n for n in live if n in self.lora_magnitude_vector]
+        if dora:
+            y = self._fused_dora(x, dora[0])
+            live = [n for n in live if n != dora[0]]
+        elif live and type(base) is nn.Linear and not base.weight.requires_grad:
             y = lora_linear(x, base.weight, base.bias, *self._fused_args(live[0]))
             live = live[1:]
         else:
@@ -170,17 +282,31 @@ class LoraLinear(LoraLayer):
             y = lora_update(y, x, *self._fused_args(name))
         return y
 
+    def _fused_dora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """g ⊙ (W x + scale · B A x) + b without dropout, the fused update rescaled: equal to the
+        base plus DoRA's update, keeping for backward x, A x (r per token) and the (..., out)
+        product g multiplies (for m's gradient): one tensor of the output's size, where the
+        modules as written keep two (W x and B A x) and build W + ΔW through an identity matrix."""
+        base = self.base_layer
+        bias = getattr(base, "bias", None)
+        if type(base) is nn.Linear and not base.weight.requires_grad:
+            z = lora_linear(x, base.weight, None, *self._fused_args(name))
+        else:
+            wx = base(x)
+            z = lora_update(wx if bias is None else wx - bias, x, *self._fused_args(name))
+        y = z * self.magnitude_scale(name).to(z.dtype)
+        return y if bias is None else y + bias
+
     def _fused_args(self, name: str) -> tuple:
         """(A, B, scale, p) of adapter `name` for fused.py; p = 0 outside training."""
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, (Dropout, nn.Dropout)) and dropout.training else 0.0
-        return self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
+        return self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.dropout_p(name)
 
 
 # --- initialisations ---------------------------------------------------------------------------
 # How a new adapter's A and B start (LoraConfig.init), by name: the seam where an initialisation
-# that also rewrites the frozen weight (PiSSA, OLoRA, LoftQ) plugs in. Each takes the layer and the
-# adapter's name; A and B already exist with nn.Linear's own initialisation.
+# that also rewrites the frozen weight (PiSSA, OLoRA, LoftQ) plugs in. Each takes the layer, the
+# adapter's name and the config's init_options(); A and B already exist with nn.Linear's own
+# initialisation.
 
 def _init_default(layer: LoraLinear, name: str) -> None:
     """A ~ kaiming-uniform (nn.Linear's), B = 0: ΔW = 0 at the start, the adapted model equals the
@@ -201,12 +327,76 @@ def _init_random(layer: LoraLinear, name: str) -> None:
     nn.init.kaiming_uniform_(layer.lora_B[name].weight, a=math.sqrt(5))
 
 
-LINEAR_INITS = {"default": _init_default, "gaussian": _init_gaussian, "random": _init_random}
+def _weight_to_split(layer: LoraLinear, init: str) -> torch.Tensor:
+    """The base weight, (out, in) float32, for an initialisation that splits it; refusals first."""
+    base = layer.base_layer
+    if isinstance(base, NF4Linear):
+        raise ValueError(
+            f"init={init!r} rewrites the base weight, and this base is 4-bit: the trained model would run "
+            "on NF4(W_res), which the adapter saved for the original base cannot reproduce. Initialise on a "
+            "16/32-bit base (method lora)" + (", or use init='loftq', which quantizes W itself" if init != "loftq"
+                                               else "; LoftQ quantizes the full-precision weight itself: add the "
+                                               "adapter to the unquantized model and it stores the base in NF4"))
+    if base.weight.is_meta:
+        raise ValueError(f"init={init!r} starts from the base weight, which is not loaded yet (meta device): "
+                         "add the adapter to a loaded model")
+    w = base.weight.detach().float()
+    return w.T if layer.fan_in_fan_out else w
+
+
+def _set_split(layer: LoraLinear, name: str, a: torch.Tensor, b: torch.Tensor, residual: torch.Tensor) -> None:
+    """A, B in their dtype, the base weight <- residual (in its layout and dtype), and a CPU copy of
+    (A₀, B₀) for the conversion to an adapter of the original base (initial_adapters)."""
+    a_param, b_param = layer.lora_A[name].weight, layer.lora_B[name].weight
+    weight = layer.base_layer.weight
+    with torch.no_grad():
+        a_param.copy_(a)
+        b_param.copy_(b)
+        weight.copy_(residual.T if layer.fan_in_fan_out else residual)
+    layer.initial_adapters[name] = (a_param.detach().cpu().clone(), b_param.detach().cpu().clone())
+
+
+def _init_pissa(layer: LoraLinear, name: str, niter: int | None = None) -> None:
+    """PiSSA: B A the top-r singular part of W, the base keeps the rest (initialisation.pissa)."""
+    w = _weight_to_split(layer, "pissa")
+    _set_split(layer, name, *initialisation.pissa(w, layer.rank[name], layer.scaling[name], niter))
+
+
+def _init_olora(layer: LoraLinear, name: str) -> None:
+    """OLoRA: B A from W's QR decomposition, the base keeps the rest (initialisation.olora)."""
+    w = _weight_to_split(layer, "olora")
+    _set_split(layer, name, *initialisation.olora(w, layer.rank[name], layer.scaling[name]))
+
+
+def _init_loftq(layer: LoraLinear, name: str, iters: int = 1) -> None:
+    """LoftQ: the base becomes 4-bit NF4 (blocksize 64, double quantization: QLoRA's) holding Q,
+    and A, B are such that Q + scale · B A approximates W (initialisation.loftq). The adapter
+    belongs to that 4-bit base: there is no low-rank adapter for the original W to convert to."""
+    w = _weight_to_split(layer, "loftq")
+    a, b, state = initialisation.loftq(w, layer.rank[name], layer.scaling[name], iters)
+    base = layer.base_layer
+    quantized = NF4Linear.from_linear(base, compute_dtype=base.weight.dtype).requires_grad_(False)
+    quantized.set_quant_state(state)
+    layer.base_layer = quantized
+    layer.fan_in_fan_out = False  # the 4-bit weight is (out, in), also for a Conv1D's
+    with torch.no_grad():
+        layer.lora_A[name].weight.copy_(a)
+        layer.lora_B[name].weight.copy_(b)
+
+
+LINEAR_INITS = {"default": _init_default, "gaussian": _init_gaussian, "random": _init_random,
+                "pissa": _init_pissa, "olora": _init_olora, "loftq": _init_loftq}
 
 
 class LoraEmbedding(LoraLayer):
     """LoRA on an embedding table E: (num_embeddings, dim). A: (r, num_embeddings), B: (dim, r);
-    the lookup of token t adds scale · B A[:, t]. As in PEFT, A starts at zero and B ~ N(0, 1)."""
+    the lookup of token t adds scale · B A[:, t]. As in PEFT, A starts at zero and B ~ N(0, 1)
+    (also for the inits that split a linear weight, as PEFT does).
+
+    DoRA: one magnitude per embedding dimension, the norm taken over the vocabulary (PEFT's):
+    the lookup is g ⊙ (E[t] + scale · B A[:, t]), g = m / ||E + ΔE|| (dim,)."""
+
+    norm_dim = 0  # E + ΔE: (num_embeddings, dim), a norm per dimension
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
@@ -214,7 +404,8 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict()
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str,
-                    dtype: torch.dtype, device: torch.device) -> None:
+                    dtype: torch.dtype, device: torch.device, dora: bool = False,
+                    init_options: dict | None = None) -> None:
         num, dim = self.base_layer.weight.shape
         a = torch.zeros(r, num, dtype=dtype, device=device)
         b = torch.randn(dim, r, dtype=dtype, device=device)
@@ -223,6 +414,8 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
         self.scaling[name], self.rank[name] = scaling, r
+        if dora:
+            self.add_magnitude(name, dtype, device)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔE = scale · (B A)ᵀ: (num_embeddings, dim), float32."""
@@ -230,7 +423,8 @@ class LoraEmbedding(LoraLayer):
         return self.scaling[name] * (b @ a).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        """E[x] + Σ_active scale · (B A)ᵀ[x]; DoRA: + (g - 1) ⊙ E[x] + g ⊙ scale · (B A)ᵀ[x]."""
+        y0 = y = self.base_layer(x)
         if self.disabled:
             return y
         base = self.base_layer
@@ -241,7 +435,11 @@ class LoraEmbedding(LoraLayer):
             # Look up columns of A for the tokens: (..., r), then project to the model width.
             h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
                             base.scale_grad_by_freq, base.sparse)
-            y = y + (self.scaling[name] * (h @ b.T)).to(y.dtype)
+            update = self.scaling[name] * (h @ b.T)
+            if name in self.lora_magnitude_vector:
+                g = self.magnitude_scale(name)
+                update = (g - 1) * y0.to(update.dtype) + g * update
+            y = y + update.to(y.dtype)
         return y
 
 
