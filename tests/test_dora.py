@@ -250,3 +250,22 @@ def test_dora_is_refused_where_it_cannot_be_combined():
 
     with pytest.raises(ValueError, match=r"combine_adapters: 'a' are DoRA adapters"):
         combine_adapters(model, {"a": 1.0, "b": 1.0}, "c")
+
+
+def test_inspect_shows_variant_and_initialisation(tmp_path, capsys):
+    from lorakit.cli import main
+
+    model = add_lora(tiny_llama(), LoraConfig(r=4, targets=LLAMA, dora=True, init="pissa", pissa_niter=2))
+    save_adapter(model, tmp_path / "raw", original_base=False)
+    save_adapter(model, tmp_path / "shipped")
+    assert main(["inspect", str(tmp_path / "raw"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["variant"], report["init"], report["magnitude_vectors"]) == \
+        ("dora", "pissa (randomized SVD, 2 iterations)", 6)
+    # per layer: r (in + out) + out for q (32 -> 32), v (32 -> 16), down (64 -> 32)
+    assert report["parameters"] == 2 * (4 * (32 + 32) + 32 + 4 * (32 + 16) + 16 + 4 * (64 + 32) + 32)
+    assert main(["inspect", str(tmp_path / "shipped")]) == 0
+    text = capsys.readouterr().out
+    # converted for the original base: a plain-initialised rank-8 DoRA adapter
+    assert "  variant                  dora (6 magnitude vectors)\n  initialisation           default\n" in text
+    assert "  r                        8\n" in text

@@ -9,7 +9,8 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="print an adapter's config, size and per-module norms",
                        description="Print an adapter's config, parameter count, size on disk and "
-                                   "per-module norms (||A||, ||B||, ||ΔW|| = scale·||B A||, Frobenius).")
+                                   "per-module norms (||A||, ||B||, ||ΔW|| = scale·||B A||, Frobenius), "
+                                   "the variant (lora, dora) and the initialisation.")
     p.add_argument("directory", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--serving", action="store_true",
@@ -30,6 +31,9 @@ def run(args) -> int:
         return 0
     c = report["config"]
     print(f"adapter: {Path(args.directory)}")
+    print(f"  {'variant':<24} {report['variant']}" + (f" ({report['magnitude_vectors']} magnitude vectors)"
+                                                      if report["variant"] == "dora" else ""))
+    print(f"  {'initialisation':<24} {report['init']}")
     for key in ("base_model_name_or_path", "task_type", "r", "lora_alpha", "use_rslora", "lora_dropout",
                 "target_modules", "modules_to_save", "bias"):
         print(f"  {key:<24} {c.get(key)}")
