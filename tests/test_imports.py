@@ -14,7 +14,7 @@ LAYERS = [
     # leaves: files, names, patterns, the built-in tasks
     {"files", "dtypes", "patterns", "tasks"},
     # the run's vocabulary and its data
-    {"config", "data"},
+    {"config", "data", "preference_data"},
     # the math core
     {"dropout", "fused", "layer", "loss", "nf4", "surgery"},
     # adapters on models, their files, loading models

@@ -30,6 +30,7 @@ FORMAT_KEYS = {
     "alpaca": ("instruction", "output"),
     "chat": ("messages",),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),  # pairs for objective dpo / orpo (preference_data.py)
 }
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{with_input}. "
@@ -230,6 +231,10 @@ def _render_chat(record: Record, tokenizer):
 def build_dataset(records: list[Record], tokenizer, fmt: str = "auto", max_length: int = 256,
                   train_on_inputs: bool = False) -> Dataset:
     fmt = detect_format(records, fmt)
+    if fmt == "preference":  # two sequences per record: preference_data's pairs
+        from .preference_data import build_preference_dataset
+
+        return build_preference_dataset(records, tokenizer, max_length)
     examples, truncated, unsupervised = [], 0, 0
     for record in records:
         ids, mask, prompt, reference = render(record, fmt, tokenizer)
