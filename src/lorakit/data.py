@@ -4,7 +4,12 @@ Formats (detected per file from the keys of its records, or set with data.format
     prompt_completion  {"prompt": ..., "completion": ...}            (optional "answer": the reference)
     alpaca             {"instruction": ..., "input": ..., "output": ...}
     chat               {"messages": [{"role": ..., "content": ...}, ...]}  via the tokenizer's chat template
+    sharegpt           {"conversations": [{"from": ..., "value": ...}, ...]}  as chat, roles mapped (SHAREGPT_ROLES)
     text               {"text": ...}                                   every token carries loss
+
+Files: .jsonl, .json (a list of objects), .csv, .parquet (with pyarrow installed), and Hugging Face
+`datasets` datasets read locally: "hf:DIR[:split]" (saved with save_to_disk) or "hf:NAME[:split]" (in
+the local cache; never downloaded). data.columns renames a file's fields to the format's keys.
 
 Labels follow transformers' causal-LM convention: labels[i] = input_ids[i], or -100 where no loss
 applies (prompt tokens unless train_on_inputs, padding); the model shifts them by one itself.
@@ -13,6 +18,7 @@ applies (prompt tokens unless train_on_inputs, padding); the model shifts them b
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -22,16 +28,23 @@ from pathlib import Path
 
 import torch
 
-from .config import BUILTIN_PREFIX
+from .config import BUILTIN_PREFIX, MAX_LENGTH_AUTO_CAP
 
 IGNORE = -100
 FORMAT_KEYS = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),  # pairs for objective dpo / orpo (preference_data.py)
 }
+# ShareGPT's speaker names ("from") -> chat roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant",
+                  "bard": "assistant", "tool": "tool", "function": "tool", "observation": "tool"}
+HF_PREFIX = "hf:"
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{with_input}. "
     "Write a response that appropriately completes the request.\n\n"
@@ -56,6 +69,9 @@ class Example:
     prompt: str | None = None      # for generation: the text to continue
     reference: str | None = None   # for exact match: the expected answer
     source: str = ""
+    full_length: int = 0           # tokens before truncation at max_length (0: not recorded)
+    dropped: int = 0               # supervised tokens truncation removed
+    lengths: list[int] | None = None  # a packed row: the lengths of the examples it holds, in order
 
 
 @dataclass
@@ -63,6 +79,8 @@ class Dataset:
     examples: list[Example]
     truncated: int = 0             # examples cut at max_length
     unsupervised: int = 0          # examples left with no label token (all prompt) after truncation
+    format: str = ""               # the records' format (detect_format)
+    max_length: int | None = None  # where examples were cut (data.max_length, "auto" resolved)
     tokens: int = field(init=False)
     supervised_tokens: int = field(init=False)  # tokens that carry loss (the model predicts them)
 
@@ -73,14 +91,20 @@ class Dataset:
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """Records of a .jsonl, .json (a list of objects) or .csv file, each with its file:line. A file
-    that holds no record is an error (an empty data file is a mistake, never "no data")."""
+    """Records of a .jsonl, .json (a list of objects), .csv or .parquet file, each with its file:line
+    (file[row] for .json and .parquet). A file that holds no record is an error (an empty data file
+    is a mistake, never "no data")."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".csv"):
-        raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .csv")
+    if suffix not in FILE_TYPES:
+        raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    if suffix == ".parquet":
+        records = _parquet_records(path)
+        if not records:
+            raise DataError(f"{path}: holds no records (the table has no rows); a data file needs at least one")
+        return records
     text = _utf8(path)
     records = []
     if suffix == ".jsonl":
@@ -112,11 +136,93 @@ def read_records(path: str | Path) -> list[Record]:
     return records
 
 
+def _parquet_records(path: Path) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet files needs pyarrow, which is not installed "
+                        "(pip install pyarrow), or convert the file to .jsonl") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises its own error types for a damaged or non-parquet file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from e
+    return [Record(row, f"{path}[{i}]") for i, row in enumerate(rows)]
+
+
+def read_hf(spec: str, split: str) -> list[Record]:
+    """Records of a Hugging Face `datasets` dataset, read locally only: "hf:DIR[:split]" (a directory
+    written by save_to_disk) or "hf:NAME[:split]" (a dataset in the local `datasets` cache; nothing
+    is downloaded). Without ":split": `split` if the dataset has it, else its only split."""
+    name, _, named_split = spec[len(HF_PREFIX):].partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: reading Hugging Face datasets needs the `datasets` package, which is not "
+                        "installed (pip install datasets), or export the data to .jsonl/.parquet") from None
+    if Path(name).is_dir():
+        try:
+            data = datasets.load_from_disk(name)
+        except FileNotFoundError as e:
+            raise DataError(f"{spec}: {name} is not a dataset saved with save_to_disk ({e})") from None
+    else:
+        data = _cached_hf(datasets, spec, name, named_split or None)
+    if isinstance(data, datasets.DatasetDict):
+        splits = list(data)
+        chosen = named_split or (split if split in data else splits[0] if len(splits) == 1 else None)
+        if chosen not in data:
+            raise DataError(f"{spec}: no split {chosen or split!r}; this dataset's splits: {', '.join(splits)} "
+                            f"(name one: {HF_PREFIX}{name}:{splits[0]})")
+        data, split = data[chosen], chosen
+    elif named_split and not Path(name).is_dir():
+        split = named_split
+    rows = data.to_list()
+    if not rows:
+        raise DataError(f"{spec}: holds no records; a dataset needs at least one")
+    return [Record(row, f"{HF_PREFIX}{name}[{split} {i}]") for i, row in enumerate(rows)]
+
+
+def _cached_hf(datasets, spec: str, name: str, split: str | None):
+    """load_dataset(name) from the local cache only: the hub is never asked (offline mode for the call)."""
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ConnectionError, ValueError) as e:
+        raise DataError(f"{spec}: {name!r} is neither a directory written by save_to_disk nor a dataset in the "
+                        f"local Hugging Face cache ({datasets.config.HF_DATASETS_CACHE}); lorakit reads datasets "
+                        "locally only, never from the network: download it first (datasets.load_dataset(...)"
+                        f".save_to_disk(DIR), then data.train={HF_PREFIX}DIR) [{type(e).__name__}: {e}]") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
+def map_columns(records: list[Record], columns: dict[str, str] | None) -> list[Record]:
+    """Records with the file's field names renamed to the format's: columns {format key: file field},
+    e.g. {"prompt": "question", "completion": "answer"}. A record without a mapped field is an error."""
+    if not columns:
+        return records
+    out = []
+    for record in records:
+        missing = [field for field in columns.values() if field not in record.fields]
+        if missing:
+            raise DataError(f"{record.source}: data.columns maps to field(s) {', '.join(map(repr, missing))}, which "
+                            f"this record lacks; its fields: {', '.join(sorted(record.fields)) or 'none'}")
+        renamed = {k: v for k, v in record.fields.items() if k not in columns.values()}
+        renamed.update({key: record.fields[field] for key, field in columns.items()})
+        out.append(Record(renamed, record.source))
+    return out
+
+
 def read_data(spec: str, split: str = "train", n_train: int | None = None, n_test: int | None = None) -> list[Record]:
-    """The records `spec` names: a .jsonl/.json/.csv file (read_records), or "builtin:<task>": that
-    built-in task's `split` ("train" or "test"; tasks.make_task with n_train/n_test where given),
-    each record's source "builtin:<task>[<split> <i>]". What `lorakit train` reads for data.train,
-    data.validation and data.test, and `lorakit eval` for --data."""
+    """The records `spec` names: a .jsonl/.json/.csv/.parquet file (read_records), "hf:DIR-or-NAME[:split]"
+    (read_hf; `split` when the spec names none), or "builtin:<task>": that built-in task's `split`
+    ("train" or "test"; tasks.make_task with n_train/n_test where given), each record's source
+    "builtin:<task>[<split> <i>]". What `lorakit train` reads for data.train, data.validation and
+    data.test, and `lorakit eval` for --data."""
+    if spec.startswith(HF_PREFIX):
+        return read_hf(spec, split)
     if not spec.startswith(BUILTIN_PREFIX):
         return read_records(spec)
     sizes = tuple((k, v) for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None)
@@ -192,11 +298,27 @@ def render(record: Record, fmt: str, tokenizer) -> tuple[list[int], list[int], s
     if fmt == "text":
         ids = tokenizer(_text(record, "text") + eos, add_special_tokens=True)["input_ids"]
         return ids, [1] * len(ids), None, None
-    return _render_chat(record, tokenizer)
+    if fmt == "sharegpt":
+        return _render_chat(record, sharegpt_messages(record), tokenizer)
+    return _render_chat(record, record.fields["messages"], tokenizer)
 
 
-def _render_chat(record: Record, tokenizer):
-    messages = record.fields["messages"]
+def sharegpt_messages(record: Record) -> list[dict]:
+    """A ShareGPT record's "conversations" ([{"from": "human", "value": ...}, ...]) as chat messages
+    ([{"role": "user", "content": ...}, ...]), speakers mapped by SHAREGPT_ROLES."""
+    turns = record.fields["conversations"]
+    if not (isinstance(turns, list) and turns and all(
+            isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str) for t in turns)):
+        raise DataError(f"{record.source}: 'conversations' must be a non-empty list of "
+                        "{\"from\": str, \"value\": str} objects")
+    unknown = sorted({t["from"] for t in turns} - SHAREGPT_ROLES.keys())
+    if unknown:
+        raise DataError(f"{record.source}: unknown speaker(s) {', '.join(map(repr, unknown))} in 'from'; "
+                        f"known: {', '.join(SHAREGPT_ROLES)}")
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
+def _render_chat(record: Record, messages, tokenizer):
     if not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages)):
@@ -228,45 +350,87 @@ def _render_chat(record: Record, tokenizer):
     return full, mask, prompt, messages[-1]["content"]
 
 
-def build_dataset(records: list[Record], tokenizer, fmt: str = "auto", max_length: int = 256,
+def auto_max_length(lengths: list[int], cap: int = MAX_LENGTH_AUTO_CAP) -> int:
+    """data.max_length "auto": the longest example's tokens, at most `cap`."""
+    return min(max(lengths), cap)
+
+
+def build_dataset(records: list[Record], tokenizer, fmt: str = "auto", max_length: int | str = 256,
                   train_on_inputs: bool = False) -> Dataset:
+    """Render every record (render) and cut it at max_length tokens ("auto": auto_max_length of
+    these records); labels are the ids where the mask is 1 (every id with train_on_inputs), else
+    IGNORE. Each example keeps its length before the cut and the supervised tokens the cut dropped."""
     fmt = detect_format(records, fmt)
     if fmt == "preference":  # two sequences per record: preference_data's pairs
         from .preference_data import build_preference_dataset
 
         return build_preference_dataset(records, tokenizer, max_length)
+    rendered = [render(record, fmt, tokenizer) for record in records]
+    if max_length == "auto":
+        max_length = auto_max_length([len(ids) for ids, *_ in rendered])
     examples, truncated, unsupervised = [], 0, 0
-    for record in records:
-        ids, mask, prompt, reference = render(record, fmt, tokenizer)
-        if len(ids) > max_length:
-            ids, mask = ids[:max_length], mask[:max_length]
-            truncated += 1
+    for record, (ids, mask, prompt, reference) in zip(records, rendered):
+        full_length = len(ids)
         labels = [t if (m or train_on_inputs) else IGNORE for t, m in zip(ids, mask)]
+        dropped = sum(label != IGNORE for label in labels[max_length:])
+        if full_length > max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+            truncated += 1
         if all(label == IGNORE for label in labels[1:]):
             unsupervised += 1
-        examples.append(Example(ids, labels, prompt, reference, record.source))
-    return Dataset(examples, truncated, unsupervised)
+        examples.append(Example(ids, labels, prompt, reference, record.source, full_length, dropped))
+    return Dataset(examples, truncated, unsupervised, fmt, max_length)
 
 
 def pack(dataset: Dataset, max_length: int) -> Dataset:
-    """Concatenate examples into rows of max_length tokens (fewer padding tokens; attention spans
-    example boundaries, as in most packing implementations)."""
-    ids, labels, rows = [], [], []
-    for e in dataset.examples:
-        ids += e.input_ids
-        labels += e.labels
-        while len(ids) >= max_length:
-            rows.append(Example(ids[:max_length], labels[:max_length], source="packed"))
-            ids, labels = ids[max_length:], labels[max_length:]
-    if ids:
-        rows.append(Example(ids, labels, source="packed"))
-    packed = Dataset(rows)
-    packed.truncated, packed.unsupervised = dataset.truncated, dataset.unsupervised
-    return packed
+    """Whole examples packed into rows of at most max_length tokens (best fit, longest first): no
+    example is split across rows; one longer than a row is cut to it and counted (truncated; those
+    of build_dataset at the same max_length already are).
+
+    Packing is exact: collate gives a packed row position ids that restart at 0 with each example,
+    and the model masks attention to the block-diagonal causal mask they imply (loss.SummedLoss),
+    so every token sees only its own example, at the positions it has unpacked. Each example's first
+    label is ignored in the row, as it is unpacked (nothing before it predicts it): the last token of
+    one example never learns to predict the first of the next. The row's loss is then the sum of its
+    examples' losses, token for token.
+    """
+    import bisect
+
+    examples = [e if len(e.input_ids) <= max_length else
+                dataclasses.replace(e, input_ids=e.input_ids[:max_length], labels=e.labels[:max_length],
+                                    dropped=e.dropped + sum(label != IGNORE for label in e.labels[max_length:]))
+                for e in dataset.examples]
+    cut = sum(len(e.input_ids) > max_length for e in dataset.examples)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    rows: list[list[int]] = []            # example indices per row
+    free: list[tuple[int, int]] = []      # (tokens left, row), sorted: the best fit is the first that fits
+    for i in order:
+        n = len(examples[i].input_ids)
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            rows.append([i])
+            left, row = max_length - n, len(rows) - 1
+        else:
+            left, row = free.pop(at)
+            rows[row].append(i)
+            left -= n
+        if left > 0:
+            bisect.insort(free, (left, row))
+    packed = []
+    for members in rows:
+        members.sort()  # dataset order within a row
+        row = [examples[i] for i in members]
+        ids = [t for e in row for t in e.input_ids]
+        labels = [t for e in row for t in [IGNORE, *e.labels[1:]]]
+        packed.append(Example(ids, labels, source="packed: " + ", ".join(e.source for e in row),
+                              lengths=[len(e.input_ids) for e in row]))
+    return Dataset(packed, dataset.truncated + cut, dataset.unsupervised, dataset.format, max_length)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (-100 on padding)."""
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on padding). Packed rows (pack)
+    also get position_ids (B, T) that restart at 0 with each example and with the padding, from
+    which the model derives the block-diagonal causal mask (loss.SummedLoss)."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -276,7 +440,49 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if any(e.lengths is not None for e in examples):
+        batch["position_ids"] = torch.tensor([
+            [p for n in (e.lengths or [len(e.input_ids)]) + [width - len(e.input_ids)] for p in range(n)]
+            for e in examples])
+    return batch
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token ids that end a reply: the EOS token and, where the chat template ends a turn with
+    another special token (Llama 3's <|eot_id|>, Gemma's <end_of_turn>), that one; generation stops
+    at any of them."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    turn = chat_markers(tokenizer)
+    end = next((t for t in turn.get("after_reply", []) if t not in ids), None)
+    return ids + ([end] if end is not None else [])
+
+
+PROBE_REPLY = "lorakit probe reply"
+
+
+def chat_markers(tokenizer) -> dict[str, list[int]]:
+    """The special tokens the chat template writes, found by rendering a probe conversation:
+    {"all": every special token id in it, "after_reply": those right after the assistant's reply}
+    (empty without a template, or when the template refuses the probe)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return {}
+    probe = [{"role": "user", "content": "lorakit probe"}, {"role": "assistant", "content": PROBE_REPLY}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template may raise on anything (its own checks, jinja errors): no markers known
+        return {}
+    special = special_ids(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    after = tokenizer(text.split(PROBE_REPLY, 1)[1], add_special_tokens=False)["input_ids"] if PROBE_REPLY in text else []
+    return {"all": list(dict.fromkeys(i for i in ids if i in special)),
+            "after_reply": [i for i in after if i in special][:1]}
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of every special token: the named ones (eos, pad, ...) and added tokens marked special."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -309,3 +515,13 @@ def split_validation(records: list[Record], fraction: float, seed: int) -> tuple
     k = max(1, round(fraction * len(records)))
     held = set(order[:k])
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def derive_max_new_tokens(dataset: Dataset, tokenizer) -> int | None:
+    """eval.max_new_tokens when not set: the longest reference of the dataset in tokens, + 1 for the
+    end-of-turn token that ends the reply, + 1 because a reference tokenised alone may take one token
+    fewer than the same text generated after a prompt. None when no example has a reference."""
+    references = [e.reference for e in dataset.examples if e.reference is not None]
+    if not references:
+        return None
+    return max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 2

@@ -156,13 +156,19 @@ class SummedLoss(nn.Module):
         self.chunk_size = chunk_size
         self.chunked = supports_chunked_loss(model)
 
-    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, labels, position_ids=None) -> torch.Tensor:
+        """position_ids (B, T), for packed rows (data.pack): positions restart at 0 with each example;
+        the model then attends only within each example (transformers derives the block-diagonal
+        causal mask from the restarts when it gets no attention_mask and no cache), so the padding
+        at the end of a row, which restarts them too, is a block of its own."""
         targets = labels[:, 1:]                                    # (B, T-1): position t predicts token t + 1
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask} if position_ids is None else \
+            {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
         if not self.chunked:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = self.model(**inputs).logits
             return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
-        hidden, head = head_input(self.model, input_ids=input_ids, attention_mask=attention_mask)
+        hidden, head = head_input(self.model, **inputs)
         keep = targets != IGNORE_INDEX
         return chunked_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], head.bias,
                                      reduction="sum", chunk_size=self.chunk_size)  # (n_supervised, d) rows only

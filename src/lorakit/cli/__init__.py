@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "inspect": "inspect",
     "plan": "plan",
+    "data": "data",
     "train": "train",
     "merge": "merge",
     "generate": "generate",

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import distributed
-from ..config import RunConfig
-from ..data import Dataset, collate
+from ..config import DEFAULT_MAX_NEW_TOKENS, RunConfig
+from ..data import Dataset, collate, end_of_turn_ids
 from ..loss import SummedLoss, supervised_tokens
 
 if TYPE_CHECKING:
@@ -41,8 +41,10 @@ def heldout_loss(model, dataset: Dataset, pad_id: int, batch_size: int) -> float
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations of the prompts (batched, left-padded), decoded without the prompt."""
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int | None, batch_size: int) -> list[str]:
+    """Greedy continuations of the prompts (batched, left-padded), decoded without the prompt and
+    without special tokens; each stops at an end-of-turn token (data.end_of_turn_ids). max_new_tokens
+    None: config.DEFAULT_MAX_NEW_TOKENS (eval.max_new_tokens not derived from test references)."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -52,10 +54,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
             enc = {k: v.to(model.device) for k, v in enc.items()}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            # stop at the EOS or the chat template's end-of-turn token; decode without special tokens
+            out = model.generate(**enc, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(tokenizer))
             new = out[:, enc["input_ids"].shape[1]:]
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=False)
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

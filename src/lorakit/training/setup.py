@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed
-from ..config import BUILTIN_PREFIX, ConfigError, RunConfig
-from ..data import DataError, Dataset, build_dataset, pack, read_data, split_validation
+from ..config import BUILTIN_PREFIX, MAX_LENGTH_AUTO_CAP, ConfigError, RunConfig
+from ..data import (HF_PREFIX, DataError, Dataset, auto_max_length, build_dataset, derive_max_new_tokens, map_columns,
+                    pack, read_data, split_validation)
 from ..dtypes import to_torch
 from ..inject import add_lora
 
@@ -68,14 +69,18 @@ def prepare(config: RunConfig, tokenizer, data: tuple, ctx: distributed.Context)
     return Prepared(model, tokenizer, *data), fill
 
 
-def load_data(config: RunConfig, tokenizer) -> tuple[Dataset, Dataset | None, Dataset | None]:
-    """(train, validation, test) as config.data says: files or built-in tasks, tokenized; without
-    data.validation, a seeded data.validation_fraction of the training records is held out."""
+def read_datasets(config: RunConfig, tokenizer) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """(train, validation, test) as config.data says, tokenized and unpacked: files, Hugging Face
+    datasets or built-in tasks, data.columns applied; without data.validation, a seeded
+    data.validation_fraction of the training records is held out. data.max_length "auto" is
+    resolved on the training examples (train.max_length) and cuts validation and test alike."""
     d = config.data
 
     def records(key: str, split: str):
+        spec = getattr(d, key)
         try:
-            return read_data(getattr(d, key), split, d.n_train, d.n_test)
+            return map_columns(read_data(spec, key if spec.startswith(HF_PREFIX) else split, d.n_train, d.n_test),
+                               d.columns)
         except DataError as e:
             raise DataError(f"data.{key}: {e}") from None
 
@@ -93,17 +98,89 @@ def load_data(config: RunConfig, tokenizer) -> tuple[Dataset, Dataset | None, Da
     test_key = "test" if d.test else ("train" if d.train.startswith(BUILTIN_PREFIX) else None)
     test_records = records(test_key, "test") if test_key else []
 
-    def build(rows):
-        return build_dataset(rows, tokenizer, d.format, d.max_length, d.train_on_inputs) if rows else None
+    train = build_dataset(train_records, tokenizer, d.format, d.max_length, d.train_on_inputs)
+    cut = longest(train) if d.max_length == "auto" else d.max_length
 
-    train = build(train_records)
-    if d.packing:
-        train = pack(train, d.max_length)
+    def build(rows):
+        return build_dataset(rows, tokenizer, d.format, cut, d.train_on_inputs) if rows else None
+
     return train, build(val_records), build(test_records)
 
 
+def load_data(config: RunConfig, tokenizer, log=None) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """(train, validation, test) for a run: read_datasets, checked by the data pre-flight check
+    (training.datacheck: a summary is logged, its errors stop the run), packed with data.packing.
+
+    What the config leaves to the data is filled in, in `config` itself, so that the run, its
+    config.yaml and a resumed run see the numbers: data.max_length "auto" (the longest training
+    example) and eval.max_new_tokens when not set (derive_max_new_tokens of the test split)."""
+    from . import datacheck
+
+    log = log or _rank0_print
+    d = config.data
+    train, validation, test = read_datasets(config, tokenizer)
+    if isinstance(train, Dataset):  # not yet for preference pairs (preference_data)
+        report = datacheck.check(tokenizer, train, validation, test, max_leakage(config), samples=0)
+        for line in datacheck.summary(report):
+            log(line)
+        if report.errors:
+            raise ConfigError("training data (the data check)", [datacheck.finding_line(f) for f in report.errors]
+                              + ["lorakit data CONFIG shows the examples as the model sees them"])
+    if d.max_length == "auto":
+        d.max_length = longest(train)
+        log(f"data.max_length=auto: {d.max_length} tokens (the longest training example, at most "
+            f"{MAX_LENGTH_AUTO_CAP})")
+    if config.eval.max_new_tokens is None and test is not None:
+        config.eval.max_new_tokens = derive_max_new_tokens(test, tokenizer)
+        if config.eval.max_new_tokens is not None:
+            log(f"eval.max_new_tokens: {config.eval.max_new_tokens} (the longest test reference + 2)")
+    if d.packing:
+        if not isinstance(train, Dataset):
+            raise ConfigError("training data", ["data.packing=true packs single sequences (objective sft); "
+                                                "preference pairs are not packed: set data.packing=false"])
+        train = pack(train, d.max_length)
+    return train, validation, test
+
+
+def longest(dataset) -> int:
+    """data.max_length "auto" for a built dataset: where build_dataset cut it (pairs: their longest
+    sequence, at most config.MAX_LENGTH_AUTO_CAP)."""
+    if isinstance(dataset, Dataset) and dataset.max_length is not None:
+        return dataset.max_length
+    lengths = [len(ids) for e in dataset.examples
+               for ids in ((e.chosen_ids, e.rejected_ids) if hasattr(e, "chosen_ids") else (e.input_ids,))]
+    return auto_max_length(lengths)
+
+
+def max_leakage(config: RunConfig) -> float:
+    """data.max_leakage, or the data check's default (datacheck.MAX_LEAKAGE) when not set."""
+    from .datacheck import MAX_LEAKAGE
+
+    return MAX_LEAKAGE if config.data.max_leakage is None else config.data.max_leakage
+
+
+def _rank0_print(line: str) -> None:
+    """The log of a run's setup without a sink: printed by rank 0 only (under torchrun RANK is set)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line)
+
+
+def steps_for_epochs(config: RunConfig, train: Dataset, world: int = 1) -> int:
+    """train.steps for train.epochs passes over `train` (rounded up): an epoch is every full global
+    micro-batch of batch_size x world examples (data.batch_at drops a trailing partial one), and a
+    step takes grad_accum of them."""
+    t = config.train
+    per_epoch = len(train.examples) // (t.batch_size * world)
+    return max(1, math.ceil(t.epochs * per_epoch / t.grad_accum - 1e-9))
+
+
 def check_data(config: RunConfig, train: Dataset, validation: Dataset | None, world: int = 1) -> None:
-    """What the run needs of its data, checked before the model loads (every problem at once)."""
+    """What the run needs of its data, checked before the model loads (every problem at once).
+
+    Also fills in what the config leaves to the data, in `config` itself (the loop, its schedule,
+    checkpoints and config.yaml then follow): train.epochs becomes train.steps (steps_for_epochs;
+    epochs is cleared, so that a resumed run reads the same steps), and data.max_length "auto" the
+    longest training example (for data a script prepared; load_data resolves it otherwise)."""
     d, t = config.data, config.train
     problems = []
     if train.supervised_tokens == 0:
@@ -122,6 +199,13 @@ def check_data(config: RunConfig, train: Dataset, validation: Dataset | None, wo
                         + "): lower train.batch_size or add data")
     if problems:
         raise ConfigError("training data", problems)
+    if d.max_length == "auto":
+        d.max_length = longest(train)
+    if t.epochs is not None:
+        steps = steps_for_epochs(config, train, world)
+        _rank0_print(f"train.epochs={t.epochs:g}: {steps} steps ({len(train.examples)} "
+                     f"{'rows' if d.packing else 'examples'} / {t.batch_size * world * t.grad_accum} per step)")
+        t.steps, t.epochs = steps, None
 
 
 def skeleton(config: RunConfig) -> torch.nn.Module:
