@@ -415,6 +415,10 @@ class CheckpointLoader:
         module, leaf = holders[0]
         if leaf in module._parameters:  # trainable or not, as set on the skeleton (e.g. by add_lora)
             tensor = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+        # transformers' initialisers skip a tensor marked so: _materialize_leftovers may call the
+        # model's _init_weights on this module (for a buffer the checkpoint lacks, e.g. Gemma's
+        # embed_scale), which must not overwrite what was read
+        tensor._is_hf_initialized = True
         for module, leaf in holders:
             (module._parameters if leaf in module._parameters else module._buffers)[leaf] = tensor
         if (id(module), leaf) in self.experts:  # a mixture-of-experts weight: to NF4 right away

@@ -102,6 +102,16 @@ QUANT_TYPES = tuple(_CODES)
 # The layers an NF4Linear stands for, exactly these types (not subclasses): nn.Linear and
 # transformers' Conv1D (GPT-2's linear layer, its weight stored (in, out)).
 FULL_PRECISION_LINEARS = (nn.Linear, Conv1D)
+# transformers' subclasses of nn.Linear whose forward is nn.Linear's, x @ W.T + b (qualified names).
+PLAIN_LINEAR_SUBCLASSES = ("transformers.models.falcon.modeling_falcon.FalconLinear",)
+
+
+def is_full_precision_linear(module: nn.Module) -> bool:
+    """Whether an NF4Linear computes what `module` does: an nn.Linear, a transformers Conv1D, or
+    one of PLAIN_LINEAR_SUBCLASSES (Falcon's); other subclasses (routers, grouped linears) may
+    compute something else and are left as they are."""
+    kind = type(module)
+    return kind in FULL_PRECISION_LINEARS or f"{kind.__module__}.{kind.__qualname__}" in PLAIN_LINEAR_SUBCLASSES
 
 # Blocksizes bitsandbytes' quantize_4bit / dequantize_4bit accept.
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -846,7 +856,7 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype | None = None,
     the names in `skip`, e.g. the output head) by an NF4Linear, in place, one layer at a time (at
     most one full-precision layer is freed per step). Embeddings and other modules are left as
     they are."""
-    names = [n for n, m in model.named_modules() if type(m) in FULL_PRECISION_LINEARS and n not in skip]
+    names = [n for n, m in model.named_modules() if is_full_precision_linear(m) and n not in skip]
     for name in names:
         q = NF4Linear.from_linear(model.get_submodule(name), compute_dtype, double_quant, blocksize, quant_type)
         model.set_submodule(name, q.requires_grad_(False))

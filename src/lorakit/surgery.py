@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .layer import LoraLayer, ModulesToSave
-from .nf4 import FULL_PRECISION_LINEARS
+from . import nf4
 
 # Names of the container holding a model's blocks: Llama "layers", GPT-2 "h", others "blocks", BERT "layer".
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "blocks", "layer")
@@ -53,9 +53,9 @@ def layer_index(name: str, patterns: str | list[str] | tuple[str, ...] | None = 
 
 
 def is_full_precision_linear(module: nn.Module) -> bool:
-    """An nn.Linear or transformers' Conv1D (GPT-2's linear layer, weight stored (in, out)),
-    exactly those types: what NF4 quantization turns into an NF4Linear."""
-    return type(module) in FULL_PRECISION_LINEARS
+    """An nn.Linear or transformers' Conv1D (GPT-2's linear layer, weight stored (in, out)), or
+    Falcon's FalconLinear: what NF4 quantization turns into an NF4Linear (nf4.is_full_precision_linear)."""
+    return nf4.is_full_precision_linear(module)
 
 
 def expert_parameters(model: nn.Module) -> list[tuple[str, str]]:

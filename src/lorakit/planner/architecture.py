@@ -1,14 +1,19 @@
 """The shapes of a decoder-only transformer: all the planner knows about a model.
 
-An `Architecture` holds the sizes of a Hugging Face config.json (no weights) and counts parameters
-from them. `arch_from_config` reads one from a config (a dict, a config.json, a model directory),
-checking every size first; `targeted_modules` says which linear modules of a layer a LoRA target
-spec selects, with the one matching rule of `lorakit.surgery.matches`.
+An `Architecture` holds the sizes of a Hugging Face config.json (no weights) and counts parameters.
+`arch_from_config` reads one from a config (a dict, a config.json, a model directory), checking
+every size first, and measures its parameters on the model transformers builds from that config on
+the meta device (`measure`: no memory, no weights), so any causal LM transformers can build gets a
+plan, its attention / MLP / expert shapes as they really are (`Measured`). The presets (presets.py)
+carry no measurement: their counts come from the hand-written formulas below, which equal the
+measured ones for the families they describe. `targeted_modules` says which linear modules of a
+layer a LoRA target spec selects, with the one matching rule of `lorakit.surgery.matches`.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -19,9 +24,34 @@ from ..loss import CHUNKED_LOSS_MODEL_TYPES
 from ..patterns import pattern_problem
 from ..surgery import matches
 
+# The families the hand-written formulas describe (presets); arch_from_config plans any causal LM.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # what targets=None selects (the LoRA paper's W_q and W_v)
 ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Parameter counts of a model as transformers builds it (measure()): what the formulas of
+    Architecture would otherwise estimate from the config's sizes.
+
+    layers_prefix:   the decoder blocks' container ("model.layers", GPT-2's "transformer.h")
+    linears:         (name inside a block, in, out) of the first block's linear layers (nn.Linear,
+                     Conv1D): what all-linear adapts and QLoRA stores in NF4
+    layer:           every parameter of the first block
+    experts:         its mixture-of-experts weights (surgery.expert_parameters; in NF4 under QLoRA)
+    largest_expert:  the largest such tensor (E, out, in), in elements
+    total:           every parameter of the model (tied weights once)
+    norms:           normalisation modules in a block
+    """
+
+    layers_prefix: str
+    linears: tuple[tuple[str, int, int], ...]
+    layer: int
+    experts: int
+    largest_expert: int
+    total: int
+    norms: int
 
 
 @dataclass(frozen=True)
@@ -49,6 +79,11 @@ class Architecture:
     # whose logits are the plain head's output; otherwise the model's own logits are used
     chunked_loss: bool = True
     hub_id: str = ""
+    measured: Measured | None = None  # counts from the model itself; None: the formulas below
+
+    @property
+    def layers_prefix(self) -> str:
+        return self.measured.layers_prefix if self.measured else "model.layers"
 
     @property
     def q_dim(self) -> int:
@@ -63,6 +98,8 @@ class Architecture:
 
         MoE experts are 3-D parameters in transformers >= 5 (not nn.Linear), so they are not LoRA targets.
         """
+        if self.measured:
+            return list(self.measured.linears)
         h, inter, dq, dkv = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim
         if self.fused_projections:
             attn = [("self_attn.qkv_proj", h, dq + 2 * dkv), ("self_attn.o_proj", dq, h)]
@@ -75,6 +112,8 @@ class Architecture:
 
     def layer_parameters(self) -> int:
         """Parameters of one decoder layer: linears (+ q/k/v biases), experts and router, norms."""
+        if self.measured:
+            return self.measured.layer
         n = sum(i * o for _, i, o in self.linear_modules())
         if self.attention_bias:
             n += self.q_dim + 2 * self.kv_dim
@@ -86,12 +125,23 @@ class Architecture:
     def quantizable_layer_parameters(self) -> int:
         """Parameters of one layer that QLoRA stores in NF4: linear weights and expert weights."""
         n = sum(i * o for _, i, o in self.linear_modules())
+        if self.measured:
+            return n + self.measured.experts
         if self.num_experts:
             n += self.num_experts * 3 * self.hidden_size * self.intermediate_size
         return n
 
+    def largest_expert_weight(self) -> int:
+        """Elements of a layer's largest expert tensor (Mixtral: gate_up_proj, E x 2I x h)."""
+        if self.measured:
+            return self.measured.largest_expert
+        return 2 * self.num_experts * self.hidden_size * self.intermediate_size
+
     def embedding_parameters(self) -> int:
-        """Input embedding plus the untied lm_head."""
+        """Input embedding plus the untied lm_head (measured: everything outside the blocks but the
+        final norm's h, so that num_parameters() is the model's count)."""
+        if self.measured:
+            return self.measured.total - self.num_layers * self.measured.layer - self.hidden_size
         return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
 
     def num_parameters(self) -> int:
@@ -128,8 +178,9 @@ def _targeted_modules(arch: Architecture, targets) -> tuple[tuple[str, int, int]
         problem = pattern_problem(targets)
         if problem:
             raise ValueError(f"targets regex {problem}")
+    prefix = arch.layers_prefix
     return tuple(m for m in modules
-                 if any(matches(targets, f"model.layers.{i}.{m[0]}") for i in range(arch.num_layers)))
+                 if any(matches(targets, f"{prefix}.{i}.{m[0]}") for i in range(arch.num_layers)))
 
 
 def arch_from_config(config: dict | str | os.PathLike, name: str | None = None) -> Architecture:
@@ -145,9 +196,13 @@ def arch_from_config(config: dict | str | os.PathLike, name: str | None = None) 
         config = read_json_object(path)
     c = config.get("text_config", config) if "hidden_size" not in config else config
     model_type = c.get("model_type", config.get("model_type", ""))
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not supported by the planner; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return _formula_arch(c, model_type, name)
+    return _measured_arch(c, model_type, name)
+
+
+def _formula_arch(c: dict, model_type: str, name: str | None) -> Architecture:
+    """The six families the formulas describe, sized from the config (numbers pinned by tests)."""
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in required if k not in c]
     if missing:
@@ -181,6 +236,97 @@ def arch_from_config(config: dict | str | os.PathLike, name: str | None = None) 
     )
 
 
+def _measured_arch(c: dict, model_type: str, name: str | None) -> Architecture:
+    """Any other causal LM: its config read by transformers, its parameters measured on the model
+    transformers builds from it; the sizes the activation formulas need from the config."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    known = ", ".join(SUPPORTED_MODEL_TYPES)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        why = ("it is an encoder (transformers builds it as a masked LM)" if model_type in CONFIG_MAPPING
+               else "transformers has no causal LM of that type")
+        raise ValueError(f"model_type {model_type!r} is not supported by the planner: {why}; the planner sizes "
+                         f"decoder-only causal LMs: {known}, and any other transformers builds "
+                         "(gpt2, gpt_neox, qwen3, gemma3_text, qwen3_moe, gpt_oss, ...)")
+    problems = config_value_problems(c, required=False)
+    if problems:
+        raise ValueError(f"config of model_type {model_type!r} is not a model the planner can size: "
+                         + "; ".join(problems))
+    config = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in c.items() if k != "model_type"})
+    measured = measure(config)
+    h, heads = config.hidden_size, config.num_attention_heads
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    inter = (getattr(config, "moe_intermediate_size", None) if experts else None) or \
+        getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or \
+        getattr(config, "ffn_hidden_size", None) or 4 * h
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return Architecture(
+        name=name or c.get("_name_or_path") or model_type,
+        hidden_size=h,
+        intermediate_size=inter,
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=getattr(config, "head_dim", None) or h // heads,
+        vocab_size=config.vocab_size,
+        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        num_experts=experts,
+        experts_per_token=getattr(config, "num_experts_per_tok", 0) if experts else 0,
+        norms_per_layer=measured.norms,
+        attn_softcap=getattr(config, "attn_logit_softcapping", None) is not None,
+        final_softcap=getattr(config, "final_logit_softcapping", None) is not None,
+        chunked_loss=model_type in CHUNKED_LOSS_MODEL_TYPES,
+        measured=measured,
+    )
+
+
+def measure(config) -> Measured:
+    """Parameter counts of the causal LM transformers builds from `config` (a transformers
+    config), built on the meta device: shapes only, no memory, no weights. Cached by config."""
+    return _measure_cached(config.model_type, json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=32)  # a plan asks several times; building a large model's skeleton takes a while
+def _measure_cached(model_type: str, config_json: str) -> Measured:
+    from transformers import CONFIG_MAPPING
+
+    return _measure(CONFIG_MAPPING[model_type].from_dict(json.loads(config_json)))
+
+
+def _measure(config) -> Measured:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..surgery import expert_parameters, is_full_precision_linear, layer_index
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    blocks = [(n, m) for n, m in model.named_modules()
+              if layer_index(n) == 0 and n.rsplit(".", 1)[-1] == "0" and len(list(m.parameters())) > 0]
+    if not blocks:
+        raise ValueError(f"model_type {config.model_type!r}: found no decoder blocks (a container named "
+                         "layers, h, blocks or layer) in the model transformers builds")
+    block_name, block = blocks[0]
+    prefix = block_name.rsplit(".", 1)[0]
+    linears = tuple((n, m.weight.shape[0], m.weight.shape[1]) if type(m).__name__ == "Conv1D"
+                    else (n, m.in_features, m.out_features)
+                    for n, m in block.named_modules() if is_full_precision_linear(m))
+    experts = [block.get_submodule(m).get_parameter(leaf) for m, leaf in expert_parameters(block)]
+    return Measured(
+        layers_prefix=prefix,
+        linears=linears,
+        layer=sum(p.numel() for p in block.parameters()),
+        experts=sum(p.numel() for p in experts),
+        largest_expert=max((p.numel() for p in experts), default=0),
+        total=sum(p.numel() for p in model.parameters()),
+        norms=sum(1 for m in block.modules() if "norm" in type(m).__name__.lower()),
+    )
+
+
 # Sane ranges of a config's sizes, far beyond any released model (Llama 3.1 405B: hidden 16,384,
 # 126 layers, 128 heads, vocab 128,256) and small enough that a plan's arithmetic stays instant.
 CONFIG_RANGES = {
@@ -196,9 +342,10 @@ CONFIG_RANGES = {
 }
 
 
-def config_value_problems(c: dict) -> list[str]:
+def config_value_problems(c: dict, required: bool = True) -> list[str]:
     """Every size in config dict `c` that is not an integer in its CONFIG_RANGES range (absent
-    optional keys and nulls are fine), and head counts that do not divide."""
+    optional keys and nulls are fine), and head counts that do not divide (checked when the
+    config names them directly, which `required` says it must)."""
     problems = []
     for key, (lo, hi) in CONFIG_RANGES.items():
         value = c.get(key)
@@ -208,7 +355,7 @@ def config_value_problems(c: dict) -> list[str]:
             problems.append(f"{key}={value!r} must be an integer, not a {type(value).__name__}")
         elif not lo <= value <= hi:
             problems.append(f"{key}={value!r} must be in [{lo:,}, {hi:,}]")
-    if problems:
+    if problems or (not required and not {"num_attention_heads", "hidden_size"} <= c.keys()):
         return problems
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
     if heads % kv:

@@ -284,7 +284,7 @@ def optimizer_step_bytes(arch: Architecture, config: PlanConfig) -> int:
         return trainable_parameters(arch, config) * state_bytes
     if config.method == "full":
         largest = max(arch.vocab_size * arch.hidden_size, max(i * o for _, i, o in arch.linear_modules()),
-                      2 * arch.num_experts * arch.hidden_size * arch.intermediate_size)
+                      arch.largest_expert_weight())
     else:
         largest = config.rank * max(max(i, o) for _, i, o in targeted_modules(arch, config.targets))
     return 2 * largest * state_bytes
@@ -358,7 +358,9 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
         sample = 8 * drop if config.device == "cpu" and drop <= 0.5 else 1  # bytes per input element
         for name, n_in, _ in targeted_modules(a, config.targets):
             per_token += ab * config.rank + (sample * n_in if drop > 0 else 0)
-            used_groups.add(groups[name])
+            # A module of a family the formulas do not describe saves its own input.
+            used_groups.add(groups.get(name, name))
+            shared.setdefault(name, p * n_in)
         per_token += sum(shared[g] for g in used_groups)
     return t * per_token
 
