@@ -114,7 +114,8 @@ def _release_reducer(ddp: torch.nn.Module) -> None:
             delattr(ddp, name)
 
 
-def wrap(model: torch.nn.Module, ctx: Context, strategy: str, fill=None) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, ctx: Context, strategy: str, fill=None,
+         probe: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """DDP averages the gradients of the trainable parameters; FSDP2 shards every parameter
     (frozen base, NF4 codes and scales, adapters) across ranks, one decoder layer at a time.
 
@@ -124,7 +125,9 @@ def wrap(model: torch.nn.Module, ctx: Context, strategy: str, fill=None) -> torc
     fill (FSDP only): the base is still on the meta device and fill(part) loads a part of it
     (models.CheckpointLoader.fill): each decoder layer is loaded, then sharded, before the next
     one, and the root last, so no rank ever holds more of the base than its shards plus one layer
-    (or the root). Every rank reads the checkpoint itself; nothing is sent between ranks."""
+    (or the root). Every rank reads the checkpoint itself; nothing is sent between ranks.
+    probe (FSDP only): the smallest batch the loss module takes (the objective's probe(); None: an
+    SFT batch of one predicted token), run once so that FSDP knows its root."""
     if not ctx.active:
         return model
     if strategy == "fsdp":
@@ -146,7 +149,7 @@ def wrap(model: torch.nn.Module, ctx: Context, strategy: str, fill=None) -> torc
             fill(None)  # the rest: embeddings, final norm, output head, buffers
         _nf4_state_as_parameters(raw)
         fully_shard(model, mesh=mesh)
-        _initialise_root(model, ctx.device)
+        _initialise_root(model, ctx.device, probe)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -156,11 +159,14 @@ def wrap(model: torch.nn.Module, ctx: Context, strategy: str, fill=None) -> torc
 
 
 @torch.no_grad()
-def _initialise_root(model: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2 decides which module is the root in the first forward it sees: run one (a single
-    token) through the root, so that evaluation, which calls the raw model, can come first."""
-    one = torch.zeros(1, 2, dtype=torch.long, device=device)
-    model(input_ids=one, attention_mask=torch.ones_like(one), labels=one)
+def _initialise_root(model: torch.nn.Module, device: torch.device, probe: dict[str, torch.Tensor] | None) -> None:
+    """FSDP2 decides which module is the root in the first forward it sees: run one (the objective's
+    probe batch, the loss module's smallest input) through the root, so that evaluation, which
+    calls the raw model, can come first."""
+    if probe is None:
+        one = torch.zeros(1, 2, dtype=torch.long)
+        probe = {"input_ids": one, "attention_mask": torch.ones_like(one), "labels": one}
+    model(**{k: v.to(device) for k, v in probe.items()})
     model.reshard()
 
 

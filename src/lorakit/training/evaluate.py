@@ -1,13 +1,14 @@
 """Evaluation: held-out loss, greedy generation and exact match, for `lorakit train` (before, during
 and after training) and `lorakit eval` alike.
 
-The held-out loss is the training loss itself (loss.SummedLoss) divided by the supervised tokens:
-the mean cross-entropy per token, in nats, so held-out and training losses can be compared.
+The held-out loss is the objective's training loss itself (objectives: loss.SummedLoss for SFT)
+divided by its items: for SFT the mean cross-entropy per supervised token, in nats; for DPO / ORPO
+the mean loss per pair, with the objective's metrics (pair_accuracy, rewards/...) averaged over the
+held-out pairs. So held-out and training losses can be compared.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING
 
@@ -15,29 +16,37 @@ import torch
 
 from .. import distributed
 from ..config import DEFAULT_MAX_NEW_TOKENS, RunConfig
-from ..data import Dataset, collate, end_of_turn_ids
-from ..loss import SummedLoss, supervised_tokens
+from ..data import Dataset, end_of_turn_ids
+from .objectives import SFT, Objective, objective_for
 
 if TYPE_CHECKING:
     from .setup import Prepared
 
 
 @torch.no_grad()
-def heldout_loss(model, dataset: Dataset, pad_id: int, batch_size: int) -> float:
-    """Mean cross-entropy per supervised token over the dataset."""
+def heldout(model, dataset: Dataset, pad_id: int, batch_size: int,
+            objective: Objective = SFT()) -> tuple[float, dict[str, float]]:
+    """(the objective's mean loss per item over the dataset, the mean of each of its metrics)."""
     was_training = model.training
     model.eval()
-    summed = SummedLoss(model)  # the training loss itself, so held-out and training losses agree
-    total, count = 0.0, 0
+    summed = objective.loss(model)  # the training loss itself, so held-out and training losses agree
+    total, count, sums = 0.0, 0, {}
     for i in range(0, len(dataset.examples), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(dataset.examples[i:i + batch_size], pad_id).items()}
+        batch = {k: v.to(model.device) for k, v in objective.collate(dataset.examples[i:i + batch_size], pad_id).items()}
         total += summed(**batch).item()
-        count += supervised_tokens(batch)
+        count += objective.items(batch)
+        for k, v in objective.metric_sums(summed).items():
+            sums[k] = sums.get(k, 0.0) + v
     model.train(was_training)
     if count == 0:
         raise ValueError(f"none of the {len(dataset.examples)} held-out examples has a token to score "
                          "(every answer is empty or truncated away): there is no loss to report")
-    return total / count
+    return total / count, {k: v / count for k, v in sums.items()}
+
+
+def heldout_loss(model, dataset: Dataset, pad_id: int, batch_size: int) -> float:
+    """Mean cross-entropy per supervised token over the dataset."""
+    return heldout(model, dataset, pad_id, batch_size)[0]
 
 
 @torch.no_grad()
@@ -80,14 +89,17 @@ def exact_match_accuracy(model, tokenizer, dataset: Dataset, max_new_tokens: int
     return sum(r["correct"] for r in rows) / len(rows), rows
 
 
-def evaluate(model, tokenizer, prepared: Prepared, config: RunConfig, generation: bool) -> dict:
-    """val_loss and val_ppl on the validation data; with generation (and eval.generate), also
-    exact_match, samples and eval_seconds on the test data."""
+def evaluate(model, tokenizer, prepared: Prepared, config: RunConfig, generation: bool,
+             objective: Objective | None = None) -> dict:
+    """val_loss and the objective's held-out metrics (SFT: val_ppl; DPO / ORPO: pair_accuracy,
+    rewards/...) on the validation data; with generation (and eval.generate), also exact_match,
+    samples and eval_seconds on the test data. objective: config.objective's by default."""
+    objective = objective or objective_for(config)
     out = {}
     pad = tokenizer.pad_token_id
     if prepared.validation:
-        out["val_loss"] = heldout_loss(model, prepared.validation, pad, config.eval.batch_size)
-        out["val_ppl"] = math.exp(min(out["val_loss"], 50))
+        out["val_loss"], means = heldout(model, prepared.validation, pad, config.eval.batch_size, objective)
+        out.update(objective.heldout_metrics(out["val_loss"], means))
     if generation and config.eval.generate and prepared.test:
         start = time.perf_counter()
         out["exact_match"], out["samples"] = exact_match_accuracy(
@@ -97,7 +109,7 @@ def evaluate(model, tokenizer, prepared: Prepared, config: RunConfig, generation
 
 
 def evaluate_run(model, raw, tokenizer, prepared: Prepared, config: RunConfig, ctx: distributed.Context,
-                 generation: bool) -> dict | None:
+                 generation: bool, objective: Objective | None = None) -> dict | None:
     """evaluate(raw) during or after training; the result on rank 0, None elsewhere.
 
     Without FSDP rank 0 evaluates alone (the others wait). Under FSDP every forward all-gathers
@@ -110,5 +122,5 @@ def evaluate_run(model, raw, tokenizer, prepared: Prepared, config: RunConfig, c
     if not (ctx.main or distributed.sharded(model)):
         return None
     with distributed.unsharded_root(model):
-        out = evaluate(raw, tokenizer, prepared, config, generation)
+        out = evaluate(raw, tokenizer, prepared, config, generation, objective)
     return out if ctx.main else None

@@ -31,12 +31,12 @@ from typing import Callable
 import torch
 
 from .. import distributed, monitor
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..inject import trainable_parameters
 from .checkpoint import (RunState, check_resume, checkpoints, load_checkpoint, remove_temporary_checkpoints,
                          restore_good_checkpoint, run_settings, save_checkpoint, save_result)
 from .evaluate import evaluate_run
-from .objectives import SFT, Objective
+from .objectives import Objective, objective_for
 from .output import Report, sink, summary_line
 from .run_dir import check_run_dir, run_lock
 from .setup import Prepared, check_data, check_rank, load_data, memory_check, optimizer_and_schedule, prepare, skeleton
@@ -56,7 +56,7 @@ class Hooks:
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, prepared: Prepared | None = None,
-          log=print, progress: bool = True, objective: Objective = SFT(), hooks: Hooks = Hooks()) -> dict:
+          log=print, progress: bool = True, objective: Objective | None = None, hooks: Hooks = Hooks()) -> dict:
     """Run (or resume) a fine-tuning run into `run_dir`; returns the summary (also summary.json).
 
     Everything that can be checked without the model's weights is checked first: the run
@@ -64,12 +64,14 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     the LoRA rank (check_rank). Then the run holds the directory's lock (run_lock) while it lasts.
     Under torchrun every rank calls this; only rank 0 logs and writes files (output.sink).
     prepared: the model (adapters added), tokenizer and datasets, instead of config.model and
-    config.data. objective: what a step minimises (objectives.SFT). hooks: see Hooks.
+    config.data. objective: what a step minimises (default: objectives.objective_for(config), the
+    one config.objective names). hooks: see Hooks.
     """
     config, run_dir = config.validate(), Path(run_dir)
+    objective = objective or objective_for(config)
     ctx = distributed.setup(config.train.device, config.train.dist_timeout_s)
     out = sink(ctx.main, run_dir, log, progress)
-    tokenizer, data = _check_inputs(config, run_dir, resume, prepared, ctx, out.log)
+    tokenizer, data = _check_inputs(config, run_dir, resume, prepared, ctx, out.log, objective)
     with run_lock(run_dir, ctx.main):
         if ctx.main:
             remove_temporary_checkpoints(run_dir)
@@ -77,7 +79,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
 
 
 def _check_inputs(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | None,
-                  ctx: distributed.Context, log) -> tuple[object, tuple]:
+                  ctx: distributed.Context, log, objective: Objective) -> tuple[object, tuple]:
     """(tokenizer, (train, validation, test)), every check that needs no model weights passed."""
     if ctx.main:  # the others would find rank 0's lock and files
         check_run_dir(run_dir, resume)
@@ -88,6 +90,9 @@ def _check_inputs(config: RunConfig, run_dir: Path, resume: bool, prepared: Prep
         data = load_data(config, tokenizer)
     else:
         tokenizer, data = prepared.tokenizer, (prepared.train, prepared.validation, prepared.test)
+    problems = objective.data_problems(data[0], data[1])
+    if problems:
+        raise ConfigError("training data", problems)
     check_data(config, data[0], data[1], ctx.world)
     if resume:
         check_resume(run_dir, config)
@@ -109,13 +114,14 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
     raw = prepared.model if fill else prepared.model.to(ctx.device)
     hooks.model_ready(raw)
     report = _introduce(config, prepared, raw, ctx, out, wall_start)
-    model = distributed.wrap(objective.loss(raw), ctx, t.strategy, fill)  # what forward + backward run
+    loss_module = objective.loss(raw)
+    model = distributed.wrap(loss_module, ctx, t.strategy, fill, objective.probe())  # what forward + backward run
 
     found = checkpoints(run_dir) if resume else []
     state = RunState(config=run_settings(config))
     if not found:
         out.started(config)
-        state.before = _evaluate_before(model, raw, prepared, config, ctx, out)
+        state.before = _evaluate_before(model, raw, prepared, config, ctx, out, objective)
     torch.manual_seed(t.seed + ctx.rank)  # dropout masks differ across ranks, as for independent examples
     params, optimizer, scheduler = optimizer_and_schedule(model, config)
     if found:
@@ -128,7 +134,7 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
     for step in range(state.step + 1, t.steps + 1):
         start = time.perf_counter()
         batches = objective.micro_batches(prepared.train, step, config, ctx, prepared.tokenizer.pad_token_id)
-        loss, tokens = _forward_backward(model, batches, objective, ctx)
+        loss, tokens, metrics = _forward_backward(model, loss_module, batches, objective, ctx)
         # the norm over all shards under FSDP, replicated; measured (clipping at inf) even without
         # clipping, since a norm of 0 tells a collapse from a plateau
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)).item()
@@ -145,20 +151,22 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
         state.step, state.tokens = step, state.tokens + tokens
         state.best_loss = loss if state.best_loss is None else min(state.best_loss, loss)
         state.train_seconds += time.perf_counter() - start
-        out.trained(state, tokens, loss, lr, grad_norm, logged=step % t.log_every == 0 or step == t.steps)
+        out.trained(state, tokens, loss, lr, grad_norm, logged=step % t.log_every == 0 or step == t.steps,
+                    metrics=metrics)
         if config.eval.every and step % config.eval.every == 0 and step != t.steps and prepared.validation:
-            out.evaluated(step, evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=False))
+            out.evaluated(step, evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=False,
+                                             objective=objective))
             distributed.barrier(ctx)
         if step % t.save_every == 0 and step != t.steps:
             hooks.before_checkpoint(step, raw)
             hooks.after_checkpoint(step, save_checkpoint(run_dir, raw, optimizer, scheduler, state, ctx))
     out.steps_end()
 
-    return _finish(run_dir, model, raw, prepared, config, state, optimizer, scheduler, report, out, ctx)
+    return _finish(run_dir, model, raw, prepared, config, state, optimizer, scheduler, report, out, ctx, objective)
 
 
 def _finish(run_dir: Path, model, raw, prepared: Prepared, config: RunConfig, state: RunState, optimizer,
-            scheduler, report: Report, out, ctx: distributed.Context) -> dict:
+            scheduler, report: Report, out, ctx: distributed.Context, objective: Objective) -> dict:
     """After the last step: diagnose the curve (or, after a divergence, go back to the last good
     checkpoint), evaluate the trained model, write the result and the summary."""
     report.steps = state.step
@@ -168,7 +176,8 @@ def _finish(run_dir: Path, model, raw, prepared: Prepared, config: RunConfig, st
         report.diagnostics += _curve_diagnostics(out.curve(), config, out)
     if report.no_result is None:
         out.log("evaluating the fine-tuned model...")
-        report.after = evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=True)
+        report.after = evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=True,
+                                    objective=objective)
         with distributed.full_trainable_weights(model):  # under FSDP: gathered on every rank, written by rank 0
             report.result_dir = save_result(raw, config, prepared.tokenizer, run_dir) if ctx.main else None
     summary = distributed.all_gather_objects(out.finish(report, state), ctx)[0]
@@ -202,10 +211,11 @@ def _introduce(config: RunConfig, prepared: Prepared, raw, ctx: distributed.Cont
     return Report(config, ctx.world, ctx.device, counts, planned_peak, wall_start)
 
 
-def _evaluate_before(model, raw, prepared: Prepared, config: RunConfig, ctx: distributed.Context, out) -> dict | None:
+def _evaluate_before(model, raw, prepared: Prepared, config: RunConfig, ctx: distributed.Context, out,
+                     objective: Objective) -> dict | None:
     """The base model's evaluation (step 0), without its samples; every rank gets rank 0's."""
     out.log("evaluating the base model...")
-    before = evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=True)
+    before = evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=True, objective=objective)
     if before is not None:
         before = {k: v for k, v in before.items() if k != "samples"}
         out.evaluated(0, before)
@@ -213,16 +223,18 @@ def _evaluate_before(model, raw, prepared: Prepared, config: RunConfig, ctx: dis
     return distributed.all_gather_objects(before, ctx)[0]
 
 
-def _forward_backward(model, batches: list[dict], objective: Objective, ctx: distributed.Context) -> tuple[float, int]:
+def _forward_backward(model, loss_module, batches: list[dict], objective: Objective,
+                      ctx: distributed.Context) -> tuple[float, int, dict[str, float]]:
     """Gradients of the step's loss, L = Σ loss(micro-batch) / Σ items over every micro-batch of every
-    rank; returns (L, tokens fed), both over all ranks.
+    rank; returns (L, tokens fed, the objective's metrics Σ metric_sums / Σ items), all over all ranks.
+    loss_module: the objective's loss module that `model` wraps (it keeps its metric sums).
 
     DDP and FSDP average gradients over ranks, hence the factor world. DDP all-reduces once per
     step, after the last micro-batch (no_sync before); FSDP has no no_sync: it reduce-scatters
     after every micro-batch and sums into the shards.
     """
     n_items = distributed.all_reduce_sum(sum(objective.items(b) for b in batches), ctx)
-    local_sum, tokens = 0.0, 0
+    local_sum, tokens, sums = 0.0, 0, {}
     for i, batch in enumerate(batches):
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         last = i == len(batches) - 1
@@ -231,8 +243,11 @@ def _forward_backward(model, batches: list[dict], objective: Objective, ctx: dis
             (loss * (ctx.world / max(n_items, 1))).backward()
         local_sum += loss.item()
         tokens += objective.tokens(batch)
+        for k, v in objective.metric_sums(loss_module).items():
+            sums[k] = sums.get(k, 0.0) + v
+    metrics = {k: distributed.all_reduce_sum(sums[k], ctx) / max(n_items, 1) for k in sums}
     return (distributed.all_reduce_sum(local_sum, ctx) / max(n_items, 1),
-            int(distributed.all_reduce_sum(tokens, ctx)))
+            int(distributed.all_reduce_sum(tokens, ctx)), metrics)
 
 
 def _divergence(step: int, loss: float, state: RunState, lr: float, config: RunConfig,

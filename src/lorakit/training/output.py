@@ -73,8 +73,10 @@ class Output:
             self._bar = tqdm(total=total, initial=state.step, desc="train", unit="step", file=sys.stderr,
                              dynamic_ncols=True)
 
-    def trained(self, state: RunState, tokens: int, loss: float, lr: float, grad_norm: float, logged: bool) -> None:
-        """One optimizer step done (state.step); `logged`: a metrics line and a progress update."""
+    def trained(self, state: RunState, tokens: int, loss: float, lr: float, grad_norm: float, logged: bool,
+                metrics: dict | None = None) -> None:
+        """One optimizer step done (state.step); `logged`: a metrics line and a progress update.
+        metrics: the objective's step metrics (DPO's rewards/..., trl's names), after the loop's own."""
         last, since = self._since[0], self._since[1] + tokens
         self._since = (last, since)
         if not logged:
@@ -82,13 +84,15 @@ class Output:
         now = state.train_seconds
         record = {"type": "train", "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": state.tokens, "tokens_per_s": since / max(now - last, 1e-9),
-                  "train_seconds": state.train_seconds}
+                  "train_seconds": state.train_seconds, **(metrics or {})}
         self.metrics.write(record)
         self._since = (now, 0)
         if self._bar is not None:
             self._bar.n = state.step
-            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                  refresh=False)
+            shown = {"acc": f"{metrics['rewards/accuracies']:.2f}",
+                     "margin": f"{metrics['rewards/margins']:.3f}"} if metrics and "rewards/margins" in metrics else {}
+            self._bar.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{lr:.2e}",
+                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             self._bar.refresh()
 
     def steps_end(self) -> None:
@@ -152,7 +156,8 @@ class Silent:
     def steps_begin(self, total: int, state: RunState) -> None:
         pass
 
-    def trained(self, state: RunState, tokens: int, loss: float, lr: float, grad_norm: float, logged: bool) -> None:
+    def trained(self, state: RunState, tokens: int, loss: float, lr: float, grad_norm: float, logged: bool,
+                metrics: dict | None = None) -> None:
         pass
 
     def steps_end(self) -> None:
@@ -171,12 +176,15 @@ def sink(main: bool, run_dir: Path, log=print, progress: bool = True) -> Output 
 
 
 def summary_line(metrics: dict) -> str:
-    """One evaluation in words: exact match, held-out loss and perplexity."""
+    """One evaluation in words: exact match, pair accuracy, held-out loss and perplexity."""
     parts = []
     if "exact_match" in metrics:
         parts.append(f"exact match {100 * metrics['exact_match']:.1f}%")
+    if "pair_accuracy" in metrics:
+        parts.append(f"pair accuracy {100 * metrics['pair_accuracy']:.1f}%")
     if "val_loss" in metrics:
-        parts.append(f"held-out loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.2f})")
+        parts.append(f"held-out loss {metrics['val_loss']:.4f}"
+                     + (f" (ppl {metrics['val_ppl']:.2f})" if "val_ppl" in metrics else ""))
     return ", ".join(parts) or "no held-out data"
 
 
@@ -184,6 +192,9 @@ def before_after_table(before: dict | None, after: dict) -> str:
     """The base model's and the trained model's held-out metrics side by side."""
     before = before or {}
     rows = [("held-out exact match", "exact_match", lambda v: f"{100 * v:.1f}%"),
+            ("held-out pair accuracy", "pair_accuracy", lambda v: f"{100 * v:.1f}%"),
+            ("held-out reward accuracy", "rewards/accuracies", lambda v: f"{100 * v:.1f}%"),
+            ("held-out reward margin", "rewards/margins", lambda v: _number(v, 4)),
             ("held-out loss", "val_loss", lambda v: _number(v, 4)),
             ("held-out perplexity", "val_ppl", lambda v: _number(v, 2))]
     cells = [("", "before", "after")]
