@@ -87,3 +87,73 @@ def test_a_checkpoint_that_does_not_fit_names_what_is_missing_and_unexpected(tmp
     with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\], "
                                          r"unexpected \['model.layers.0.mlp.extra.weight'\]"):
         loader.fill()
+
+
+# --- transformers' own checkpoint conversion: renamed keys, per-expert tensors fused -------------
+
+def _mixtral():
+    from test_architectures import tiny_model
+
+    return tiny_model("mixtral", seed=1)
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_mixtral_loads_layer_by_layer_from_either_expert_layout(tmp_path, tokens, layout):
+    """save_pretrained writes Mixtral's experts as transformers 4 did (block_sparse_moe.experts.N.w1/w2/
+    w3); the model holds them fused (mlp.experts.gate_up_proj (E, 2I, H), down_proj (E, H, I)).
+    Both layouts load, one layer at a time, exactly as from_pretrained loads them."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base = _mixtral()
+    base.save_pretrained(tmp_path)
+    keys = set(__import__("safetensors").safe_open(tmp_path / "model.safetensors", "pt").keys())
+    assert "model.layers.0.block_sparse_moe.experts.3.w3.weight" in keys  # transformers' legacy layout
+    if layout == "fused":
+        save_file({k: v.contiguous() for k, v in base.state_dict().items()}, tmp_path / "model.safetensors",
+                  metadata={"format": "pt"})
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+
+    loader = CheckpointLoader(tmp_path)
+    first, second = loader.model.model.layers
+    loader.fill(first)
+    assert first.mlp.experts.gate_up_proj.shape == (4, 128, 32) and not first.mlp.experts.gate_up_proj.is_meta
+    assert second.mlp.experts.gate_up_proj.is_meta  # the next layer's experts are not read yet
+    loader.fill(second)
+    loader.fill()
+    ours, theirs = loader.model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(loader.model.eval()(tokens).logits, reference(tokens).logits)
+
+
+def test_gpt_neox_head_is_read_from_embed_out(tmp_path, tokens):
+    from transformers import AutoModelForCausalLM
+    from test_architectures import tiny_model
+
+    tiny_model("gpt_neox").save_pretrained(tmp_path)
+    keys = set(__import__("safetensors").safe_open(tmp_path / "model.safetensors", "pt").keys())
+    assert "embed_out.weight" in keys and "lm_head.weight" not in keys
+    loader = CheckpointLoader(tmp_path, quantize="nf4")
+    loader.fill()
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loader.model.lm_head.weight, reference.embed_out.weight
+                       if hasattr(reference, "embed_out") else reference.lm_head.weight)
+
+
+def test_qlora_stores_expert_weights_in_nf4_as_they_are_read(tmp_path):
+    from lorakit.nf4 import NF4Weight, nf4_weights
+
+    _mixtral().save_pretrained(tmp_path)
+    loader = CheckpointLoader(tmp_path, quantize="nf4")
+    first = loader.model.model.layers[0]
+    loader.fill(first)
+    experts = first.mlp.experts
+    assert isinstance(experts.parametrizations.gate_up_proj[0], NF4Weight)
+    assert experts.parametrizations.gate_up_proj.original0.dtype == torch.uint8
+    assert not [n for n, _ in experts.named_parameters()]  # nothing of the experts trains or is float
+    loader.fill()
+    states = nf4_weights(loader.model)
+    assert sorted(n for n in states if "experts" in n) == [
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
+    assert states["model.layers.1.mlp.experts.down_proj"].shape == (4, 32, 64)

@@ -466,3 +466,40 @@ def test_from_bnb_tensors_names_missing_tensors():
     tensors["m.weight.absmax"] = tensors["m.weight.absmax"][:-1]
     with pytest.raises(ValueError, match=r"needs 256 packed bytes and 8 absmax values, got 256 and 7"):
         from_bnb_tensors(tensors, "m")
+
+
+# --- NF4 weights of any shape: mixture-of-experts weights (E, out, in) ---------------------------
+
+def test_an_expert_weight_in_nf4_computes_as_its_dequantization_and_costs_4_14_bits():
+    """NF4Weight (a parametrization) on a 3-D (E, out, in) weight: the module reads the
+    dequantized weight wherever it reads the parameter; the 4-bit state's bytes are
+    n/2 codes + n/64 absmax codes + 16 fp32 code values + ceil(n/64/256) fp32 DQ scales + the
+    256-entry fp32 DQ map + one fp32 offset."""
+    from lorakit.nf4 import NF4Weight, nf4_weights, quantize_parameter_
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    weight = torch.randn(4, 256, 512)
+    module.w = torch.nn.Parameter(weight.clone())
+    expected = dequantize(quantize_nf4(weight), torch.float32)
+    quantizer = quantize_parameter_(module, "w")
+    assert isinstance(quantizer, NF4Weight) and not list(module.parameters())
+    assert torch.equal(module.w, expected) and module.w.shape == (4, 256, 512)
+    state = nf4_weights(module)["w"]
+    n = 4 * 256 * 512
+    nbytes = sum(t.numel() * t.element_size() for t in state.tensors())
+    assert nbytes == n // 2 + n // 64 + 16 * 4 + (n // 64 // 256) * 4 + 256 * 4 + 4 == 271_556
+    assert 4.14 < 8 * nbytes / n < 4.15
+    # without DQ, expert e's slice is exactly what an NF4Linear makes of W[e] (out * in: whole 64-blocks)
+    plain = torch.nn.Module()
+    plain.w = torch.nn.Parameter(weight.clone())
+    quantize_parameter_(plain, "w", double_quant=False)
+    linear = torch.nn.Linear(512, 256, bias=False)
+    linear.weight.data.copy_(weight[2])
+    assert torch.equal(plain.w[2], NF4Linear.from_linear(linear, double_quant=False).dequantize_weight())
+    x = torch.randn(3, 512, requires_grad=True)
+    y = x @ module.w[2].T
+    y.sum().backward()
+    assert x.grad is not None  # gradients reach the input; the frozen weight has none to take
+    module.to(torch.bfloat16)  # a dtype cast leaves the 4-bit state's float32 tensors alone
+    assert quantizer.weight_absmax.dtype == torch.uint8 and quantizer.weight_nested_absmax.dtype == torch.float32
