@@ -185,3 +185,19 @@ def test_method_is_the_one_place_the_4bit_decision_lives():
             RunConfig.from_dict({"method": method, "model": {"quantize": "nf4"}})
     with pytest.raises(ConfigError, match=r"model.quantize='fp4': model.quantize is implied by the method"):
         RunConfig.from_dict({}, ["method=qlora", "model.quantize=fp4"])
+
+
+def test_variant_rules_between_method_and_adapters():
+    from lorakit.config import RunConfig
+
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict({"method": "full", "train": {"loraplus_ratio": 16}})
+    assert e.value.problems == ["train.loraplus_ratio=16 with method=full: LoRA+ sets the learning rate of LoRA's "
+                                "B matrices, which full fine-tuning does not have; leave it unset"]
+    for init in ("pissa", "olora"):
+        with pytest.raises(ConfigError, match=rf"lora.init='{init}' with method=qlora: .* use method=lora, or "
+                                              r"lora.init=loftq"):
+            RunConfig.from_dict({"method": "qlora", "lora": {"init": init}})
+    with pytest.raises(ConfigError, match=r"lora.init='loftq' with method=lora: .* use method=qlora"):
+        RunConfig.from_dict({"lora": {"init": "loftq"}})
+    assert RunConfig.from_dict({"method": "qlora", "lora": {"init": "loftq"}, "train": {"loraplus_ratio": 16}})

@@ -16,9 +16,9 @@ LAYERS = [
     # the run's vocabulary and its data
     {"config", "data", "preference_data"},
     # the math core
-    {"dropout", "fused", "layer", "loss", "nf4", "surgery"},
+    {"dropout", "fused", "layer", "loss", "nf4", "surgery", "initialisation"},
     # adapters on models, their files, loading models
-    {"inject", "adapter_io", "models", "merge_check"},
+    {"inject", "adapter_io", "models", "merge_check", "optim"},
     # the places adapters go: transformers' Trainer, GGUF, serving engines; the planner
     {"hf_trainer", "gguf_export", "serving", "planner"},
     # running: processes, watching a run, the training loop

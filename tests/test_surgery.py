@@ -89,10 +89,11 @@ def test_unwrapped_modules_see_the_base_model_through_adapters():
     after = list(unwrapped_modules(base))
     assert [(name, type(module)) for name, module in after] == before
     assert dict(after)["model.layers.1.self_attn.q_proj"] is q_proj
-    # what the walk skips: each of the 4 LoRA wrappers holds its base_layer and three ModuleDicts
-    # (lora_A, lora_B, lora_dropout) of one entry each, 7 modules; the modules_to_save wrapper holds
-    # original_module, a ModuleDict and the trained copy, 3
-    assert len(list(base.named_modules())) == len(before) + 4 * 7 + 3
+    # what the walk skips: each of the 4 LoRA wrappers holds its base_layer, three ModuleDicts
+    # (lora_A, lora_B, lora_dropout) of one entry each and DoRA's (empty) lora_magnitude_vector
+    # ParameterDict, 8 modules; the modules_to_save wrapper holds original_module, a ModuleDict and
+    # the trained copy, 3
+    assert len(list(base.named_modules())) == len(before) + 4 * 8 + 3
 
 
 def test_replace_module_puts_the_new_module_in_its_parent(tokens):

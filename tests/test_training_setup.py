@@ -135,3 +135,28 @@ def test_generate_stops_at_end_of_turn_and_strips_special_tokens():
 
     assert generate(Model(), tok, ["Q?"], None, batch_size=4) == ["ab"]
     assert Model.seen["eos_token_id"] == [tok.eos_token_id] and Model.seen["max_new_tokens"] == 12
+
+
+def test_loftq_run_quantizes_every_linear_but_the_head_and_loraplus_sets_the_groups(tmp_path):
+    # method qlora + lora.init loftq: the base is read in full precision, the layers LoftQ does not
+    # adapt are made NF4 as QLoRA's loader would, and LoftQ quantizes the adapted ones itself
+    from conftest import tiny_llama
+
+    from lorakit.config import RunConfig
+    from lorakit.layer import LoraLinear
+    from lorakit.nf4 import NF4Linear
+    from lorakit.training.setup import load_base, optimizer_and_schedule, prepare_model
+
+    tiny_llama(hidden=64).save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    config = RunConfig.from_dict({"method": "qlora", "model": {"path": str(tmp_path)},
+                                  "lora": {"init": "loftq", "targets": ["q_proj", "v_proj"], "r": 4},
+                                  "train": {"loraplus_ratio": 16, "lr": 1e-3}})
+    model = prepare_model(load_base(config)[0], config)
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    assert sorted(adapted) == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert all(isinstance(model.get_submodule(n).base_layer, NF4Linear) for n in adapted)
+    frozen = [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]
+    assert len(frozen) == 2 * 7 and type(model.lm_head) is torch.nn.Linear
+    _, optimizer, _ = optimizer_and_schedule(model, config)
+    assert [(len(g["params"]), g["initial_lr"]) for g in optimizer.param_groups] == [(4, 1e-3), (4, 16e-3)]

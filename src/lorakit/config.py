@@ -514,6 +514,17 @@ class RunConfig:
             out.append("train.lr=0: must be > 0")
         if _is_number(t.loraplus_ratio) and t.loraplus_ratio <= 0:
             out.append(f"train.loraplus_ratio={t.loraplus_ratio}: must be > 0 (typical: 16), or null for off")
+        if self.method == "full" and t.loraplus_ratio is not None:
+            out.append(f"train.loraplus_ratio={t.loraplus_ratio} with method=full: LoRA+ sets the learning rate "
+                       "of LoRA's B matrices, which full fine-tuning does not have; leave it unset")
+        if self.method == "qlora" and self.lora.init in ("pissa", "olora"):
+            out.append(f"lora.init={self.lora.init!r} with method=qlora: it moves the principal part of each "
+                       "weight into the adapter, and the 4-bit residual plus the initial adapter is not the 4-bit "
+                       "original, so the saved adapter could not reproduce the trained model; use method=lora, "
+                       "or lora.init=loftq (made for a 4-bit base)")
+        if self.method != "qlora" and self.lora.init == "loftq":
+            out.append(f"lora.init='loftq' with method={self.method}: LoftQ initialises the adapters of a 4-bit "
+                       "base; use method=qlora")
         if _is_number(d.validation_fraction) and not 0 <= d.validation_fraction < 1:
             out.append(f"data.validation_fraction={d.validation_fraction}: must be in [0, 1)")
         for key in ("train", "test", "validation"):

@@ -14,7 +14,8 @@ from ..config import BUILTIN_PREFIX, MAX_LENGTH_AUTO_CAP, ConfigError, RunConfig
 from ..data import (HF_PREFIX, DataError, Dataset, auto_max_length, build_dataset, derive_max_new_tokens, map_columns,
                     pack, read_data, split_validation)
 from ..dtypes import to_torch
-from ..inject import add_lora
+from ..inject import add_lora, resolve_targets
+from ..optim import parameter_groups
 
 
 @dataclass
@@ -35,6 +36,14 @@ def load_base(config: RunConfig, lazy: bool = False):
     from ..models import CheckpointLoader, load_model, load_tokenizer, resolve_model_dir
 
     dtype, quantize = to_torch(config.model.dtype), config.quantize
+    if config.method == "qlora" and config.lora.init == "loftq":
+        # LoftQ quantizes the layers it adapts itself, from their full-precision weights
+        # (prepare_model); the base is read in full precision first
+        if lazy:
+            raise ValueError("lora.init=loftq needs every adapted weight in full precision on one process to "
+                             "quantize it, but train.strategy=fsdp loads the base part by part: use "
+                             "train.strategy=ddp (or one process), or another lora.init")
+        quantize = None
     if lazy:
         path = resolve_model_dir(config.model.path)
         loader = CheckpointLoader(path, dtype, quantize)
@@ -50,13 +59,27 @@ def prepare_model(model: torch.nn.Module, config: RunConfig) -> torch.nn.Module:
     if config.method == "full":
         model.requires_grad_(True)
     else:
-        add_lora(model, config.lora.lora_config(base_model=config.model.path or DEFAULT_MODEL))
+        lora = config.lora.lora_config(base_model=config.model.path or DEFAULT_MODEL)
+        if config.method == "qlora" and lora.init == "loftq":
+            _quantize_all_but(model, set(resolve_targets(model, lora)), to_torch(config.model.dtype))
+        add_lora(model, lora)
     if config.train.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
         model.config.use_cache = False
         if config.method != "full":
             model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
     return model
+
+
+def _quantize_all_but(model: torch.nn.Module, adapted: set[str], compute_dtype: torch.dtype) -> None:
+    """QLoRA's 4-bit base for the layers LoftQ leaves alone (those it adapts it quantizes itself):
+    every linear but the output head, and mixture-of-experts weights, as models.load_model does."""
+    from ..nf4 import quantize_linears, quantize_parameter_
+    from ..surgery import expert_parameters, output_head_names
+
+    quantize_linears(model, compute_dtype, skip=adapted | output_head_names(model))
+    for module, leaf in expert_parameters(model):
+        quantize_parameter_(model.get_submodule(module), leaf, compute_dtype)
 
 
 def prepare(config: RunConfig, tokenizer, data: tuple, ctx: distributed.Context):
@@ -228,7 +251,6 @@ def check_rank(model: torch.nn.Module, config: RunConfig, device: torch.device, 
     capacity: a warning. Adapters that cannot fit the device's memory at all are an error, instead
     of an allocation failure after the base has loaded.
     """
-    from ..inject import resolve_targets
     from ..planner import GiB
 
     if config.method == "full":
@@ -285,8 +307,8 @@ def optimizer_and_schedule(model: torch.nn.Module, config: RunConfig):
     t = config.train
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for the whole update (0.26x the time of foreach on the adapters,
-    # bench/README.md); FSDP's DTensor shards take the foreach path
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
+    # bench/README.md); FSDP's DTensor shards take the foreach path. LoRA+: B at lr x ratio.
+    optimizer = torch.optim.AdamW(parameter_groups(model, t.lr, t.weight_decay, t.loraplus_ratio),
                                   **({"foreach": True} if distributed.sharded(model) else {"fused": True}))
     return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
