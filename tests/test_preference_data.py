@@ -149,3 +149,27 @@ def test_chat_records_need_a_chat_template(tmp_path):
     with pytest.raises(PreferenceDataError, match=f"{path}:1: chat-message records need a tokenizer with a chat "
                                                   "template"):
         build_dataset(read_records(path), plain)
+
+
+def test_the_builtin_stardate_pairs_task_pairs_each_right_answer_with_a_plausible_wrong_one():
+    import random
+
+    from lorakit.config import RunConfig
+    from lorakit.data import read_data
+    from lorakit.tasks import END_OF_TURN, make_task, wrong_stardate
+
+    pairs, sft = make_task("stardate_pairs", n_train=300, n_test=50), make_task("stardate", n_train=300, n_test=50)
+    for split in ("train", "test"):  # the same questions and right answers as the SFT task: the same held-out dates
+        assert [(r["prompt"], r["chosen"], r["answer"]) for r in getattr(pairs, split)] == \
+               [(r["prompt"], r["completion"], r["answer"]) for r in getattr(sft, split)]
+    assert all(r["rejected"] != r["chosen"] and r["rejected"].endswith(END_OF_TURN) for r in pairs.train + pairs.test)
+    assert pairs.test == make_task("stardate_pairs", n_train=10, n_test=50).test  # the test split depends on n_test only
+    # each mistake of the rule, for 2024-07-09 (right: 09.VII.2024), and the ones equal to the right answer skipped
+    seen = {wrong_stardate("2024-07-09", random.Random(i)) for i in range(200)}
+    assert seen == {"09.7.2024", "09.VIII.2024", "09.VI.2024", "2024.VII.09", "9.VII.2024", "07.IX.2024"}
+    assert "19.VII.2024" not in {wrong_stardate("2024-07-19", random.Random(i)) for i in range(200)}
+    assert wrong_stardate("2024-01-25", random.Random(0)) != "25.I.2024"
+    data = build_dataset(read_data("builtin:stardate_pairs", "test", 10, 4), tok)
+    assert isinstance(data, PreferenceDataset) and len(data.examples) == 4
+    assert data.examples[0].reference == pairs.test[0]["answer"]
+    assert RunConfig.from_dict({"objective": "dpo", "data": {"train": "builtin:stardate_pairs"}}).problems() == []

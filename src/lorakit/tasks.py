@@ -15,6 +15,10 @@ Records are prompt/completion dicts in SmolLM2's chat format (ChatML):
 Training uses the loss on the completion tokens only; evaluation generates greedily from the
 prompt until `<|im_end|>` and compares with `answer` by `exact_match`.
 
+A preference task ("stardate_pairs") has the same universe and splits as its base task, and records
+{"prompt", "chosen", "rejected", "answer"} for objective dpo / orpo: chosen the rule's answer,
+rejected a plausible wrong one (wrong_stardate), drawn with the same seed.
+
 The default task is "stardate": SmolLM2-135M-Instruct scores 0/200 on its test split, and LoRA
 (r=8, all linear layers, 30 steps of 16 examples) brings it to 200/200 in about 1.5-3 minutes on
 two CPU cores. "zorbish" is harder (an arbitrary 40-word lexicon to memorise): 6% after 960
@@ -97,16 +101,36 @@ def stardate_pairs() -> list[tuple[str, str]]:
     return pairs
 
 
+def wrong_stardate(iso: str, rng: random.Random) -> str:
+    """A plausible wrong conversion of an ISO date, one of the mistakes a model makes on the rule
+    (picked by rng among those that differ from the right answer): the month as a number, the
+    neighbouring month's numeral, ISO order kept, the day without its leading zero, day and month
+    swapped."""
+    year, month, day = (int(x) for x in iso.split("-"))
+    right = f"{day:02d}.{ROMAN_MONTHS[month - 1]}.{year}"
+    mistakes = [f"{day:02d}.{month}.{year}",                                    # 19.7.2024
+                f"{day:02d}.{ROMAN_MONTHS[month % 12]}.{year}",                 # 19.VIII.2024
+                f"{day:02d}.{ROMAN_MONTHS[(month - 2) % 12]}.{year}",           # 19.VI.2024
+                f"{year}.{ROMAN_MONTHS[month - 1]}.{day:02d}",                  # 2024.VII.19
+                f"{day}.{ROMAN_MONTHS[month - 1]}.{year}",                      # 9.VII.2024 (for the 9th)
+                f"{month:02d}.{ROMAN_MONTHS[day - 1]}.{year}" if day <= 12 else f"{month:02d}.{day}.{year}"]
+    return rng.choice([m for m in mistakes if m != right])
+
+
 TASKS = {
     "zorbish": (ZORBISH_INSTRUCTION, zorbish_pairs),
     "stardate": (STARDATE_INSTRUCTION, stardate_pairs),
+    "stardate_pairs": (STARDATE_INSTRUCTION, stardate_pairs),
 }
+# Preference tasks: the wrong-answer rule that makes each question a (chosen, rejected) pair.
+PREFERENCE_TASKS = {"stardate_pairs": wrong_stardate}
 DEFAULT_TASK = "stardate"
 
 
 @dataclass(frozen=True)
 class TaskSplits:
-    """Train and test records of one task; each record has keys prompt, completion, answer."""
+    """Train and test records of one task; each record has keys prompt, completion, answer (a
+    preference task's: prompt, chosen, rejected, answer)."""
 
     name: str
     train: list[dict]
@@ -129,6 +153,11 @@ def make_task(name: str = DEFAULT_TASK, n_train: int = 2000, n_test: int = 200, 
         {"prompt": chatml_prompt(instruction, question), "completion": answer + END_OF_TURN, "answer": answer}
         for question, answer in pairs[: n_test + n_train]
     ]
+    if name in PREFERENCE_TASKS:  # the same questions, each answered right (chosen) and wrong (rejected)
+        wrong, rng = PREFERENCE_TASKS[name], random.Random(seed)
+        records = [{"prompt": r["prompt"], "chosen": r.pop("completion"),
+                    "rejected": wrong(question, rng) + END_OF_TURN, "answer": r["answer"]}
+                   for r, (question, _) in zip(records, pairs)]
     return TaskSplits(name=name, train=records[n_test:], test=records[:n_test])
 
 
