@@ -88,7 +88,7 @@ def test_zorbish_rule_and_every_test_word_is_taught_in_training():
 
 
 def test_make_task_errors_name_the_rule():
-    with pytest.raises(ValueError, match="unknown task 'dates'; built-in tasks: stardate, zorbish"):
+    with pytest.raises(ValueError, match="unknown task 'dates'; built-in tasks: stardate, stardate_pairs, zorbish"):
         make_task("dates")
     with pytest.raises(ValueError, match="has 2304 examples; n_train=2200 \\+ n_test=200"):
         make_task("zorbish", n_train=2200, n_test=200)
