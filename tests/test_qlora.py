@@ -69,6 +69,41 @@ def test_training_steps_change_only_adapters(tokens):
     assert report.adapted == sum(m.in_features * m.out_features for m in q.modules() if isinstance(m, NF4Linear))
 
 
+
+def qlora_loss_and_grads(tokens, checkpointing: bool, dropout: float, dora: bool, fused: bool):
+    """Loss and adapter gradients of one QLoRA forward/backward in training mode, optionally
+    with non-reentrant activation checkpointing (what train.gradient_checkpointing turns on)."""
+    from lorakit.layer import LoraLinear
+
+    q, _ = quantized_and_dequantized()
+    add_lora(q, LoraConfig(r=4, alpha=8, dropout=dropout, targets="all-linear", dora=dora))
+    randomize_adapters(q)
+    for module in q.modules():
+        if isinstance(module, LoraLinear):
+            module.fused = fused
+    q.train()
+    if checkpointing:
+        q.activation_checkpointing_enable({"use_reentrant": False})
+    torch.manual_seed(7)  # the dropout sample; checkpointing restores the RNG state for its recompute
+    loss = q(tokens, labels=tokens, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in q.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout, dora, fused", [(0.0, False, True), (0.1, False, True), (0.0, True, True),
+                                                  (0.1, False, False)])
+def test_qlora_with_activation_checkpointing_equals_without(tokens, dropout, dora, fused):
+    # Non-reentrant checkpointing lets backward unpack each saved tensor once; the 4-bit linear's
+    # backward used to unpack its saved state twice (CheckpointError: "Unpack is being triggered
+    # for a tensor that was already unpacked once").
+    loss, grads = qlora_loss_and_grads(tokens, False, dropout, dora, fused)
+    loss_ckpt, grads_ckpt = qlora_loss_and_grads(tokens, True, dropout, dora, fused)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
+    assert len(grads) == len(grads_ckpt) == 14 * (3 if dora else 2)  # A, B (and m) of 14 layers
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=0, atol=1e-6, msg=name)
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
 def test_merge_into_a_16_32_bit_model_matches_the_adapter(tokens, dtype, tol):
     q, _ = quantized_and_dequantized()

@@ -574,17 +574,22 @@ class _DequantizeLinear(torch.autograd.Function):
         # save_for_backward, so saved-tensor hooks (offloading, checks) see exactly these.
         ctx.skeleton = replace(state, **dict.fromkeys(_TENSOR_FIELDS))
         ctx.save_for_backward(*state_tensors)
+        ctx.n_state = len(state_tensors)  # backward's count of None gradients, without unpacking
         w = dequantize(state, x.dtype)  # (out, in), freed when forward returns
         return x @ w.t()  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):
+        no_grads = [None] * ctx.n_state  # the state tensors: frozen
         if not ctx.needs_input_grad[0]:
-            return (None, None, *([None] * len(ctx.saved_tensors)))
+            return (None, None, *no_grads)
+        # ctx.saved_tensors is read exactly once: each read unpacks every saved tensor, and
+        # non-reentrant activation checkpointing (torch.utils.checkpoint, use_reentrant=False)
+        # recomputes a tensor for its first unpack and refuses a second one (CheckpointError).
         state = _rebuild_state(ctx.skeleton, ctx.saved_tensors)
         w = dequantize(state, grad_out.dtype)  # (out, in)
         grad_x = grad_out @ w  # (..., out) @ (out, in) -> (..., in)
-        return (grad_x, None, *([None] * len(ctx.saved_tensors)))
+        return (grad_x, None, *no_grads)
 
 
 def _rebuild_state(skeleton: NF4State, tensors: tuple[torch.Tensor, ...]) -> NF4State:
