@@ -101,6 +101,50 @@ def test_trainer_resume_gives_the_uninterrupted_losses(tmp_path):
         torch.testing.assert_close(value, final[key], rtol=0, atol=1e-6)
 
 
+
+def test_pissa_checkpoints_hold_the_trained_adapter_and_save_model_the_one_for_the_original_base(tmp_path, tokens):
+    """Checkpoints (what Trainer resumes from) hold the adapter as trained, rank r on the residual
+    base; save_model writes it converted for the original base (rank 2r), the one to ship."""
+    import json
+
+    from lorakit.adapter_io import read_adapter_tensors
+
+    pissa = CONFIG.replace(init="pissa")
+    out = tmp_path / "run"
+    model = lora_model(config=pissa)
+    uninterrupted = Trainer(model=model, args=arguments(out), train_dataset=token_dataset())
+    uninterrupted.train()
+    expected = losses(uninterrupted)
+    assert sorted(expected) == [1, 2, 3, 4]
+    for step in (2, 4):
+        saved = json.loads((out / f"checkpoint-{step}" / "adapter_config.json").read_text())
+        assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"]) == (4, 8, "pissa")
+    save_adapter(model, tmp_path / "as_trained", original_base=False)
+    assert (out / "checkpoint-4/adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "as_trained/adapter_model.safetensors").read_bytes()
+
+    trained = logits(model, tokens)
+    uninterrupted.save_model(tmp_path / "final")
+    final = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert (final["r"], final["lora_alpha"], final["init_lora_weights"]) == (8, 16, True)
+    a = read_adapter_tensors(tmp_path / "final")["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert a.shape == (8, 32)
+    # applies to the original base (not the residual one the model trained on)
+    torch.testing.assert_close(logits(load_adapter(tiny_llama(), tmp_path / "final"), tokens), trained,
+                               rtol=0, atol=1e-5)
+
+    shutil.rmtree(out / "checkpoint-4")  # as if killed during step 3
+    resumed_model = lora_model(seed=7, config=pissa)
+    resumed = Trainer(model=resumed_model, args=arguments(out), train_dataset=token_dataset())
+    resumed.train(resume_from_checkpoint=True)
+    got = losses(resumed)
+    assert sorted(got) == [1, 2, 3, 4] and resumed.state.global_step == 4
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    state = model.state_dict()
+    for key, value in resumed_model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=1e-6)
+
 def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     from lorakit.adapter_io import adapter_state_dict, read_adapter_tensors
 

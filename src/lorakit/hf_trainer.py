@@ -14,6 +14,15 @@ adapter in PEFT's layout with adapter_io.save_adapter: "default" in `dir`, any o
 class's method again, writing the full model. transformers' own adapter hook (the
 `_hf_peft_config_loaded` path of save_pretrained) was not used: it calls into peft.
 
+Checkpoints vs the final save. A PiSSA/OLoRA adapter trains on a rewritten (residual) base; the
+adapter to ship is converted for the original base (rank 2r, adapter_io.save_adapter's
+original_base=True), and that is what save_model, model.save_pretrained and model.push_to_hub
+write. A checkpoint is what Trainer resumes from: it holds the adapter as trained (rank r, its init
+in adapter_config.json), which load_adapter_checkpoint copies back into a model given the same
+add_lora. Both reach save_pretrained through Trainer.save_model, so lorakit wraps the methods that
+write checkpoints (Trainer._save_checkpoint, _tune_save_checkpoint): inside them save_pretrained
+writes the adapter as trained. For other initialisations both are the same file.
+
 Resuming. Trainer reloads a checkpoint's weights in `Trainer._load_from_checkpoint` and
 `_load_best_model`, which know full weights and peft's PeftModel, and transformers offers no hook
 there: a checkpoint holding only an adapter fails with "Can't find a checkpoint index". So lorakit
@@ -34,6 +43,7 @@ usual and the loss is transformers' own on them.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib.abc
 import importlib.util
@@ -50,6 +60,8 @@ from .inject import adapter_configs, when_first_adapter_added
 from .loss import CHUNKED_LOSS_MODEL_TYPES, DEFAULT_CHUNK_SIZE, causal_lm_loss, supports_chunked_loss
 
 DEFAULT_ADAPTER = "default"  # saved at the top of the directory; other adapters in a subdirectory
+# True while Trainer writes a checkpoint (wrap_trainer): save_pretrained then writes adapters as trained.
+_WRITING_CHECKPOINT = contextvars.ContextVar("lorakit_writing_checkpoint", default=False)
 
 
 def attach(model: nn.Module) -> None:
@@ -73,10 +85,14 @@ def adapter_directory(directory: str | os.PathLike, name: str) -> Path:
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
-                    state_dict: dict | None = None, push_to_hub: bool = False, **kwargs) -> None:
+                    state_dict: dict | None = None, push_to_hub: bool = False, original_base: bool | None = None,
+                    **kwargs) -> None:
     """transformers' save_pretrained for a model with lorakit adapters: every adapter, in PEFT's
     layout (adapter_config.json + adapter_model.safetensors), and nothing of the frozen base.
 
+    original_base: a PiSSA/OLoRA adapter converted for the original base (rank 2r), or (False) as
+    trained, to resume from. None (the default): as trained inside a Trainer checkpoint, else
+    converted (see the module docstring).
     `state_dict` (Trainer passes one under model or data parallelism) must hold the adapters'
     current values; max_shard_size, safe_serialization and token do not apply to an adapter.
     """
@@ -100,8 +116,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
         return None
     if state_dict is not None:
         _check_state_dict_matches(model, state_dict)
+    if original_base is None:
+        original_base = not _WRITING_CHECKPOINT.get()
     for name in configs:
-        save_adapter(model, adapter_directory(save_directory, name), name)
+        save_adapter(model, adapter_directory(save_directory, name), name, original_base=original_base)
     return None
 
 
@@ -125,8 +143,8 @@ def _check_state_dict_matches(model: nn.Module, state_dict: dict) -> None:
 
 
 def load_adapter_checkpoint(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Copy the adapters saved by save_pretrained in `directory` into the model's adapters of the same
-    names. The model must carry the same adapters (same configs: add_lora as for the saved run);
+    """Copy the adapters saved by save_pretrained in `directory` (a Trainer checkpoint: adapters as
+    trained) into the model's adapters of the same names. The model must carry the same adapters (same configs: add_lora as for the saved run);
     a missing file, another config, a missing or unexpected tensor or a shape mismatch is a
     ValueError, raised before any adapter of the model is changed."""
     configs = adapter_configs(model)
@@ -178,9 +196,25 @@ class AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def writes_checkpoints(method):
+    """`method` (a Trainer method that writes a checkpoint) with save_pretrained writing adapters as
+    trained while it runs."""
+
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        token = _WRITING_CHECKPOINT.set(True)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _WRITING_CHECKPOINT.reset(token)
+
+    return wrapped
+
+
 def wrap_trainer() -> None:
-    """Wrap transformers' Trainer._load_from_checkpoint and _load_best_model (see the module
-    docstring), once: now if transformers.trainer is imported, else when it is."""
+    """Wrap transformers' Trainer._load_from_checkpoint and _load_best_model, and the methods that
+    write checkpoints (_save_checkpoint, _tune_save_checkpoint; see the module docstring), once:
+    now if transformers.trainer is imported, else when it is."""
     module = sys.modules.get("transformers.trainer")
     if module is None:
         if not any(isinstance(f, AfterImport) and f.name == "transformers.trainer" for f in sys.meta_path):
@@ -212,6 +246,9 @@ def wrap_trainer() -> None:
 
     trainer._load_from_checkpoint = _load_from_checkpoint
     trainer._load_best_model = _load_best_model
+    for name in ("_save_checkpoint", "_tune_save_checkpoint"):
+        if hasattr(trainer, name):
+            setattr(trainer, name, writes_checkpoints(getattr(trainer, name)))
     trainer._lorakit_resumes_adapters = True
 
 
