@@ -413,6 +413,66 @@ def test_adapter_only_refuses_what_llama_cpp_cannot_apply():
         "linear layers of the attention and MLP (export the merged model instead)")
 
 
+
+def dora_adapted(vocab):
+    """A tiny Llama with an all-linear DoRA adapter whose B and magnitudes are random, so that both
+    the low-rank update and the rescaling g = m / ||W + ΔW|| change the logits."""
+    from lorakit.inject import lora_layers
+
+    model = adapted(tiny("llama", vocab), dora=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            m = layer.lora_magnitude_vector["default"]
+            m.mul_(1 + 0.3 * torch.rand(m.shape, generator=g))
+    return model
+
+
+def test_adapter_only_refuses_dora_and_names_the_merged_export():
+    from lorakit.gguf_export import adapter_tensors
+
+    with pytest.raises(ValueError) as e:
+        adapter_tensors(dora_adapted(96))
+    assert str(e.value) == (
+        "this adapter cannot be written as a llama.cpp LoRA adapter: DoRA on 14 modules (model.layers.0.self_attn."
+        "q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj, ...): llama.cpp's LoRA GGUF has "
+        "no magnitude vector, so DoRA's m would be dropped. Supported: LoRA on linear layers of the attention and "
+        "MLP (export the merged model instead)")
+
+
+def test_merged_dora_export_holds_the_merged_weights_and_llama_cpp_runs_it(tmp_path):
+    import copy
+
+    import gguf
+
+    from lorakit import merge_and_unload
+    from lorakit.gguf_export import model_tensors
+    from lorakit.inject import lora_layers
+
+    tokenizer = bpe_tokenizer()
+    model = dora_adapted(len(tokenizer))
+    ids = ids_of(tokenizer)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+        plain_lora = copy.deepcopy(model)  # the same A and B without the magnitudes: what dropping m gives
+        for _, layer in lora_layers(plain_lora):
+            layer.lora_magnitude_vector.pop("default")
+        assert (plain_lora(torch.tensor([ids])).logits[0] - expected).abs().max() > 0.1
+    merged = merge_and_unload(copy.deepcopy(model), dtype=torch.float32)
+    reference = {t.name: t.data for t in model_tensors(merged, "f32")}
+
+    path, check = export_merged(model, tokenizer, tmp_path / "dora.gguf", "f32")
+    assert check.max_abs < 1e-4 and check.top1 == 1.0
+    written = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+    assert written.keys() == reference.keys() and len(written) == 2 * 9 + 3  # 9 tensors per block
+    for name, data in reference.items():
+        assert np.array_equal(written[name].reshape(data.shape), data), name
+
+    llm = open_llama(path)
+    got = cpp_logits(llm, ids)
+    llm.close()
+    assert (got - expected).abs().max().item() < 1e-4, (got - expected).abs().max().item()
+
 # --- the real default model (SmolLM2-135M-Instruct) --------------------------------------------------
 
 def smollm2_adapted():

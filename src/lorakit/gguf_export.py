@@ -351,6 +351,10 @@ def model_metadata(config, tokenizer, quant: str, name: str):
 def adapter_tensors(model: nn.Module, quant: str = "f32") -> tuple[list[GGUFTensor], float]:
     """(tensors, alpha) of the active LoRA adapter as a llama.cpp LoRA adapter.
 
+    Refused (ValueError, suggesting the merged export): embedding adapters, modules_to_save,
+    Conv1D layers, several active adapters, LoRA on a tied head, and DoRA (llama.cpp's LoRA GGUF
+    holds A and B only; the merged export merges DoRA's W' = m ⊙ (W + ΔW) / ||W + ΔW||).
+
     llama.cpp adds scale · B A with scale = alpha / r, r read from each B (ne0 = r). lora_a is
     PEFT's A as it is ((r, in): ne = [in, r]); lora_b is B ((out, r): ne = [r, out]) with the rows
     of q/k projections reordered as the base weights are. When every module has the same
@@ -379,6 +383,10 @@ def adapter_tensors(model: nn.Module, quant: str = "f32") -> tuple[list[GGUFTens
             problems.append(f"{module_name}: a Conv1D layer")
         else:
             layers.append((module_name, layer, live[0]))
+    dora = [n for n, layer, a in layers if a in layer.lora_magnitude_vector]
+    if dora:  # llama.cpp adds scale · B A and nothing else: it would silently run plain LoRA
+        problems.append(f"DoRA on {len(dora)} modules ({', '.join(dora[:3])}{', ...' if len(dora) > 3 else ''}): "
+                        "llama.cpp's LoRA GGUF has no magnitude vector, so DoRA's m would be dropped")
     if getattr(config, "tie_word_embeddings", False):
         head = output_head_names(model)
         problems += [f"{n}: LoRA on a tied output head (the base GGUF has no output.weight)"
