@@ -236,3 +236,50 @@ def test_targets_and_modules_to_save_that_match_nothing_are_refused_naming_them(
         resolve_targets(tiny_llama(), LoraConfig(targets=["nope"], modules_to_save=["head"]))
     with pytest.raises(ValueError, match=r"^modules_to_save \['head'\] match no module; leaf modules here: "):
         add_lora(tiny_llama(), LoraConfig(targets=["q_proj"], modules_to_save=["head"]))
+
+
+# --- mixture-of-experts models (transformers 5: experts are 3-D parameters, not nn.Linear) ---------
+
+MIXTRAL_PARAMETERS = 61_856  # the tiny Mixtral's float parameters
+MIXTRAL_EXPERT_WEIGHTS = 2 * (4 * 128 * 32 + 4 * 32 * 64)  # 2 layers x (gate_up_proj + down_proj), 4 experts
+
+
+def tiny_mixtral():
+    from test_architectures import tiny_model
+
+    return tiny_model("mixtral")
+
+
+def qlora_mixtral():
+    """The tiny Mixtral as QLoRA stores it (training.setup's way): its linear layers (head excepted)
+    as NF4Linear, its expert weights as NF4Weight parametrizations."""
+    from lorakit.nf4 import quantize_linears, quantize_parameter_
+    from lorakit.surgery import expert_parameters
+
+    model = quantize_linears(tiny_mixtral(), skip={"lm_head"})
+    for module, leaf in expert_parameters(model):
+        quantize_parameter_(model.get_submodule(module), leaf)
+    return model
+
+
+def test_all_linear_on_a_mixture_of_experts_model_warns_about_the_experts_left_out():
+    import warnings
+
+    model = tiny_mixtral()
+    with pytest.warns(UserWarning) as record:
+        add_lora(model, LoraConfig(r=4, targets="all-linear"))
+    moe = [w for w in record if "mixture-of-experts" in str(w.message)]
+    assert [str(w.message) for w in moe] == [
+        "all-linear adapts the linear layers only; 4 mixture-of-experts weights are not adapted "
+        "(model.layers.0.mlp.experts.gate_up_proj, model.layers.0.mlp.experts.down_proj, "
+        "model.layers.1.mlp.experts.gate_up_proj, ...); LoRA on them needs target_parameters (peft's), "
+        "which lorakit does not support yet"]
+    assert moe[0].filename == __file__  # stacklevel: the caller of add_lora
+    with pytest.warns(UserWarning, match=r"; 2 mixture-of-experts weights are not adapted \(model\.layers\.1\.mlp"
+                                         r"\.experts\.gate_up_proj, model\.layers\.1\.mlp\.experts\.down_proj\);"):
+        add_lora(tiny_mixtral(), LoraConfig(r=4, targets="all-linear", layers=[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dense model, or an explicit target list: no warning
+        add_lora(tiny_llama(), LoraConfig(r=4, targets="all-linear"))
+        add_lora(tiny_mixtral(), LoraConfig(r=4, targets=["q_proj"]))
+

@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .nf4 import NF4Linear
-from .surgery import layer_index, matches, output_head_names, replace_module, unwrapped_modules
+from .surgery import expert_parameters, layer_index, matches, output_head_names, replace_module, unwrapped_modules
 
 
 def _is_4bit(module: nn.Module) -> bool:
@@ -153,6 +153,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
         config = config.replace(targets=default_targets(model))
     targets = resolve_targets(model, config)
     if config.targets == ALL_LINEAR:
+        _warn_experts_left_out(model, config)
         # Other tools resolve "all-linear" their own way (peft also wraps MoE routers and experts):
         # the adapter's config, and so its saved adapter_config.json, names what is adapted here.
         config = config.replace(targets=target_list(model, config, targets))
@@ -196,6 +197,19 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
         for p in _adapter_parameters(model, name):
             p.requires_grad_(False)
     return model
+
+
+def _warn_experts_left_out(model: nn.Module, config: LoraConfig) -> None:
+    """all-linear adapts linear layers; a mixture-of-experts model (transformers 5) holds its experts
+    as 3-D parameters (surgery.expert_parameters), which it leaves out: say so, with how many."""
+    left_out = [f"{module}.{leaf}" for module, leaf in expert_parameters(model)
+                if (config.exclude is None or not matches(config.exclude, module))
+                and (config.layers is None or layer_index(module, config.layers_pattern) in config.layers)]
+    if left_out:
+        listed = ", ".join(left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+        warnings.warn(f"all-linear adapts the linear layers only; {len(left_out)} mixture-of-experts weights are "
+                      f"not adapted ({listed}); LoRA on them needs target_parameters (peft's), which lorakit "
+                      "does not support yet", stacklevel=3)
 
 
 def _check_bias_scope(configs: dict[str, LoraConfig], name: str, config: LoraConfig) -> None:
