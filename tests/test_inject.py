@@ -283,3 +283,16 @@ def test_all_linear_on_a_mixture_of_experts_model_warns_about_the_experts_left_o
         add_lora(tiny_llama(), LoraConfig(r=4, targets="all-linear"))
         add_lora(tiny_mixtral(), LoraConfig(r=4, targets=["q_proj"]))
 
+
+def test_qlora_mixture_of_experts_total_counts_the_nf4_expert_weights():
+    from lorakit.nf4 import nf4_weights
+
+    assert sum(p.numel() for p in tiny_mixtral().parameters()) == MIXTRAL_PARAMETERS
+    q = qlora_mixtral()
+    assert sum(s.numel for n, s in nf4_weights(q).items() if not n.endswith(".weight")) == MIXTRAL_EXPERT_WEIGHTS
+    assert trainable_parameters(q).total == MIXTRAL_PARAMETERS  # as the float model: 4-bit weights count unpacked
+    with pytest.warns(UserWarning, match="mixture-of-experts"):
+        add_lora(q, LoraConfig(r=4, targets="all-linear"))
+    report = trainable_parameters(q)
+    assert report.trainable == 2 * 4 * (64 + 48 + 48 + 64) == 1_792  # r (in + out) of q, k, v, o in 2 layers
+    assert report.total == MIXTRAL_PARAMETERS + 1_792

@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
-from .nf4 import NF4Linear
+from .nf4 import NF4Linear, nf4_weights
 from .surgery import expert_parameters, layer_index, matches, output_head_names, replace_module, unwrapped_modules
 
 
@@ -510,6 +510,8 @@ def _numel(module_or_param) -> int:
 
 
 def trainable_parameters(model: nn.Module) -> TrainableReport:
+    """What trains, against the whole model: `total` counts every weight, a 4-bit one (an NF4Linear's,
+    an NF4 mixture-of-experts weight) by its unpacked elements, so QLoRA's total is the float model's."""
     per_module: dict[str, int] = {}
     trainable = total = 0
     for pname, p in model.named_parameters():
@@ -518,10 +520,9 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
             trainable += p.numel()
             owner = pname.rsplit(".", 2)[0] if ".lora_" not in pname else pname.split(".lora_")[0]
             per_module[owner] = per_module.get(owner, 0) + p.numel()
+    total += sum(state.numel for state in nf4_weights(model).values())  # packed weights are buffers
     adapted = 0
     for _, module in model.named_modules():
-        if _is_4bit(module):
-            total += _numel(module)  # its packed weight is a buffer, not a parameter
         if isinstance(module, LoraLayer) and module.active_adapters:
             base = module.base_layer
             adapted += _numel(base) if _is_4bit(base) else base.weight.numel()
