@@ -149,6 +149,25 @@ def test_memory_report_counts_4bit_bytes():
     assert report["total"] == sum(v for k, v in report.items() if k != "total")
 
 
+
+def test_memory_report_counts_nf4_expert_weights_as_4bit_bytes():
+    from test_inject import MIXTRAL_EXPERT_WEIGHTS, qlora_mixtral
+
+    q = qlora_mixtral()
+    add_lora(q, LoraConfig(r=4, targets=["q_proj"]))
+    report = memory_report(q)
+    linear_weights = 2 * (32 * 32 + 16 * 32 + 16 * 32 + 32 * 32)  # q, k, v, o of 2 layers
+    assert (MIXTRAL_EXPERT_WEIGHTS, linear_weights) == (49_152, 6_144)
+    assert report["quantized_weights"] == (MIXTRAL_EXPERT_WEIGHTS + linear_weights) // 2 == 27_648
+    # per weight: a uint8 absmax code per 64-block, one float32 nested absmax (< 256 blocks each),
+    # the float32 offset, the 16-entry NF4 and 256-entry DQ code tables (float32); 4 experts + 8 linears
+    blocks = (MIXTRAL_EXPERT_WEIGHTS + linear_weights) // 64
+    assert report["quantization_constants"] == blocks + 12 * (4 + 4 + 4 * 16 + 4 * 256) == 14_016
+    assert report["adapters"] == 2 * 4 * (32 + 32) * 4  # q_proj of 2 layers, r=4, float32
+    rotary = sum(b.numel() * b.element_size() for b in q.model.rotary_emb.buffers())
+    assert report["other"] == 4 * (61_856 - MIXTRAL_EXPERT_WEIGHTS - linear_weights) + rotary
+    assert report["total"] == sum(v for k, v in report.items() if k != "total")
+
 # --- GPT-2: transformers' Conv1D (weight stored (in, out)) is quantized as bitsandbytes does ---------
 
 def gpt2_quantized_and_dequantized():

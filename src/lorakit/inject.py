@@ -457,18 +457,17 @@ def _merged_4bit(layer: LoraLinear, dtype: torch.dtype | None, requantize: bool,
 
 
 def memory_report(model: nn.Module) -> dict[str, int]:
-    """Bytes held by the model, by kind: 4-bit base weights, their quantization constants
-    (absmax, nested absmax, code tables), adapters (LoRA and modules_to_save copies), and the
-    rest (embeddings, norms, unquantized layers)."""
+    """Bytes held by the model, by kind: 4-bit base weights (NF4Linear layers and NF4Weight
+    parametrizations, e.g. mixture-of-experts weights), their quantization constants (absmax,
+    nested absmax, code tables), adapters (LoRA and modules_to_save copies), and the rest
+    (embeddings, norms, unquantized layers)."""
     report = {"quantized_weights": 0, "quantization_constants": 0, "adapters": 0, "other": 0}
     seen = set()
-    for module in model.modules():
-        if _is_4bit(module):
-            state = module.quant_state
-            report["quantized_weights"] += state.packed.numel()
-            report["quantization_constants"] += sum(t.numel() * t.element_size() for t in state.tensors()
-                                                    if t is not state.packed)
-            seen.update(id(t) for t in state.tensors())
+    for state in nf4_weights(model).values():
+        report["quantized_weights"] += state.packed.numel()
+        report["quantization_constants"] += sum(t.numel() * t.element_size() for t in state.tensors()
+                                                if t is not state.packed)
+        seen.update(id(t) for t in state.tensors())
     adapter_ids = {id(p) for name in adapter_configs(model) for p in _adapter_parameters(model, name)}
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in seen:
