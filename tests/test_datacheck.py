@@ -5,7 +5,7 @@ import pytest
 from conftest import char_tokenizer
 
 from lorakit.data import Record, build_dataset
-from lorakit.training import datacheck
+from lorakit import datacheck
 
 tok = char_tokenizer()  # one token per character; ChatML template, EOS <|im_end|> (id 2)
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -14,7 +14,7 @@ LAYERS = [
     # leaves: files, names, patterns, the built-in tasks
     {"files", "dtypes", "patterns", "tasks"},
     # the run's vocabulary and its data
-    {"config", "data", "preference_data"},
+    {"config", "data", "preference_data", "datacheck"},
     # the math core
     {"dropout", "fused", "layer", "loss", "nf4", "surgery", "initialisation"},
     # adapters on models, their files, loading models

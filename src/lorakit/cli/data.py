@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from lorakit.data import Dataset, derive_max_new_tokens, pack
     from lorakit.models import load_tokenizer, resolve_model_dir
-    from lorakit.training import datacheck
+    from lorakit import datacheck
     from lorakit.training.setup import max_leakage, read_datasets, steps_for_epochs
 
     config = read_run_config(args.config, args.overrides)

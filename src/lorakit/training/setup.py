@@ -137,7 +137,7 @@ def load_data(config: RunConfig, tokenizer, log=None) -> tuple[Dataset, Dataset 
     What the config leaves to the data is filled in, in `config` itself, so that the run, its
     config.yaml and a resumed run see the numbers: data.max_length "auto" (the longest training
     example) and eval.max_new_tokens when not set (derive_max_new_tokens of the test split)."""
-    from . import datacheck
+    from .. import datacheck
 
     log = log or _rank0_print
     d = config.data
@@ -177,7 +177,7 @@ def longest(dataset) -> int:
 
 def max_leakage(config: RunConfig) -> float:
     """data.max_leakage, or the data check's default (datacheck.MAX_LEAKAGE) when not set."""
-    from .datacheck import MAX_LEAKAGE
+    from ..datacheck import MAX_LEAKAGE
 
     return MAX_LEAKAGE if config.data.max_leakage is None else config.data.max_leakage
 

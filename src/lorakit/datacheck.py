@@ -25,7 +25,7 @@ import re
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from ..data import IGNORE, Dataset, Example, auto_max_length, chat_markers, end_of_turn_ids, special_ids
+from .data import IGNORE, Dataset, Example, auto_max_length, chat_markers, end_of_turn_ids, special_ids
 
 MAX_LEAKAGE = 0.01      # a test / validation split with more than this fraction seen in training: an error
 HEAVY_TRUNCATION = 0.1  # truncation dropping more than this fraction of the supervised tokens: said loudly
