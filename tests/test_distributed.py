@@ -35,6 +35,19 @@ SCRIPT = textwrap.dedent("""
     if base == "nf4":  # QLoRA: the same tiny model with NF4 linear layers (head kept), then LoRA
         model = quantize_linears(tiny_llama(vocab=len(prepared.tokenizer), init_range=0.1), skip={{"lm_head"}})
         prepared.model = prepare_model(model, config)
+    if base == "moe":  # QLoRA on a tiny Mixtral: NF4 linear layers (head kept) and NF4 expert weights
+        from transformers import MixtralConfig, MixtralForCausalLM
+        from lorakit.nf4 import quantize_parameter_
+        from lorakit.surgery import expert_parameters
+        torch.manual_seed(0)
+        moe = MixtralForCausalLM(MixtralConfig(
+            vocab_size=len(prepared.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4,
+            num_experts_per_tok=2, initializer_range=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+        model = quantize_linears(moe, skip={{"lm_head"}})
+        for owner, leaf in expert_parameters(model):
+            quantize_parameter_(model.get_submodule(owner), leaf)
+        prepared.model = prepare_model(model, config)
     if base == "path":  # train() loads model.path and data.* itself
         prepared = None
     # bytes of whole (unsharded) frozen parameters each time FSDP shards a part (replicated
@@ -341,3 +354,19 @@ def test_a_timed_out_launch_leaves_no_process_behind(tmp_path):
     assert len(rows) == 3  # launcher, worker, worker's child
     assert rows[1][1] != rows[0][1]  # the worker ran in a session of its own
     assert [pid for pid, _ in rows if alive(pid)] == []
+
+
+def test_qlora_moe_with_fsdp_equals_one_process_and_shards_the_nf4_experts(tmp_path):
+    # the NF4 Mixtral is built in the script (base "moe"), so method stays lora
+    single = run(tmp_path, "single", 1, ["train.grad_accum=2", "train.batch_size=8"], base="moe")
+    fsdp = run(tmp_path, "fsdp", 2, ["train.grad_accum=2", "train.batch_size=4", "train.strategy=fsdp"], base="moe")
+    assert_same_run(single, fsdp)
+    assert shard_sizes(tmp_path, "single", 0)["nf4"] == {"local": 0, "full": 0}  # buffers in one process
+    # 4-bit state as FSDP parameters: 49,152 expert + 6,144 linear weights at 0.5 byte, a uint8 absmax
+    # code per 64 weights (864) and a float32 DQ scale per weight (4 experts + 8 linears): the experts'
+    # packed codes (24,576 bytes) are sharded too, not kept whole on every rank
+    ranks = [shard_sizes(tmp_path, "fsdp", r) for r in (0, 1)]
+    assert ranks[0]["nf4"]["full"] == (49_152 + 6_144) // 2 + 864 + 12 * 4 == 28_560
+    for sizes in ranks:
+        assert sizes["nf4"]["local"] == pytest.approx(28_560 / 2, rel=0.05)
+    assert sum(s["nf4"]["local"] for s in ranks) == 28_560

@@ -175,20 +175,32 @@ _NF4_SHARDED = ("weight", "weight_absmax", "weight_nested_absmax")
 
 
 def _nf4_state_as_parameters(model: torch.nn.Module) -> None:
-    """FSDP2 shards parameters, never buffers, and NF4Linear keeps its 4-bit weight in buffers:
+    """FSDP2 shards parameters, never buffers, and NF4 weights keep their 4-bit state in buffers:
     re-register the per-weight ones as frozen parameters (uint8 codes, uint8/float32 scales) so
-    they are sharded like any frozen weight. NF4Linear reads them by attribute name, so its
-    forward is unchanged; FSDP swaps in the all-gathered tensors around each layer's forward and
-    backward. Only done under FSDP: a single process keeps the buffers (and their state_dict)."""
-    from .nf4 import NF4Linear
+    they are sharded like any frozen weight. An NF4Linear's: its packed weight and scales. An
+    NF4Weight parametrization's (mixture-of-experts weights): the packed codes parametrize keeps
+    (`parametrizations.<name>.original0`) and the NF4Weight's scales. Both are read by attribute
+    name, so the forwards are unchanged; FSDP swaps in the all-gathered tensors around each
+    layer's forward and backward. Only done under FSDP: a single process keeps the buffers (and
+    their state_dict)."""
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    from .nf4 import NF4Linear, NF4Weight
 
     for module in model.modules():
         if isinstance(module, NF4Linear):
-            for name in _NF4_SHARDED:
-                tensor = module._buffers.get(name)
-                if tensor is not None:
-                    del module._buffers[name]
-                    module.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+            names = _NF4_SHARDED
+        elif isinstance(module, NF4Weight):
+            names = _NF4_SHARDED[1:]  # its packed codes live in the ParametrizationList holding it
+        elif isinstance(module, ParametrizationList) and isinstance(module[0], NF4Weight):
+            names = ("original0",)
+        else:
+            continue
+        for name in names:
+            tensor = module._buffers.get(name)
+            if tensor is not None:
+                del module._buffers[name]
+                module.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
 
 
 def _dtensor(t) -> bool:
