@@ -119,3 +119,15 @@ def test_resume_refuses_changed_settings_and_a_contradicting_model_quantize(tmp_
 def test_resume_ignores_the_settings_a_resumed_run_may_change(tmp_path):
     write_checkpoint_settings(tmp_path, run_settings(RunConfig.from_dict({}, ["train.steps=10"])))
     check_resume(tmp_path, RunConfig.from_dict({}, ["train.steps=20", "train.save_every=5", "eval.every=0"]))
+
+
+def test_resume_accepts_a_checkpoint_written_before_keys_were_added(tmp_path):
+    """Settings added since a checkpoint was written take their defaults, which is what that run did."""
+    config = RunConfig.from_dict({}, ["lora.r=4"])
+    settings = run_settings(config)
+    del settings["objective"], settings["preference"], settings["lora"]["dora"], settings["train"]["epochs"]
+    del settings["data"]["columns"], settings["train"]["loraplus_ratio"]
+    write_checkpoint_settings(tmp_path, settings)
+    check_resume(tmp_path, config)
+    with pytest.raises(ValueError, match=r"\(lora\.dora: False -> True\)"):
+        check_resume(tmp_path, RunConfig.from_dict({}, ["lora.r=4", "lora.dora=true"]))

@@ -169,7 +169,7 @@ def check_resume(run_dir: Path, config: RunConfig) -> None:
     saved = RunState.from_json((path / "state.json").read_text()).config
     if saved is None:  # written before checkpoints kept their settings
         return
-    saved = _without_retired_keys(saved)
+    saved = _as_today(saved)
     now = run_settings(config)
     changed = [f"{group}.{key}: {saved[group].get(key)!r} -> {now[group].get(key)!r}"
                for group in now if isinstance(now[group], dict)
@@ -183,18 +183,15 @@ def check_resume(run_dir: Path, config: RunConfig) -> None:
                          "them, or start a new run with another --out")
 
 
-def _without_retired_keys(saved: dict) -> dict:
-    """Saved settings without the model keys RunConfig retired since (model.quantize, when it agrees
-    with the method: RunConfig.from_dict decides, as for an old config.yaml). A contradiction is kept,
-    and so reported as a change."""
-    model = saved.get("model")
-    if not isinstance(model, dict):
-        return saved
+def _as_today(saved: dict) -> dict:
+    """Saved settings in today's vocabulary: read back through RunConfig.from_dict, keys added since
+    the checkpoint was written take their defaults (which is what that run did) and retired keys that
+    agree with the rest go (model.quantize). Settings from_dict refuses are compared as they are, so
+    a contradiction is reported as a change."""
     try:
-        known = RunConfig.from_dict({"method": saved.get("method", "lora"), "model": dict(model)}).to_dict()["model"]
+        return run_settings(RunConfig.from_dict(saved))
     except (ConfigError, TypeError, ValueError):
         return saved
-    return {**saved, "model": {k: v for k, v in model.items() if k in known}}
 
 
 def restore_good_checkpoint(run_dir: Path, model, raw, tokenizer, prepared, config: RunConfig,
