@@ -49,6 +49,16 @@ CASES = {
         ["--model", "llama-2-7b", "--batch", "-1"], ["--model", "llama-2-7b", "--gpus", "0"],
         ["--model", "llama-2-7b", "--targets", "((.)*)*!"],
     ],
+    "data": [
+        ["{missing}"], ["{empty_dir}"], ["{binary_jsonl}"], ["{list_json}"],
+        ["--set", "model.path={model}", "--set", "data.train={missing}"],
+        ["--set", "model.path={model}", "--set", "data.train={empty_txt}"],
+        ["--set", "model.path={model}", "--set", "data.train={blank_jsonl}"],
+        ["--set", "model.path={model}", "--set", "data.train={binary_jsonl}"],
+        ["--set", "model.path={model}", "--set", "data.train={broken_json}"],
+        ["--set", "model.path={missing}"], ["--set", "model.path={empty_dir}"],
+        ["--set", "data.max_length=nan"], ["--set", "data.columns=[1]"], ["--set", "train.epochs=-1"],
+    ],
     "inspect": [["{missing}"], ["{empty_txt}"], ["{empty_dir}"], ["{broken_adapter}"], ["{model}"]],
     "merge": [
         ["--adapter", "{missing}", "--out", "{missing}"], ["--adapter", "{empty_txt}", "--out", "{missing}"],
