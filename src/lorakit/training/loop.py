@@ -87,13 +87,13 @@ def _check_inputs(config: RunConfig, run_dir: Path, resume: bool, prepared: Prep
         from ..models import load_tokenizer, resolve_model_dir
 
         tokenizer = load_tokenizer(resolve_model_dir(config.model.path))
-        data = load_data(config, tokenizer)
+        data = load_data(config, tokenizer, log)
     else:
         tokenizer, data = prepared.tokenizer, (prepared.train, prepared.validation, prepared.test)
     problems = objective.data_problems(data[0], data[1])
     if problems:
         raise ConfigError("training data", problems)
-    check_data(config, data[0], data[1], ctx.world)
+    check_data(config, data[0], data[1], ctx.world, log)
     if resume:
         check_resume(run_dir, config)
     if prepared is None:

@@ -197,7 +197,7 @@ def steps_for_epochs(config: RunConfig, train: Dataset, world: int = 1) -> int:
     return max(1, math.ceil(t.epochs * per_epoch / t.grad_accum - 1e-9))
 
 
-def check_data(config: RunConfig, train: Dataset, validation: Dataset | None, world: int = 1) -> None:
+def check_data(config: RunConfig, train: Dataset, validation: Dataset | None, world: int = 1, log=None) -> None:
     """What the run needs of its data, checked before the model loads (every problem at once).
 
     Also fills in what the config leaves to the data, in `config` itself (the loop, its schedule,
@@ -226,7 +226,7 @@ def check_data(config: RunConfig, train: Dataset, validation: Dataset | None, wo
         d.max_length = longest(train)
     if t.epochs is not None:
         steps = steps_for_epochs(config, train, world)
-        _rank0_print(f"train.epochs={t.epochs:g}: {steps} steps ({len(train.examples)} "
+        (log or _rank0_print)(f"train.epochs={t.epochs:g}: {steps} steps ({len(train.examples)} "
                      f"{'rows' if d.packing else 'examples'} / {t.batch_size * world * t.grad_accum} per step)")
         t.steps, t.epochs = steps, None
 
