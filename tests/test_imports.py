@@ -24,6 +24,8 @@ LAYERS = [
     # running: processes, watching a run, the training loop
     {"distributed", "monitor"},
     {"training"},
+    # comparing runs: LoRA against full fine-tuning (lorakit probe)
+    {"probe"},
     # the command line and the package's front door
     {"cli", "lorakit", "__main__"},
 ]

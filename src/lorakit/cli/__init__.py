@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "inspect": "inspect",
     "plan": "plan",
+    "probe": "probe",
     "data": "data",
     "train": "train",
     "merge": "merge",
