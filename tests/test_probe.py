@@ -3,8 +3,9 @@ batches in the full and LoRA runs, and the verdicts on a task built so that rank
 and rank 16 can.
 
 The task: a substitution cipher over the 26 lowercase letters, prompt "x" -> completion perm(x).
-Each letter needs its own output direction, so one rank-1 adapter per layer cannot write 26
-different answers into the residual stream, while rank 16 can. The tiny Llama is initialised at
+Each letter needs its own output direction. The adapters sit on v_proj, o_proj and down_proj, which
+write (v through o) into the residual stream: at rank 1 each adds one direction per layer, too few
+for 26 different answers, while rank 16 has room for them. The tiny Llama is initialised at
 0.5 (not 0.02) so that its frozen output head can express confident predictions at all: LoRA does
 not train the head, full fine-tuning does. Runs use one thread (fast for a model this small)."""
 
@@ -46,7 +47,8 @@ def cipher_data(tok):
 
 def cipher_config(*overrides):
     return RunConfig.from_dict({}, ["data.train=unused.jsonl", "train.batch_size=16", "train.warmup_steps=2",
-                                    "train.schedule=constant", "train.threads=1", *overrides])
+                                    "train.schedule=constant", "train.threads=1", "train.device=cpu",
+                                    "lora.targets=[v_proj,o_proj,down_proj]", *overrides])
 
 
 def run_probe(*overrides, steps=STEPS):
@@ -136,32 +138,32 @@ def test_rank_1_lags_rank_too_low():
     report = run_probe("lora.r=1", "lora.alpha=2", "train.lr=0.03")
     assert report["verdict"] == "lags: rank too low", report["reason"]
     assert report["batches"]["identical"] and report["batches"]["steps"] == STEPS
-    assert report["progress_share"] < 0.8
+    assert report["progress_share"] < 0.6  # 0.50: 1.06 nats against full fine-tuning's 0.15, from 7.43
     # the lr sweep: 0.01x, 0.03x, 0.1x, 0.3x and 3x the configured 0.03; none closes half the gap
     assert [s["lr"] for s in report["lr_sweep"]] == pytest.approx([0.0003, 0.0009, 0.003, 0.009, 0.03, 0.09])
     assert report["recommended_lr"] == pytest.approx(0.03)
     # the full fine-tuning update needs more than one direction in every module type
     per_type = report["effective_rank"]["per_type"]
-    assert set(per_type) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert all(len(e["ranks"]) == 2 and e["median"] > 1 for e in per_type.values())
-    assert report["recommended_rank"] > 1
-    # capacity: r=1 on every linear of 2 layers (hidden 32, kv 16, intermediate 64):
-    # (32+32) + 2 x (32+16) + (32+32) + 2 x (32+64) + (64+32) = 512 per layer
+    assert set(per_type) == {"v_proj", "o_proj", "down_proj"}
+    assert all(len(e["ranks"]) == 2 and 1 < e["median"] <= e["limit"] for e in per_type.values())
+    assert report["recommended_rank"] == 16  # down_proj's median is 14 (v_proj 9, o_proj 9.5)
+    # capacity: r=1 on 2 layers (hidden 32, kv 16, intermediate 64): v (32+16) + o (32+32) + down (64+32)
+    # = 208 per layer
     c = report["capacity"]
-    assert c["adapter_parameters"] == 1024 and c["capacity_bits"] == 2048
+    assert c["adapter_parameters"] == 416 and c["capacity_bits"] == 832
     assert c["supervised_tokens"] == 512  # 256 examples x (the letter + the end-of-turn token)
     assert c["information_bits"] == pytest.approx(512 * (report["start_loss"] - report["final_loss"]["full"])
                                                   / math.log(2))
-    assert c["information_bits"] > 2048 and "large for the rank" in c["warning"]
+    assert c["information_bits"] > 832 and "large for the rank" in c["warning"]
     assert "rank too low" in render(report)
 
 
 def test_rank_16_converges_like_full_fine_tuning():
     report = run_probe("lora.r=16", "lora.alpha=32", "train.lr=0.01")
     assert report["verdict"] == CONVERGES, report["reason"]
-    assert report["progress_share"] >= 0.8
+    assert report["progress_share"] > 0.95  # 1.03: LoRA's 0.134 below the reference's 0.151
     assert report["final_loss"]["lora"] < report["final_loss"]["full"] * 2
-    assert report["capacity"]["adapter_parameters"] == 16 * 1024 and report["capacity"]["warning"] is None
+    assert report["capacity"]["adapter_parameters"] == 16 * 416 and report["capacity"]["warning"] is None
 
 
 def test_learning_rate_100x_too_high():
@@ -185,6 +187,18 @@ def test_probe_refuses_full_fine_tuning_and_preference_objectives():
         probe(cipher_config(), 1)
 
 
+def test_probe_does_not_start_when_full_fine_tuning_does_not_fit(monkeypatch):
+    import lorakit.planner
+
+    monkeypatch.setattr(lorakit.planner, "available_memory", lambda device: 2**20)  # 1 MiB
+    trained = []
+    monkeypatch.setattr(probe_module, "train", lambda *a, **k: trained.append(a))
+    with pytest.raises(ValueError, match=r"the probe's full fine-tuning reference needs 0\.\d\d GiB .* but cpu has "
+                                         r"0\.0 GiB available: the probe cannot run"):
+        run_probe()
+    assert trained == []
+
+
 # the command ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -199,7 +213,7 @@ def probe_dir(tmp_path_factory):
         f"model: {{path: {root / 'model'}}}\n"
         f"data: {{train: {root / 'train.jsonl'}, validation: {root / 'val.jsonl'}, max_leakage: 1}}\n"
         "lora: {r: 4, alpha: 8}\n"
-        "train: {lr: 0.01, batch_size: 16, warmup_steps: 1, threads: 1}\n")
+        "train: {lr: 0.01, batch_size: 16, warmup_steps: 1, threads: 1, device: cpu}\n")
     return root
 
 

@@ -273,8 +273,9 @@ class Probe:
         return variant(self.config, method, lr, self.steps)
 
     def model(self, config: RunConfig) -> torch.nn.Module:
+        base = self.base(config)
         torch.manual_seed(config.train.seed)  # as training.setup.prepare: the same adapters in every LoRA run
-        return prepare_model(self.base(config), config)
+        return prepare_model(base, config)
 
     def run(self, name: str, config: RunConfig, model: torch.nn.Module) -> Run:
         recorder = RecordingObjective(objective_for(config))
@@ -306,12 +307,14 @@ def probe(config: RunConfig, steps: int = DEFAULT_STEPS, *, full_lr: float | Non
     full_lr = lr * FULL_LR_FACTOR if full_lr is None else full_lr
     if not (isinstance(full_lr, (int, float)) and math.isfinite(full_lr) and full_lr > 0):
         raise ValueError(f"full_lr={full_lr!r}: the reference's learning rate must be a number > 0 (e.g. {lr / 10:g})")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for probe.json and probe.png")
     if base is None:
         from .models import load_tokenizer, resolve_model_dir
 
-        memory = _memory(variant(config, "full", full_lr, steps), None)  # before any weight is read
         tokenizer = load_tokenizer(resolve_model_dir(config.model.path))
-        data = load_data(config, tokenizer, log)
+        data = load_data(config, tokenizer, log)  # resolves data.max_length "auto", which the plan needs
+        memory = _memory(variant(config, "full", full_lr, steps), None)  # before any weight is read
         base = _cached_base()
     elif tokenizer is None or data is None:
         raise ValueError("probe(base=...) needs the tokenizer and the data (train, validation, test) too")
