@@ -40,14 +40,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -433,8 +434,6 @@ def _report(config: RunConfig, steps: int, full: Run, lora: Run, sweep: list[Run
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        import json
-
         write_atomically(out / "probe.json", json.dumps(report, indent=2) + "\n")
         plot(full, lora, sweep, out / "probe.png")
     return report
@@ -448,9 +447,9 @@ def render(report: dict) -> str:
     """The probe's report as text (what `lorakit probe` prints)."""
     m = report["method"]
     lines = [f"verdict: {report['verdict']}", f"  {report['reason']}",
-             f"after {report['steps']} steps (identical batches: {report['batches']['identical']}): loss "
-             f"{report['start_loss']:.4g} -> full {_num(report['final_loss']['full'])}, {m} (r={report['r']}) "
-             f"{_num(report['final_loss'][m])} (smoothed), gap {_num(report['gap'])}"]
+             (f"after {report['steps']} steps (identical batches: {report['batches']['identical']}): loss "
+              f"{report['start_loss']:.4g} -> full {_num(report['final_loss']['full'])}, {m} (r={report['r']}) "
+              f"{_num(report['final_loss'][m])} (smoothed), gap {_num(report['gap'])}")]
     if report["val_loss"]["full"] is not None:
         lines.append(f"held-out loss after: full {_num(report['val_loss']['full'])}, {m} {_num(report['val_loss'][m])}")
     lines.append(f"effective rank of the full fine-tuning update ({report['effective_rank']['energy']:.0%} of "
@@ -497,13 +496,15 @@ def plot(full: Run, lora: Run, sweep: list[Run], path: str | Path) -> Path | Non
                               (lora, "tab:blue", f"{lora.method} (lr {lora.lr:.3g})")):
         steps = range(1, len(run.losses) + 1)
         ax.plot(steps, run.losses, color=color, alpha=0.3)
-        ax.plot(steps, monitor.smooth(run.losses), color=color, label=label + (" diverged" if run.diverged else ""))
-    for run in sweep:
-        if run is not lora and run.losses:
-            ax.plot(range(1, len(run.losses) + 1), monitor.smooth(run.losses), lw=0.8, ls="--", alpha=0.6,
-                    label=f"{run.method} lr {run.lr:.3g}" + (" (diverged)" if run.diverged else ""))
+        ax.plot(steps, monitor.smooth(run.losses), color=color,
+                label=label + " (raw, smoothed)" + (", diverged" if run.diverged else ""))
+    others = [run for run in sweep if run is not lora and run.losses]
+    for i, run in enumerate(others):  # shades of grey, darker with the learning rate
+        ax.plot(range(1, len(run.losses) + 1), monitor.smooth(run.losses), lw=0.8, ls="--",
+                color=plt.cm.Greys(0.35 + 0.6 * i / max(1, len(others) - 1)),
+                label=f"{run.method} lr {run.lr:.3g} (smoothed)" + (", diverged" if run.diverged else ""))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (nats/token, smoothed)")
+    ax.set_ylabel("training loss (nats/token)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
