@@ -19,11 +19,17 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OM
 ERROR = "lorakit train: error: "
 
 
-def reverse_rows(n, seed=0):
+def reverse_rows(n, seed=0, exclude=()):
+    """n reverse-task records whose words are not in `exclude` (held-out rows: no prompt of the
+    training data, which the data check would stop a run for as leakage)."""
     import random
 
     rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdef") for _ in range(4)) for _ in range(n)]
+    words = []
+    while len(words) < n:
+        word = "".join(rng.choice("abcdef") for _ in range(4))
+        if f"<{word}>=" not in exclude:
+            words.append(word)
     return [{"prompt": f"<{w}>=", "completion": w[::-1]} for w in words]
 
 
@@ -39,9 +45,10 @@ def files(tmp_path_factory):
     tok = char_tokenizer()
     tiny_llama(hidden=64, vocab=len(tok), init_range=0.1).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    write_jsonl(root / "train.jsonl", reverse_rows(32))
-    write_jsonl(root / "val.jsonl", reverse_rows(8, seed=1))
-    write_jsonl(root / "test.jsonl", reverse_rows(4, seed=2))
+    train = write_jsonl(root / "train.jsonl", reverse_rows(32))
+    seen = {json.loads(line)["prompt"] for line in train.read_text().splitlines()}
+    write_jsonl(root / "val.jsonl", reverse_rows(8, seed=1, exclude=seen))
+    write_jsonl(root / "test.jsonl", reverse_rows(4, seed=2, exclude=seen))
     return root
 
 
