@@ -59,6 +59,16 @@ CASES = {
         ["--set", "model.path={missing}"], ["--set", "model.path={empty_dir}"],
         ["--set", "data.max_length=nan"], ["--set", "data.columns=[1]"], ["--set", "train.epochs=-1"],
     ],
+    "probe": [
+        ["{missing}"], ["{empty_dir}"], ["{binary_jsonl}"], ["{list_json}"],
+        ["--set", "model.path={missing}"], ["--set", "model.path={empty_dir}"],
+        ["--set", "model.path={broken_model}", "--set", "data.train=builtin:stardate"],
+        ["--set", "model.path={model}", "--set", "data.train={missing}"],
+        ["--set", "model.path={model}", "--set", "data.train={blank_jsonl}"],
+        ["--set", "method=full"], ["--set", "objective=orpo"], ["--set", "lora.r=0"],
+        ["--steps", "0"], ["--steps", "1"], ["--steps", "x"], ["--full-lr", "-1"], ["--full-lr", "nan"],
+        ["--set", "model.path={model}", "--out", "{empty_txt}"],
+    ],
     "inspect": [["{missing}"], ["{empty_txt}"], ["{empty_dir}"], ["{broken_adapter}"], ["{model}"]],
     "merge": [
         ["--adapter", "{missing}", "--out", "{missing}"], ["--adapter", "{empty_txt}", "--out", "{missing}"],
