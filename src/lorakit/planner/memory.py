@@ -5,7 +5,8 @@ tensors that are alive at the same time, following what PyTorch autograd actuall
 Face decoder (Llama, Mistral, Qwen2, Gemma 2, Phi-3, Mixtral) trained with `loss = model(...).loss;
 loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)`.
 
-Notation (per micro-batch on one device): b batch, s sequence length, T = b*s tokens, h hidden size,
+Notation (per micro-batch on one device): b batch (rows: preference pairs count twice), s sequence
+length, T = b*s tokens, n_a answer tokens (the preference objectives' scored tokens), h hidden size,
 I MLP intermediate size, L layers, nh / nkv query / key-value heads, hd head dim, dq = nh*hd,
 dkv = nkv*hd, V vocabulary, P parameters, p bytes of the compute dtype (2 for bfloat16/float16, 4 for
 float32), a bytes of the adapter dtype (4: adapters are kept in float32, as peft does), r LoRA rank,
@@ -15,7 +16,7 @@ Each part of the step has its function below, with its formula in the docstring:
   base_weight_bytes, quant_constant_bytes, adapter_weight_bytes   weights
   gradient_bytes, optimizer_state_bytes, optimizer_step_bytes      training state and the step
   layer_activation_bytes, head_activation_bytes, activation_bytes  tensors saved for backward
-  logits_bytes                                                      the loss
+  logits_bytes, preference_logits_bytes                             the loss (SFT; DPO / ORPO)
   transient_bytes                                                   buffers inside one layer's backward
   fsdp_gathered_bytes                                               FSDP's unsharded layers
   phase_bytes                                                       the four moments of the step
@@ -29,13 +30,19 @@ The peak is the largest of four moments of a steady-state step (optimizer states
 With FSDP over N GPUs (full sharding) weights, grads and states are divided by N and two layers'
 unsharded parameters (all-gather with prefetch) plus one layer's unsharded gradient are added.
 Measured against real steps in bench/plan_vs_measured.py.
+
+The preference objectives (objective "dpo" or "orpo", training.objectives.PreferenceLoss): a micro-batch
+of B pairs is 2B rows (the chosen and the rejected sequences), so every per-token term above counts
+2B*s tokens; the loss term is preference_logits_bytes instead of logits_bytes. DPO's reference is the
+same weights with the adapters disabled (no second copy), its forward runs without gradients before
+the policy's: it saves nothing, and its short-lived logits are smaller than the policy's backward peak.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from ..config import METHODS
+from ..config import METHODS, OBJECTIVES, PREFERENCE_OBJECTIVES
 from ..dtypes import ALIASES as DTYPE_ALIASES
 from ..dtypes import BYTES, NAMES
 from ..loss import DEFAULT_CHUNK_SIZE
@@ -80,6 +87,8 @@ class PlanConfig:
     adapter_dtype: str = "float32"
     double_quant: bool = True
     device: str = "cuda"  # "cpu" changes only the optimizer's temporaries and drops the CUDA overhead
+    objective: str = "sft"  # "dpo" / "orpo": batch_size pairs, 2 * batch_size sequences (preference_logits_bytes)
+    answer_tokens: int | None = None  # preference: n_a scored tokens per micro-batch; None: the bound 2*b*s
 
     def __post_init__(self) -> None:
         # one vocabulary inside: "bf16" is stored as "bfloat16"; unknown names are left for validate()
@@ -104,6 +113,23 @@ class PlanConfig:
             problems.append(f"adapter_dtype {self.adapter_dtype!r} is not one of {dtype_names}")
         if self.device not in DEVICES:
             problems.append(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        elif self.objective == "dpo" and self.method == "full":
+            problems.append("objective 'dpo' with method 'full': DPO's reference is the model with its adapters "
+                            "disabled, which full fine-tuning has not; use method lora or qlora, or objective orpo")
+        rows_tokens = 2 * self.batch_size * self.seq_len if isinstance(self.batch_size, int) and isinstance(
+            self.seq_len, int) else None
+        if self.answer_tokens is not None:
+            if self.objective not in PREFERENCE_OBJECTIVES:
+                problems.append(f"answer_tokens={self.answer_tokens!r} is for objective dpo or orpo, "
+                                f"not {self.objective!r}")
+            elif (not isinstance(self.answer_tokens, int) or isinstance(self.answer_tokens, bool)
+                  or self.answer_tokens < 1):
+                problems.append(f"answer_tokens must be a positive integer, got {self.answer_tokens!r}")
+            elif rows_tokens is not None and self.answer_tokens > rows_tokens:
+                problems.append(f"answer_tokens must be at most 2 * batch_size * seq_len = {rows_tokens:,}, "
+                                f"got {self.answer_tokens:,}")
         for name, most in (("rank", 1 << 16), ("batch_size", 1 << 20), ("seq_len", 1 << 24),
                            ("n_gpus", FSDP_MAX_GPUS)):
             value = getattr(self, name)
@@ -117,9 +143,24 @@ class PlanConfig:
             raise ValueError("invalid plan configuration: " + "; ".join(problems))
 
     @property
+    def preference(self) -> bool:
+        """Whether a micro-batch is pairs (objective dpo or orpo)."""
+        return self.objective in PREFERENCE_OBJECTIVES
+
+    @property
+    def rows(self) -> int:
+        """Sequences of one micro-batch: b, or 2b for b preference pairs (chosen and rejected)."""
+        return 2 * self.batch_size if self.preference else self.batch_size
+
+    @property
     def tokens(self) -> int:
-        """T = b*s: tokens of one micro-batch."""
-        return self.batch_size * self.seq_len
+        """T = rows*s: tokens of one micro-batch (2b*s for b preference pairs)."""
+        return self.rows * self.seq_len
+
+    @property
+    def scored_tokens(self) -> int:
+        """n_a: the answer tokens the preference loss scores (answer_tokens, or the bound 2*b*s)."""
+        return self.tokens if self.answer_tokens is None else self.answer_tokens
 
     @property
     def p(self) -> int:
@@ -416,6 +457,25 @@ def logits_bytes(arch: Architecture, config: PlanConfig) -> int:
     return t * v * (12 + extra)
 
 
+def preference_logits_bytes(arch: Architecture, config: PlanConfig) -> int:
+    """The preference loss's memory at its peak, on top of the activations (training.objectives.
+    sequence_logps), for n_a scored answer tokens of the 2B rows.
+
+    Where the logits are the head's output (loss.supports_chunked_loss) only the n_a answer positions
+    go through the head: (n_a, V) logits in p bytes, upcast to float32. At the start of backward
+    logsumexp's saved float32 logits, the gradient of the gather and that of logsumexp are alive
+    together (12*n_a*V), and in 16 bits the gradient's cast back to p bytes (+ p*n_a*V):
+        (12 + p) * n_a * V      (12 * n_a * V in float32: the upcast is the same tensor)
+    Full fine-tuning (ORPO) also keeps the head's input, n_a*h*p, for the head's weight gradient.
+    Otherwise (no chunked loss: the model forms all 2B*s logits) SFT's unchunked term over the 2B rows.
+    DPO's reference forward (no gradients, before the policy's) peaks at fewer bytes and keeps none."""
+    if not arch.chunked_loss:
+        return logits_bytes(arch, config)
+    p, n, v = config.p, config.scored_tokens, arch.vocab_size
+    head_input = n * arch.hidden_size * p if config.method == "full" else 0
+    return (12 + (p if p != 4 else 0)) * n * v + head_input
+
+
 def layer_backward_transient_bytes(arch: Architecture, config: PlanConfig) -> int:
     """Gradients alive inside one layer's backward on top of its saved tensors: ~p*T*(3I + 2h)
     (the MLP's grad of down's input, of act and of up; the residual gradient and one more of width h)."""
@@ -482,7 +542,7 @@ def phase_bytes(arch: Architecture, config: PlanConfig) -> dict[str, int]:
     layer_grad = math.ceil(arch.layer_parameters() * p / n) if full else math.ceil(grads / layers / n)
     layer_acts = layer_activation_bytes(arch, config)
     head_acts = head_activation_bytes(arch, config)
-    logits = logits_bytes(arch, config)
+    logits = loss_bytes(arch, config)
     transient = transient_bytes(arch, config)
 
     # Backward through the layers: after k of L layers, their grads exist and their activations are gone.
@@ -499,6 +559,11 @@ def phase_bytes(arch: Architecture, config: PlanConfig) -> dict[str, int]:
     phases["backward end"] = persistent + grads_shard + tied_extra
     phases["optimizer step"] = persistent + grads_shard + math.ceil(optimizer_step_bytes(arch, config) / n)
     return phases
+
+
+def loss_bytes(arch: Architecture, config: PlanConfig) -> int:
+    """The loss's term of the step: logits_bytes for SFT, preference_logits_bytes for DPO / ORPO."""
+    return preference_logits_bytes(arch, config) if config.preference else logits_bytes(arch, config)
 
 
 def runtime_overhead_bytes(config: PlanConfig, peak_allocated: int) -> int:
@@ -529,7 +594,7 @@ def predict(arch: Architecture, config: PlanConfig) -> Plan:
         "gradients": gradient_bytes(arch, config),
         "optimizer_states": optimizer_state_bytes(arch, config),
         "activations": acts_ckpt if config.grad_checkpointing else acts_no_ckpt,
-        "logits_and_loss": logits_bytes(arch, config),
+        "logits_and_loss": loss_bytes(arch, config),
         "transient": max(transient_bytes(arch, config), optimizer_step_bytes(arch, config)),
         "runtime_overhead": overhead,
     }

@@ -43,6 +43,8 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
         data.max_length                 -> seq_len
         train.gradient_checkpointing    -> grad_checkpointing
         model.dtype                     -> dtype
+        objective                       -> objective (dpo / orpo: batch_size pairs, 2 * batch_size sequences;
+                                           every token of a pair's answers scored: answer_tokens None)
 
     device ("cuda" or "cpu") and n_gpus (ranks sharding the model with FSDP; 1 for one process or
     DDP, which replicates it) are where the run happens; optimizer is the planner's (lorakit train
@@ -51,7 +53,8 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
     return PlanConfig(method=config.method, rank=config.lora.r, targets=config.lora.targets,
                       batch_size=config.train.batch_size, seq_len=config.data.max_length,
                       grad_checkpointing=config.train.gradient_checkpointing, dtype=config.model.dtype,
-                      lora_dropout=config.lora.dropout, device=device, n_gpus=n_gpus, optimizer=optimizer)
+                      lora_dropout=config.lora.dropout, device=device, n_gpus=n_gpus, optimizer=optimizer,
+                      objective=config.objective)
 
 
 def plan_run(config: RunConfig, arch: Architecture | str | dict, device: str = "cuda", n_gpus: int = 1, *,

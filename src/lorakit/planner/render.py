@@ -27,7 +27,8 @@ def render_plan(plan_: Plan) -> str:
     lines = [
         f"lorakit plan: {a.name}  method={c.method} dtype={c.dtype} optimizer={c.optimizer} "
         f"batch={c.batch_size} seq={c.seq_len} checkpointing={'on' if c.grad_checkpointing else 'off'} "
-        f"gpus={c.n_gpus}" + ("" if c.method == "full" else f" rank={c.rank}"),
+        f"gpus={c.n_gpus}" + ("" if c.method == "full" else f" rank={c.rank}")
+        + (f" objective={c.objective} (batch in pairs)" if c.preference else ""),
         f"parameters: {plan_.total_params:,} total, {plan_.trainable_params:,} trainable "
         f"({100 * plan_.trainable_params / plan_.total_params:.3f}%)"
         + (f", {plan_.quantized_params:,} in NF4" if plan_.quantized_params else ""),
@@ -59,9 +60,10 @@ def render_plan(plan_: Plan) -> str:
 
 def memory_plan_line(plan_: Plan, available: int, device: str) -> str:
     """The line `lorakit train` logs before its first step (and `lorakit plan CONFIG` prints):
-    "memory plan: predicted peak X GiB (batch B x S tokens[, sharded over N ranks]) of Y GiB
-    available on DEVICE", with `available` in bytes (recommend.available_memory)."""
+    "memory plan: predicted peak X GiB (batch B[ pairs] x S tokens[, sharded over N ranks]) of Y GiB
+    available on DEVICE" (pairs: objective dpo / orpo), with `available` in bytes (recommend.available_memory)."""
     c = plan_.config
     sharding = f", sharded over {c.n_gpus} ranks" if c.n_gpus > 1 else ""
-    return (f"memory plan: predicted peak {plan_.peak / GiB:.2f} GiB (batch {c.batch_size} x "
+    batch = f"{c.batch_size} pairs" if c.preference else f"{c.batch_size}"
+    return (f"memory plan: predicted peak {plan_.peak / GiB:.2f} GiB (batch {batch} x "
             f"{c.seq_len} tokens{sharding}) of {available / GiB:.1f} GiB available on {device}")
