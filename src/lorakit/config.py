@@ -20,6 +20,7 @@ from .patterns import pattern_problem
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian", "random", "pissa", "olora", "loftq")
+PARAMETER_INITS = ("default", "gaussian", "random")  # for target_parameters: inits that leave W as it is
 ALL_LINEAR = "all-linear"
 
 # Attention query and value projections per model family: the LoRA paper's recommended start
@@ -76,6 +77,11 @@ class LoraConfig:
     loftq_iters: with init="loftq", the number of quantize / SVD alternations (peft's loftq_iter).
     dora: weight-decomposed LoRA (Liu et al. 2024, DoRA): W' = m ⊙ (W + ΔW) / ||W + ΔW||, a trained
       magnitude m per output (peft's use_dora).
+    target_parameters: parameters to adapt directly (peft's target_parameters), e.g. a mixture-of-experts
+      model's ["experts.gate_up_proj", "experts.down_proj"]: a parameter matches when its full name
+      equals an entry or ends with "." + entry; a 3-D (experts, out, in) one gets one rank-r update per
+      expert (layer.LoraParameter). With it, targets may be [] (no module). Plain LoRA only: no
+      dropout, no DoRA, init default / gaussian / random (peft's rules for parameters).
     """
 
     r: int = 8
@@ -94,6 +100,7 @@ class LoraConfig:
     pissa_niter: int | None = None
     loftq_iters: int = 1
     dora: bool = False
+    target_parameters: list[str] | None = None
     task_type: str | None = "CAUSAL_LM"
     base_model: str | None = None
 
@@ -133,7 +140,9 @@ class LoraConfig:
         if not isinstance(self.dora, bool):
             out.append(f"dora={self.dora!r}: must be true or false")
         for key in ("targets", "exclude"):
-            out += _module_spec_problems(key, getattr(self, key))
+            if not (key == "targets" and self.targets == [] and self.target_parameters):
+                out += _module_spec_problems(key, getattr(self, key))
+        out += self._target_parameters_problems()
         if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
             out.append(f"modules_to_save={self.modules_to_save!r}: must be a list of module names")
         if self.layers is not None and not (
@@ -156,6 +165,23 @@ class LoraConfig:
                 out.append(f"alpha_pattern[{key!r}]={value!r}: alphas must be numbers > 0")
             elif problem := pattern_problem(key):
                 out.append(f"alpha_pattern[{key!r}]: {problem}")
+        return out
+
+    def _target_parameters_problems(self) -> list[str]:
+        if self.target_parameters is None:
+            return []
+        if not (_is_str_list(self.target_parameters) and self.target_parameters):
+            return [f"target_parameters={self.target_parameters!r}: must be a non-empty list of parameter names, "
+                    "e.g. ['experts.gate_up_proj', 'experts.down_proj']"]
+        # An update of a weight cannot drop its inputs, nor rescale it by a norm: peft refuses these too.
+        out = []
+        if _is_number(self.dropout) and self.dropout > 0:
+            out.append(f"dropout={self.dropout!r} with target_parameters: LoRA on parameters needs dropout 0 "
+                       "(a weight's update cannot drop inputs)")
+        if self.dora is True:
+            out.append("dora=True with target_parameters: DoRA on parameters is not supported; use plain LoRA")
+        if self.init not in PARAMETER_INITS and self.init in INIT_MODES:
+            out.append(f"init={self.init!r} with target_parameters: valid choices are {', '.join(PARAMETER_INITS)}")
         return out
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
@@ -210,6 +236,7 @@ class LoraConfig:
             "task_type": self.task_type,
             "use_dora": self.dora,
             "use_rslora": self.rslora,
+            **({"target_parameters": list(self.target_parameters)} if self.target_parameters else {}),
         }
 
     @classmethod
@@ -221,7 +248,7 @@ class LoraConfig:
         for key in ("lora_bias", "use_qalora"):
             if d.get(key):
                 problems.append(f"{key}={d[key]!r}: not supported by lorakit (only plain LoRA)")
-        for key in ("layer_replication", "trainable_token_indices", "target_parameters"):
+        for key in ("layer_replication", "trainable_token_indices"):
             if d.get(key):
                 problems.append(f"{key}={d[key]!r}: not supported by lorakit")
         init, niter = _init_from_peft(d.get("init_lora_weights", True), problems)
@@ -232,7 +259,8 @@ class LoraConfig:
             r=d.get("r", 8),
             alpha=d.get("lora_alpha", 8),
             dropout=d.get("lora_dropout", 0.0),
-            targets=d.get("target_modules"),
+            # peft: target_modules [] (or none) with target_parameters adapts the parameters only
+            targets=[] if d.get("target_parameters") and not d.get("target_modules") else d.get("target_modules"),
             exclude=d.get("exclude_modules"),
             rslora=bool(d.get("use_rslora", False)),
             bias=d.get("bias", "none"),
@@ -245,6 +273,7 @@ class LoraConfig:
             pissa_niter=niter,
             loftq_iters=loftq.get("loftq_iter", 1) if isinstance(loftq, dict) else 1,
             dora=bool(d.get("use_dora", False)),
+            target_parameters=d.get("target_parameters") or None,
             task_type=d.get("task_type"),
             base_model=d.get("base_model_name_or_path"),
         )
@@ -334,6 +363,7 @@ OBJECTIVES = ("sft", "dpo", "orpo")
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 PREFERENCE_LOSSES = ("sigmoid", "ipo")
 SCHEDULES = ("cosine", "linear", "constant")
+REPORT_TO = ("tensorboard",)  # train.report_to: trackers written besides metrics.jsonl
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -359,6 +389,7 @@ class LoraSection:
     pissa_niter: int | None = None   # init pissa: None, the full SVD; N, a randomized SVD with N iterations
     loftq_iters: int = 1             # init loftq: quantize / SVD alternations
     dora: bool = False               # weight-decomposed LoRA (DoRA)
+    target_parameters: list[str] | None = None  # parameters adapted directly (peft's), e.g. [experts.gate_up_proj]
 
     choices = {"bias": BIAS_MODES, "init": INIT_MODES}
 
@@ -427,6 +458,7 @@ class TrainSection:
     device: str = "auto"             # auto: CUDA when available (one GPU per rank under torchrun), else CPU
     strategy: str = "ddp"            # several ranks: ddp (replicate, average gradients) or fsdp (shard)
     dist_timeout_s: float = 600      # a collective waiting longer than this fails the run
+    report_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard
 
     choices = {"schedule": SCHEDULES, "device": ("auto", "cpu", "cuda"), "strategy": ("ddp", "fsdp")}
 
@@ -436,14 +468,19 @@ class TrainSection:
 
     def problems(self) -> list[str]:
         """The rules of this group that are not a type or a choice."""
+        out = []
+        unknown = [r for r in self.report_to if r not in REPORT_TO] if isinstance(self.report_to, list) else []
+        if unknown:
+            out.append(f"train.report_to={self.report_to!r}: unknown tracker(s) {', '.join(map(repr, unknown))}; "
+                       f"valid choices are {', '.join(REPORT_TO)} (metrics.jsonl is always written)")
         if self.epochs is None:
-            return []
+            return out
         if self.steps is not None:
-            return [f"train.steps={self.steps} and train.epochs={self.epochs}: give one of them (steps: "
+            return out + [f"train.steps={self.steps} and train.epochs={self.epochs}: give one of them (steps: "
                     "optimizer steps; epochs: passes over the training data, from which the steps follow)"]
         if _is_number(self.epochs) and self.epochs <= 0:
-            return [f"train.epochs={self.epochs}: must be > 0 (e.g. 1, 3, or 0.5 for half the data)"]
-        return []
+            return out + [f"train.epochs={self.epochs}: must be > 0 (e.g. 1, 3, or 0.5 for half the data)"]
+        return out
 
 
 @dataclass
@@ -453,6 +490,20 @@ class EvalSection:
     max_new_tokens: int | None = None  # None: the longest test reference + 2 tokens (data.derive_max_new_tokens)
     batch_size: int = 32
     limit: int | None = None         # score only the first N test examples
+    # retention (forgetting) monitor, off by default (it costs a generation before training and one
+    # forward per evaluation): true scores the base model's own greedy answers to built-in neutral
+    # prompts, a path scores that file's records; logged as retention_kl, KL(base || tuned) per token
+    retention: bool | str = False
+    retention_threshold: float = 0.1  # nats per token: above it, the run is diagnosed as forgetting
+
+    def problems(self) -> list[str]:
+        """The rules of this group that are not a type."""
+        if _is_number(self.retention_threshold) and self.retention_threshold <= 0:
+            return [f"eval.retention_threshold={self.retention_threshold}: must be > 0 (nats per token; typical: 0.1)"]
+        if isinstance(self.retention, str) and not self.retention.strip():
+            return ["eval.retention='': give a file of records, true (the base model's own answers to neutral "
+                    "prompts) or false (off)"]
+        return []
 
 
 @dataclass

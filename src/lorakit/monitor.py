@@ -9,6 +9,9 @@ Diagnostics read the training-loss curve the way the QLoRA/LoRA practice advises
     learning rate: the base model's weights or the data are broken;
   * and a flat loss with a gradient norm of 0 is a collapse, not slow learning: no update can
     change the model any more.
+Forgetting is read off the retention KL (eval.retention: KL(base || tuned) per token on general
+text the run does not train on): above a threshold, the model has moved away from its base on
+text it was not asked to change.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ STOPPED = ("diverged", "broken_start")
 
 @dataclass
 class Diagnostic:
-    kind: str       # "diverged", "broken_start", "plateau" or "collapsed"
+    kind: str       # "diverged", "broken_start", "plateau", "collapsed" or "forgetting"
     step: int
     message: str
 
@@ -105,6 +108,20 @@ def check_collapse(steps: list[int], losses: list[float], grad_norms: list[float
                       f"smaller learning rate than {lr:.3g} or a longer warm-up.")
 
 
+def check_forgetting(steps: list[int], kls: list[float], threshold: float, lr: float,
+                     r: int | None) -> Diagnostic | None:
+    """Forgetting: an evaluation's retention KL (nats per token) above `threshold`; the diagnostic
+    names the first step where it was, the largest value and what to change."""
+    above = [i for i, kl in enumerate(kls) if kl > threshold]
+    if not above:
+        return None
+    first, peak = above[0], max(kls)
+    rank = f", smaller rank (r={r})" if r else ""
+    return Diagnostic("forgetting", steps[first], f"the model is forgetting: the retention KL(base || tuned) rose "
+                      f"above {threshold:g} nats/token at step {steps[first]} (to {kls[first]:.4g}; largest "
+                      f"{peak:.4g}): lower lr ({lr:.3g}), fewer steps{rank}, or mix in general data.")
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step or evaluation, flushed line by line."""
 
@@ -145,6 +162,7 @@ def plot_losses(records: list[dict], path: str | Path) -> Path | None:
         return None
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train" and math.isfinite(r["loss"])]
     evals = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval" and r.get("val_loss") is not None]
+    retention = [(r["step"], r["retention_kl"]) for r in records if r.get("type") == "eval" and "retention_kl" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps, losses = zip(*train)
@@ -157,7 +175,15 @@ def plot_losses(records: list[dict], path: str | Path) -> Path | None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if retention:  # on its own linear axis: it starts at exactly 0
+        right = ax.twinx()
+        steps, kls = zip(*retention)
+        right.plot(steps, kls, "s--", color="tab:green", label="retention KL(base || tuned)")
+        right.set_ylabel("retention KL (nats/token)")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     fig.tight_layout()
     path = Path(path)
     with replacing(path) as tmp:

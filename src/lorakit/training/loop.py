@@ -10,7 +10,9 @@ the run lasts; files are never written through a symbolic link):
     metrics.jsonl      one line per logged step ("train") and per evaluation ("eval")
     checkpoints/       step-N/ (atomic: written under a temporary name, then renamed); the last 2 kept
     adapter/           the final adapter in PEFT's format (LoRA/QLoRA), or model/ (full)
-    loss.png           training and held-out loss curves
+    loss.png           training and held-out loss curves (and the retention KL with eval.retention)
+    retention.pt       eval.retention's texts and the base model's distributions on them
+    tensorboard/       event files, with train.report_to: [tensorboard]
     summary.json       before/after metrics, wall times, tokens, peak memory, diagnostics
 
 The parts live in modules named after them: setup (model, data, checks), objectives (what a step
@@ -35,9 +37,9 @@ from ..config import ConfigError, RunConfig
 from ..inject import trainable_parameters
 from .checkpoint import (RunState, check_resume, checkpoints, load_checkpoint, remove_temporary_checkpoints,
                          restore_good_checkpoint, run_settings, save_checkpoint, save_result)
-from .evaluate import evaluate_run
+from .evaluate import Retention, evaluate_run, retention_run
 from .objectives import Objective, objective_for
-from .output import Report, sink, summary_line
+from .output import Report, check_trackers, sink, summary_line
 from .run_dir import check_run_dir, run_lock
 from .setup import Prepared, check_data, check_rank, load_data, memory_check, optimizer_and_schedule, prepare, skeleton
 
@@ -75,6 +77,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
     with run_lock(run_dir, ctx.main):
         if ctx.main:
             remove_temporary_checkpoints(run_dir)
+        out.open_trackers(config)
         return _run(config, run_dir, resume, prepared, tokenizer, data, out, ctx, objective, hooks)
 
 
@@ -83,6 +86,7 @@ def _check_inputs(config: RunConfig, run_dir: Path, resume: bool, prepared: Prep
     """(tokenizer, (train, validation, test)), every check that needs no model weights passed."""
     if ctx.main:  # the others would find rank 0's lock and files
         check_run_dir(run_dir, resume)
+        check_trackers(config.train.report_to)
     if prepared is None:
         from ..models import load_tokenizer, resolve_model_dir
 
@@ -119,9 +123,10 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
 
     found = checkpoints(run_dir) if resume else []
     state = RunState(config=run_settings(config))
+    retention = _retention(model, raw, prepared, config, ctx, run_dir, bool(found), out)
     if not found:
         out.started(config)
-        state.before = _evaluate_before(model, raw, prepared, config, ctx, out, objective)
+        state.before = _evaluate_before(model, raw, prepared, config, ctx, out, objective, retention)
     torch.manual_seed(t.seed + ctx.rank)  # dropout masks differ across ranks, as for independent examples
     params, optimizer, scheduler = optimizer_and_schedule(model, config)
     if found:
@@ -155,18 +160,20 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
                     metrics=metrics)
         if config.eval.every and step % config.eval.every == 0 and step != t.steps and prepared.validation:
             out.evaluated(step, evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=False,
-                                             objective=objective))
+                                             objective=objective, retention=retention))
             distributed.barrier(ctx)
         if step % t.save_every == 0 and step != t.steps:
             hooks.before_checkpoint(step, raw)
             hooks.after_checkpoint(step, save_checkpoint(run_dir, raw, optimizer, scheduler, state, ctx))
     out.steps_end()
 
-    return _finish(run_dir, model, raw, prepared, config, state, optimizer, scheduler, report, out, ctx, objective)
+    return _finish(run_dir, model, raw, prepared, config, state, optimizer, scheduler, report, out, ctx, objective,
+                   retention)
 
 
 def _finish(run_dir: Path, model, raw, prepared: Prepared, config: RunConfig, state: RunState, optimizer,
-            scheduler, report: Report, out, ctx: distributed.Context, objective: Objective) -> dict:
+            scheduler, report: Report, out, ctx: distributed.Context, objective: Objective,
+            retention: Retention | None) -> dict:
     """After the last step: diagnose the curve (or, after a divergence, go back to the last good
     checkpoint), evaluate the trained model, write the result and the summary."""
     report.steps = state.step
@@ -177,7 +184,8 @@ def _finish(run_dir: Path, model, raw, prepared: Prepared, config: RunConfig, st
     if report.no_result is None:
         out.log("evaluating the fine-tuned model...")
         report.after = evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=True,
-                                    objective=objective)
+                                    objective=objective, retention=retention)
+        report.diagnostics += _forgetting(out.evaluations(), report.steps, report.after, config, out)
         with distributed.full_trainable_weights(model):  # under FSDP: gathered on every rank, written by rank 0
             report.result_dir = save_result(raw, config, prepared.tokenizer, run_dir) if ctx.main else None
     summary = distributed.all_gather_objects(out.finish(report, state), ctx)[0]
@@ -211,11 +219,28 @@ def _introduce(config: RunConfig, prepared: Prepared, raw, ctx: distributed.Cont
     return Report(config, ctx.world, ctx.device, counts, planned_peak, wall_start)
 
 
+def _retention(model, raw, prepared: Prepared, config: RunConfig, ctx: distributed.Context, run_dir: Path,
+               resumed: bool, out) -> Retention | None:
+    """eval.retention's reference (evaluate.retention_run), kept in run_dir/retention.pt for a resume."""
+    if not config.eval.retention:
+        return None
+    if not resumed:
+        out.log("retention: scoring the base model on " + (config.eval.retention if isinstance(
+            config.eval.retention, str) else "its own answers to neutral prompts") + "...")
+    retention = retention_run(model, raw, prepared.tokenizer, config, ctx, run_dir / "retention.pt", resumed)
+    if retention is None and ctx.main:
+        out.log("warning: eval.retention is set, but this run started without it: the base model's "
+                "distributions were not kept (retention.pt), so forgetting is not measured")
+    distributed.barrier(ctx)
+    return retention
+
+
 def _evaluate_before(model, raw, prepared: Prepared, config: RunConfig, ctx: distributed.Context, out,
-                     objective: Objective) -> dict | None:
+                     objective: Objective, retention: Retention | None = None) -> dict | None:
     """The base model's evaluation (step 0), without its samples; every rank gets rank 0's."""
     out.log("evaluating the base model...")
-    before = evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=True, objective=objective)
+    before = evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=True, objective=objective,
+                          retention=retention)
     if before is not None:
         before = {k: v for k, v in before.items() if k != "samples"}
         out.evaluated(0, before)
@@ -285,6 +310,19 @@ def _curve_diagnostics(curve: list[dict], config: RunConfig, out) -> list[monito
     found = (monitor.check_collapse(steps, losses, [r["grad_norm"] for r in curve], config.train.lr)
              or monitor.check_plateau(steps, losses, None if config.method == "full" else config.lora.r,
                                       config.train.lr))
+    if found:
+        out.log(found.message)
+    return [found] if found else []
+
+
+def _forgetting(evaluations: list[dict], step: int, after: dict | None, config: RunConfig,
+                out) -> list[monitor.Diagnostic]:
+    """Forgetting read off the retention KL of every evaluation (the final one, `after`, included)."""
+    points = [(r["step"], r["retention_kl"]) for r in evaluations + [{"step": step, **(after or {})}]
+              if "retention_kl" in r]
+    found = monitor.check_forgetting([s for s, _ in points], [kl for _, kl in points],
+                                     config.eval.retention_threshold, config.train.lr,
+                                     None if config.method == "full" else config.lora.r)
     if found:
         out.log(found.message)
     return [found] if found else []

@@ -3,7 +3,8 @@
 Output (rank 0) owns the log lines, the progress bar and the files that describe the run:
 config.yaml, metrics.jsonl (one line per logged step, "train", and per evaluation, "eval"),
 loss.png and summary.json (before/after metrics, wall times, tokens, peak memory, diagnostics),
-and the before/after table. Silent (the other ranks) takes the same calls and does nothing, so the
+the before/after table, and the trackers of train.report_to (TensorBoard: the same records as
+scalars, the hyperparameters and loss.png, in run_dir/tensorboard). Silent (the other ranks) takes the same calls and does nothing, so the
 training loop never asks which rank it runs on to report.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from .. import monitor
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..files import write_atomically
 from .checkpoint import RunState
 
@@ -52,6 +53,17 @@ class Output:
         self.metrics = monitor.MetricsLog(self.run_dir / "metrics.jsonl")
         self._bar = None
         self._since = (0.0, 0)  # (train_seconds, tokens) at the last logged step: tokens/s between logs
+        self.trackers: list[TensorBoard] = []
+
+    def open_trackers(self, config: RunConfig) -> None:
+        """train.report_to's trackers (check_trackers has found their libraries)."""
+        if "tensorboard" in config.train.report_to:
+            self.trackers.append(TensorBoard(self.run_dir / "tensorboard", config))
+
+    def _write(self, record: dict) -> None:
+        self.metrics.write(record)
+        for tracker in self.trackers:
+            tracker.record(record)
 
     def started(self, config: RunConfig) -> None:
         """A fresh run: no metrics yet, the full resolved configuration in config.yaml."""
@@ -60,10 +72,12 @@ class Output:
 
     def resumed(self, step: int, path: Path) -> None:
         self.metrics.truncate_after(step)  # what came after the checkpoint is written again
+        for tracker in self.trackers:
+            tracker.resumed(step)
         self.log(f"resumed from {path} (step {step})")
 
     def evaluated(self, step: int, metrics: dict | None) -> None:
-        self.metrics.write({"type": "eval", "step": step, **metrics})
+        self._write({"type": "eval", "step": step, **metrics})
 
     def steps_begin(self, total: int, state: RunState) -> None:
         self._since = (state.train_seconds, 0)  # tokens/s counts training time only, not evaluation
@@ -85,7 +99,7 @@ class Output:
         record = {"type": "train", "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": state.tokens, "tokens_per_s": since / max(now - last, 1e-9),
                   "train_seconds": state.train_seconds, **(metrics or {})}
-        self.metrics.write(record)
+        self._write(record)
         self._since = (now, 0)
         if self._bar is not None:
             self._bar.n = state.step
@@ -102,6 +116,10 @@ class Output:
     def curve(self) -> list[dict]:
         """The training records logged so far (metrics.jsonl's "train" lines)."""
         return [r for r in self.metrics.read() if r.get("type") == "train"]
+
+    def evaluations(self) -> list[dict]:
+        """The evaluations logged so far (metrics.jsonl's "eval" lines)."""
+        return [r for r in self.metrics.read() if r.get("type") == "eval"]
 
     def finish(self, report: Report, state: RunState) -> dict:
         """The trained model's evaluation in metrics.jsonl, loss.png, summary.json, the before/after
@@ -132,6 +150,8 @@ class Output:
             "samples": samples[:5],
         }
         write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        for tracker in self.trackers:
+            tracker.finish(after or {}, plot)
         self.log(before_after_table(state.before, after or {}))
         self.log(f"wrote {f'{report.result_dir}, ' if report.result_dir else ''}{self.run_dir / 'summary.json'}, "
                  f"{self.metrics.path}" + (f", {plot}" if plot else ""))
@@ -166,8 +186,74 @@ class Silent:
     def curve(self) -> list[dict]:
         return []
 
+    def evaluations(self) -> list[dict]:
+        return []
+
+    def open_trackers(self, config: RunConfig) -> None:
+        pass
+
     def finish(self, report: Report, state: RunState) -> None:
         return None
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """ConfigError, before the run starts, when a tracker of train.report_to is not installed."""
+    if "tensorboard" in report_to:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        except ImportError:
+            raise ConfigError("run configuration", [
+                "train.report_to includes 'tensorboard', but the tensorboard package is not installed: "
+                "pip install tensorboard (or leave train.report_to empty; metrics.jsonl is always written)"]) from None
+
+
+class TensorBoard:
+    """TensorBoard event files in `log_dir`: every metrics.jsonl record as scalars ("train/loss",
+    "eval/val_loss", ... at its step), and at the end the hyperparameters (the resolved config,
+    with the final evaluation as their metrics) and loss.png as an image."""
+
+    def __init__(self, log_dir: Path, config: RunConfig):
+        self.log_dir, self.config = log_dir, config
+        self.writer = self._open()
+
+    def _open(self, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+
+    def resumed(self, step: int) -> None:
+        """A resumed run writes what came after its checkpoint again: TensorBoard drops the old ones."""
+        self.writer.close()
+        self.writer = self._open(purge_step=step + 1)
+
+    def record(self, record: dict) -> None:
+        for key, value in record.items():
+            if key not in ("type", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{record['type']}/{key}", value, record["step"])
+        self.writer.flush()
+
+    def finish(self, after: dict, plot: Path | None) -> None:
+        hparams = {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+                   for key, value in _flatten(self.config.to_dict()).items()}
+        final = {f"hparam/{k}": v for k, v in after.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        self.writer.add_hparams(hparams, final, run_name=".")  # "." : in this directory, not a new one
+        if plot is not None:
+            import matplotlib.image
+
+            self.writer.add_image("loss.png", matplotlib.image.imread(plot)[..., :3], dataformats="HWC")
+        self.writer.close()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def sink(main: bool, run_dir: Path, log=print, progress: bool = True) -> Output | Silent:
@@ -185,6 +271,8 @@ def summary_line(metrics: dict) -> str:
     if "val_loss" in metrics:
         parts.append(f"held-out loss {metrics['val_loss']:.4f}"
                      + (f" (ppl {metrics['val_ppl']:.2f})" if "val_ppl" in metrics else ""))
+    if "retention_kl" in metrics:
+        parts.append(f"retention KL {metrics['retention_kl']:.4f}")
     return ", ".join(parts) or "no held-out data"
 
 
@@ -196,7 +284,8 @@ def before_after_table(before: dict | None, after: dict) -> str:
             ("held-out reward accuracy", "rewards/accuracies", lambda v: f"{100 * v:.1f}%"),
             ("held-out reward margin", "rewards/margins", lambda v: _number(v, 4)),
             ("held-out loss", "val_loss", lambda v: _number(v, 4)),
-            ("held-out perplexity", "val_ppl", lambda v: _number(v, 2))]
+            ("held-out perplexity", "val_ppl", lambda v: _number(v, 2)),
+            ("retention KL(base || tuned)", "retention_kl", lambda v: _number(v, 4))]
     cells = [("", "before", "after")]
     for label, key, fmt in rows:
         if key in after or key in before:
