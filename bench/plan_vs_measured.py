@@ -19,6 +19,10 @@ step (so AdamW's states exist, as in every later step), then measures the next f
 The step is lorakit's, as `lorakit train` runs it: lorakit.add_lora (fused update, fp32 adapters
 around the frozen base) for LoRA, and lorakit.loss.model_loss (chunked cross-entropy where the
 family supports it) as the loss. QLoRA is not measured here.
+
+The DPO / ORPO rows run lorakit's preference step (training.objectives.PreferenceLoss: `batch` pairs,
+2*batch rows, the first `prompt` tokens of every row carry no loss; DPO's reference forward with the
+adapters disabled first) and are planned with objective dpo / orpo and answer_tokens = the scored tokens.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class Case:
     rank: int = 8
     tied: bool = False
     dropout: float = 0.0
+    objective: str = "sft"  # sft | dpo | orpo (batch: pairs)
+    prompt: int = 0  # preference: tokens of each row before the answer (no loss)
 
 
 CASES = [
@@ -75,6 +81,12 @@ CASES = [
     Case("llama-20M-v1k full ckpt", "llama", 512, 1376, 6, 8, 4, 1000, "full", 2, 512, ckpt=True),
     # Gemma 2: eager attention with soft-capping (s^2 probabilities), four norms, tied embeddings
     Case("gemma2-15M lora qv eager", "gemma2", 256, 768, 4, 4, 2, 8000, "lora", 2, 256, tied=True),
+    # Preference steps: B pairs are 2B rows; the loss scores only the answers' tokens (n_a)
+    Case("llama-30M dpo lora qv", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 2, 256, objective="dpo",
+         prompt=64),
+    Case("llama-30M dpo lora all fp32", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 2, 128, dtype="fp32",
+         targets="all-linear", objective="dpo", prompt=32),
+    Case("llama-12M orpo full", "llama", 256, 688, 4, 8, 4, 8000, "full", 2, 128, objective="orpo", prompt=32),
 ]
 
 
@@ -119,15 +131,39 @@ def _resident_bytes(*objs) -> int:
     return sum(seen.values())
 
 
+def preference_batch(c: Case, device: str) -> dict[str, torch.Tensor]:
+    """c.batch pairs as 2*c.batch rows; the first c.prompt tokens of each row carry no loss."""
+    ids = torch.randint(3, c.vocab, (2 * c.batch, c.seq), device=device)
+    labels = ids.clone()
+    labels[:, :c.prompt] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def answer_tokens(c: Case) -> int | None:
+    """n_a: the positions whose next label is scored (sequence_logps), None for SFT."""
+    return 2 * c.batch * (c.seq - max(c.prompt, 1)) if c.objective != "sft" else None
+
+
 def measure(c: Case, device: str) -> int:
     torch.manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[c.dtype]
     model = model_under_training(c, dtype, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(3, c.vocab, (c.batch, c.seq), device=device)
+    if c.objective != "sft":
+        from lorakit.training.objectives import dpo, orpo
+
+        batch = preference_batch(c, device)
+        ids = batch["input_ids"]
+        preference_loss = (dpo() if c.objective == "dpo" else orpo()).loss(model)
+
+    def loss_of_step():
+        if c.objective != "sft":
+            return preference_loss(**batch) / c.batch  # the mean loss per pair, as the loop divides
+        return model_loss(model, input_ids=ids, labels=ids)  # lorakit's loss: chunked where supported
 
     def step():
-        loss = model_loss(model, input_ids=ids, labels=ids)  # lorakit's loss: chunked where supported
+        loss = loss_of_step()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -149,7 +185,8 @@ def measure(c: Case, device: str) -> int:
 def predict(c: Case, device: str) -> int:
     arch = arch_from_config(build_config(c).to_dict(), name=c.name)
     result = plan(arch, method=c.method, rank=c.rank, targets=c.targets, batch_size=c.batch, seq_len=c.seq,
-                  grad_checkpointing=c.ckpt, dtype=c.dtype, device=device, recommend=False)
+                  grad_checkpointing=c.ckpt, dtype=c.dtype, device=device, recommend=False,
+                  objective=c.objective, answer_tokens=answer_tokens(c))
     return result.peak_allocated, result.peak_phase
 
 

@@ -1,5 +1,5 @@
 """planner: a DPO / ORPO step (objective dpo or orpo). B pairs are 2B rows, so the plan of B pairs is
-the SFT plan of 2B rows except for the loss's term: (12 + p) * n_a * V bytes for the n_a scored answer
+the SFT plan of 2B rows except for the loss's term: 16 * n_a * V bytes for the n_a scored answer
 tokens (memory.preference_logits_bytes) instead of SFT's chunked-loss term. Numbers by hand on
 SmolLM2-135M's shapes (h = 576, V = 49152, tied embeddings)."""
 
@@ -21,11 +21,12 @@ def test_dpo_plan_is_sft_with_2b_rows_and_the_preference_loss_term():
     dpo = plan_run(run("dpo", 2), SMOL, "cuda")
     sft = plan_run(run("sft", 4), SMOL, "cuda")  # the same 4 rows of 64 tokens under SFT
     assert (dpo.config.objective, dpo.config.rows, dpo.config.tokens, dpo.config.scored_tokens) == ("dpo", 4, 256, 256)
-    # the loss terms, by hand: DPO 14 bytes per scored token and vocabulary entry (bf16 logits, their
-    # float32 copy, two float32 gradients, the bf16 gradient); SFT the hidden states' gradient + one chunk
-    assert dpo.components["logits_and_loss"] == 14 * 256 * V == 176_160_768
+    # the loss terms, by hand: DPO 16 bytes per scored token and vocabulary entry (the saved float32
+    # logits, the gather's gradient, logsumexp's exp temporary and its gradient); SFT the hidden
+    # states' gradient + one chunk of 256 float32 logits and logsumexp's temporary
+    assert dpo.components["logits_and_loss"] == 16 * 256 * V == 201_326_592
     assert sft.components["logits_and_loss"] == 256 * H * 2 + 256 * V * 8 == 100_958_208
-    extra = 176_160_768 - 100_958_208
+    extra = 201_326_592 - 100_958_208
     # no second copy of the weights (the reference is the adapters switched off), no other difference
     for key in ("base_weights", "quant_constants", "adapter_weights", "gradients", "optimizer_states",
                 "activations", "transient"):
@@ -46,7 +47,7 @@ def test_dpo_plan_of_b_pairs_against_sft_of_b_rows():
     assert dpo.components["base_weights"] == sft.components["base_weights"]
 
 
-@pytest.mark.parametrize("dtype, bytes_per", [("float32", 12), ("bfloat16", 14)])
+@pytest.mark.parametrize("dtype, bytes_per", [("float32", 16), ("bfloat16", 16)])
 def test_orpo_and_scored_tokens(dtype, bytes_per):
     orpo = plan(SMOL, method="lora", batch_size=2, seq_len=64, dtype=dtype, objective="orpo",
                 answer_tokens=100, recommend=False)
@@ -59,7 +60,7 @@ def test_orpo_and_scored_tokens(dtype, bytes_per):
 def test_orpo_full_fine_tuning_keeps_the_heads_input():
     orpo = plan_run(run("orpo", 2, method="full", dtype="float32"), SMOL, "cuda")
     sft = plan_run(run("sft", 4, method="full", dtype="float32"), SMOL, "cuda")
-    assert orpo.components["logits_and_loss"] == 12 * 256 * V + 256 * H * 4
+    assert orpo.components["logits_and_loss"] == 16 * 256 * V + 256 * H * 4
     for key in ("base_weights", "gradients", "optimizer_states", "activations", "transient"):
         assert orpo.components[key] == sft.components[key], key
 
