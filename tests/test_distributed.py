@@ -50,6 +50,9 @@ SCRIPT = textwrap.dedent("""
         prepared.model = prepare_model(model, config)
     if base == "path":  # train() loads model.path and data.* itself
         prepared = None
+    if base == "pairs":  # DPO on test_dpo's preference pairs (reversed word vs one wrong letter)
+        from test_dpo import tiny_preference_run
+        config, prepared = tiny_preference_run(["lora.dropout=0.0", *overrides])
     # bytes of whole (unsharded) frozen parameters each time FSDP shards a part (replicated
     # buffers apart: rotary frequencies, NF4 code tables)
     models_seen, whole_at_shard = [], []
@@ -62,6 +65,9 @@ SCRIPT = textwrap.dedent("""
         return shard(module, *args, **kwargs)
     fsdp.fully_shard = counting_shard
     objective = SFT()
+    if base == "pairs":
+        from lorakit.training.objectives import objective_for
+        objective = objective_for(config)
     if os.environ.get("DIE_AT"):  # "RANK:STEP": that rank fails while it builds that step's batches
         die_rank, die_step = map(int, os.environ["DIE_AT"].split(":"))
         class Dying(SFT):
@@ -217,6 +223,20 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert summary["tokens_seen"] == json.loads((single / "summary.json").read_text())["tokens_seen"]
     # only rank 0 wrote: one line per step, no duplicates
     assert len([r for r in monitor.MetricsLog(ddp / "metrics.jsonl").read() if r["type"] == "train"]) == 12
+
+
+def test_dpo_two_processes_equal_one(tmp_path):
+    # B pairs split over 2 ranks: each rank's reference forward (adapters disabled) and policy forward
+    # see its own pairs; the loss per pair is summed over ranks and divided by the global pair count
+    single = run(tmp_path, "single", 1, ["train.batch_size=8", "train.grad_accum=2"], base="pairs")
+    ddp = run(tmp_path, "ddp", 2, ["train.batch_size=4", "train.grad_accum=2"], base="pairs")
+    assert_same_run(single, ddp)
+    assert curve(single)[0][1] == pytest.approx(0.6931471805599453, abs=1e-6)  # ln 2: the policy is the reference
+    rewards = [[(r["step"], r["rewards/margins"], r["rewards/accuracies"]) for r in monitor.MetricsLog(
+        d / "metrics.jsonl").read() if r["type"] == "train"] for d in (single, ddp)]
+    for (sa, ma, aa), (sb, mb, ab) in zip(*rewards):
+        assert (sa, aa) == (sb, ab) and ma == pytest.approx(mb, rel=1e-4, abs=1e-6)
+    assert json.loads((ddp / "summary.json").read_text())["world_size"] == 2
 
 
 def test_resume_with_two_processes(tmp_path):
