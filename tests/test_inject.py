@@ -272,8 +272,8 @@ def test_all_linear_on_a_mixture_of_experts_model_warns_about_the_experts_left_o
     assert [str(w.message) for w in moe] == [
         "all-linear adapts the linear layers only; 4 mixture-of-experts weights are not adapted "
         "(model.layers.0.mlp.experts.gate_up_proj, model.layers.0.mlp.experts.down_proj, "
-        "model.layers.1.mlp.experts.gate_up_proj, ...); LoRA on them needs target_parameters (peft's), "
-        "which lorakit does not support yet"]
+        "model.layers.1.mlp.experts.gate_up_proj, ...); to adapt them too, set lora.target_parameters "
+        "(LoraConfig(target_parameters=...), peft's), e.g. ['experts.gate_up_proj', 'experts.down_proj']"]
     assert moe[0].filename == __file__  # stacklevel: the caller of add_lora
     with pytest.warns(UserWarning, match=r"; 2 mixture-of-experts weights are not adapted \(model\.layers\.1\.mlp"
                                          r"\.experts\.gate_up_proj, model\.layers\.1\.mlp\.experts\.down_proj\);"):

@@ -6,6 +6,13 @@
                                    ...lora_embedding_A (r, num), ...lora_embedding_B (dim, r)
                                    ...lora_magnitude_vector (out,) for DoRA (no ".weight": peft's key)
                                    <modules_to_save path>.weight, biases when bias != "none"
+                                   <module path>.[base_layer.]*lora_A.weight  (r·E, in)  target_parameters
+                                   <module path>.[base_layer.]*lora_B.weight  (out, r·E)
+
+LoRA on parameters (target_parameters) is stored as peft stores it: peft wraps the module holding
+the parameter, once per targeted parameter, the first in the module's own order innermost, so
+parameter i of k on a module is written under "base_layer." repeated k - 1 - i times (Mixtral's
+experts: gate_up_proj under "experts.base_layer.lora_A.weight", down_proj under "experts.lora_A.weight").
 
 PiSSA and OLoRA train on a rewritten base W_res = W - scale · B₀ A₀. save_adapter writes what they
 learned as an adapter of the ORIGINAL base (as peft's path_initial_model_for_weight_conversion):
@@ -31,7 +38,7 @@ from torch import nn
 
 from .config import ConfigError, LoraConfig
 from .files import describe, open_safetensors, read_json_object, replacing
-from .inject import add_lora, adapter_configs, check_adapter_names, delete_adapter, lora_layers
+from .inject import add_lora, adapter_configs, check_adapter_names, delete_adapter, lora_layers, parameter_adapters
 from .layer import LoraEmbedding, LoraLayer, ModulesToSave
 from .patterns import pattern_problem
 
@@ -65,11 +72,27 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
                 out[prefix + "lora_magnitude_vector"] = module.lora_magnitude_vector[name]
             if config.bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 out[prefix + "base_layer.bias"] = module.base_layer.bias
+    out.update(_parameter_adapter_tensors(model, name))
     if config.bias == "all":
         for key, t in model.named_parameters():
             if key.endswith("bias") and ".lora_" not in key and ".original_module." not in key \
                     and ".modules_to_save." not in key:
                 out[PREFIX + key] = t
+    return out
+
+
+def _parameter_adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """A and B of adapter `name` on parameters, under peft's nested keys (module docstring)."""
+    by_module: dict[str, list] = {}
+    for module_name, _, _, lora in parameter_adapters(model):
+        by_module.setdefault(module_name, []).append(lora)
+    out = {}
+    for module_name, loras in by_module.items():
+        for i, lora in enumerate(loras):
+            if name in lora.rank:
+                prefix = PREFIX + module_name + "." + "base_layer." * (len(loras) - 1 - i)
+                out[prefix + "lora_A.weight"] = lora.lora_A[name].weight
+                out[prefix + "lora_B.weight"] = lora.lora_B[name].weight
     return out
 
 

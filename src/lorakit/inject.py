@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
-from .layer import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layer import LoraEmbedding, LoraLayer, LoraLinear, LoraParameter, ModulesToSave
 from .nf4 import NF4Linear, nf4_weights
 from .surgery import expert_parameters, layer_index, matches, output_head_names, replace_module, unwrapped_modules
 
@@ -64,10 +64,79 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
-def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
+def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave | LoraParameter]:
     for module in model.modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (LoraLayer, ModulesToSave, LoraParameter)):
             yield module
+
+
+def parameter_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoraParameter]]:
+    """(module name, module, parameter name, its LoraParameter) for every parameter carrying LoRA
+    (target_parameters), in the order the module's parametrizations were registered."""
+    for module_name, module in model.named_modules():
+        for leaf, chain in getattr(module, "parametrizations", {}).items():
+            for link in chain:
+                if isinstance(link, LoraParameter):
+                    yield module_name, module, leaf, link
+
+
+def _parameter_candidates(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(module name, parameter name, value) of every parameter of 2 or more dimensions that
+    target_parameters could select, a parametrized one (NF4, LoRA) under its own name; the
+    insides of LoRA wrappers and parametrizations are not searched."""
+    for name, module in unwrapped_modules(model):
+        if ".parametrizations." in f".{name}.":
+            continue
+        leaves = list(getattr(module, "parametrizations", {}))
+        leaves += [leaf for leaf, _ in module.named_parameters(recurse=False)]
+        for leaf in leaves:
+            value = getattr(module, leaf)
+            if value.dim() >= 2:
+                yield name, leaf, value
+
+
+def resolve_parameters(model: nn.Module, config: LoraConfig, modules: list[str] = ()) -> list[tuple[str, str]]:
+    """(module name, parameter name) of each parameter `config.target_parameters` adapts, in model
+    order (within a module: in the order peft nests its wrappers). An entry selects the parameter
+    whose full name ("model.layers.0.mlp.experts.gate_up_proj") equals it or ends in "." + entry,
+    peft's rule; exclude and layers apply to the module's name. `modules`: the modules LoRA wraps
+    whole (targets), whose parameters may not be targeted as well."""
+    if not config.target_parameters:
+        return []
+    chosen, problems = [], []
+    for name, leaf, value in _parameter_candidates(model):
+        if not matches(config.target_parameters, f"{name}.{leaf}"):
+            continue
+        if config.exclude is not None and matches(config.exclude, name):
+            continue
+        if config.layers is not None and layer_index(name, config.layers_pattern) not in config.layers:
+            continue
+        if name in modules:
+            problems.append(f"{name}.{leaf} (its module {name} is a LoRA target too)")
+        elif value.dim() > 3:
+            problems.append(f"{name}.{leaf} ({value.dim()}-D; 2-D and 3-D parameters only)")
+        else:
+            chosen.append((name, leaf))
+    if problems:
+        raise ValueError(f"target_parameters {config.target_parameters!r} select parameters LoRA cannot adapt: "
+                         + ", ".join(problems[:5]))
+    if not chosen:
+        shown = sorted({f"{module.rsplit('.', 1)[-1]}.{leaf}" for module, leaf in expert_parameters(model)})
+        raise ValueError(f"target_parameters {config.target_parameters!r} match no parameter"
+                         + (f" (with exclude={config.exclude!r}, layers={config.layers!r})"
+                            if config.exclude or config.layers else "")
+                         + f"; mixture-of-experts parameters here: {', '.join(shown) or 'none'}")
+    return chosen
+
+
+def parameter_list(model: nn.Module, chosen: list[tuple[str, str]]) -> list[str]:
+    """A target_parameters list selecting exactly `chosen` by peft's rule alone (peft applies no
+    exclude or layers to parameters): their last two names ("experts.gate_up_proj"), or the full
+    names when those select more."""
+    full = [f"{name}.{leaf}" for name, leaf in chosen]
+    short = list(dict.fromkeys(".".join(f.split(".")[-2:]) for f in full))
+    selected = [f"{n}.{leaf}" for n, leaf, _ in _parameter_candidates(model) if matches(short, f"{n}.{leaf}")]
+    return short if sorted(selected) == sorted(full) else full
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -151,12 +220,16 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
     _check_bias_scope(configs, name, config)
     if config.targets is None:
         config = config.replace(targets=default_targets(model))
-    targets = resolve_targets(model, config)
+    targets = resolve_targets(model, config) if config.targets != [] else []
+    parameters = resolve_parameters(model, config, targets)
+    _check_same_parameters(model, configs, parameters)
     if config.targets == ALL_LINEAR:
-        _warn_experts_left_out(model, config)
+        _warn_experts_left_out(model, config, parameters)
         # Other tools resolve "all-linear" their own way (peft also wraps MoE routers and experts):
         # the adapter's config, and so its saved adapter_config.json, names what is adapted here.
         config = config.replace(targets=target_list(model, config, targets))
+    if parameters:  # what peft selects from the saved list is exactly what is adapted here
+        config = config.replace(target_parameters=parameter_list(model, parameters))
     to_save = _resolve_modules_to_save(model, config.modules_to_save)
     first = not configs
     if first:
@@ -178,6 +251,8 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
         module.train(module.base_layer.training)  # new dropout modules follow the model's mode
         if first:
             module.active_adapters = [name]
+    for module_name, leaf in parameters:
+        _add_parameter_adapter(model, module_name, leaf, name, config, adapter_dtype, first)
     for full_name in to_save:
         module = model.get_submodule(full_name)
         if not isinstance(module, ModulesToSave):
@@ -199,17 +274,52 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
     return model
 
 
-def _warn_experts_left_out(model: nn.Module, config: LoraConfig) -> None:
+def _warn_experts_left_out(model: nn.Module, config: LoraConfig, parameters: list[tuple[str, str]]) -> None:
     """all-linear adapts linear layers; a mixture-of-experts model (transformers 5) holds its experts
-    as 3-D parameters (surgery.expert_parameters), which it leaves out: say so, with how many."""
-    left_out = [f"{module}.{leaf}" for module, leaf in expert_parameters(model)
-                if (config.exclude is None or not matches(config.exclude, module))
+    as 3-D parameters (surgery.expert_parameters): say how many are left out and how to add them."""
+    left_out = [(module, leaf) for module, leaf in expert_parameters(model)
+                if (module, leaf) not in parameters
+                and (config.exclude is None or not matches(config.exclude, module))
                 and (config.layers is None or layer_index(module, config.layers_pattern) in config.layers)]
     if left_out:
-        listed = ", ".join(left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+        listed = ", ".join(f"{m}.{leaf}" for m, leaf in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+        example = list(dict.fromkeys(f"{m.rsplit('.', 1)[-1]}.{leaf}" for m, leaf in left_out))
         warnings.warn(f"all-linear adapts the linear layers only; {len(left_out)} mixture-of-experts weights are "
-                      f"not adapted ({listed}); LoRA on them needs target_parameters (peft's), which lorakit "
-                      "does not support yet", stacklevel=3)
+                      f"not adapted ({listed}); to adapt them too, set lora.target_parameters (LoraConfig("
+                      f"target_parameters=...), peft's), e.g. {example}", stacklevel=3)
+
+
+def _check_same_parameters(model: nn.Module, configs: dict[str, LoraConfig],
+                           parameters: list[tuple[str, str]]) -> None:
+    """All adapters with target_parameters adapt the same parameters (peft's rule: its nested
+    wrappers, and so its file keys, depend on the set)."""
+    present = sorted({(m, leaf) for m, _, leaf, _ in parameter_adapters(model)})
+    if parameters and present and sorted(parameters) != present:
+        raise ValueError(f"target_parameters: this adapter adapts {len(parameters)} parameters "
+                         f"({parameters[0][0]}.{parameters[0][1]}, ...) but the model's other adapters adapt "
+                         f"{len(present)} others ({present[0][0]}.{present[0][1]}, ...); all adapters with "
+                         "target_parameters must adapt the same parameters (as in peft)")
+
+
+def _add_parameter_adapter(model: nn.Module, module_name: str, leaf: str, name: str, config: LoraConfig,
+                           adapter_dtype: torch.dtype | None, first: bool) -> None:
+    """Adapter `name` on parameter `leaf` of module `module_name`: a LoraParameter at the end of
+    the parameter's parametrizations (after NF4's dequantization, if any), created on first use."""
+    from torch.nn.utils import parametrize
+
+    module = model.get_submodule(module_name)
+    chains = getattr(module, "parametrizations", {})
+    lora = next((link for link in (chains[leaf] if leaf in chains else []) if isinstance(link, LoraParameter)), None)
+    weight = getattr(module, leaf)
+    if lora is None:
+        lora = LoraParameter(weight.shape, transposed=bool(getattr(module, "is_transposed", False)))
+        parametrize.register_parametrization(module, leaf, lora)
+    r, _ = config.rank_and_alpha(f"{module_name}.{leaf}")
+    dtype = adapter_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+    device = torch.device("cpu") if weight.is_meta else weight.device
+    lora.add_adapter(name, r, config.scaling(f"{module_name}.{leaf}"), config.init, dtype=dtype, device=device)
+    if first:
+        lora.active_adapters = [name]
 
 
 def _check_bias_scope(configs: dict[str, LoraConfig], name: str, config: LoraConfig) -> None:
@@ -326,6 +436,8 @@ def disable_adapters(model: nn.Module):
                           "its base", stacklevel=3)
     layers = list(_wrappers(model))
     merged = {id(m): list(m.merged_adapters) for m in layers if isinstance(m, LoraLayer)}
+    merged_parameters = [(module, leaf, list(lora.merged_adapters))
+                         for _, module, leaf, lora in parameter_adapters(model) if lora.merged_adapters]
     unmerge(model)
     for m in layers:
         m.disabled = True
@@ -335,8 +447,10 @@ def disable_adapters(model: nn.Module):
         shared = _shared_weights(model)
         for m in layers:
             m.disabled = False
-            if merged.get(id(m)):
+            if isinstance(m, LoraLayer) and merged.get(id(m)):
                 m.merge(merged[id(m)], untie=id(m.base_layer.weight) in shared)
+        for module, leaf, names in merged_parameters:
+            _merge_parameter(module, leaf, names)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -348,6 +462,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """
     check_adapter_names(model, [name])
     merged = [n for n, layer in lora_layers(model) if name in layer.merged_adapters]
+    merged += [f"{n}.{leaf}" for n, _, leaf, lora in parameter_adapters(model) if name in lora.merged_adapters]
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {merged[0]}" + (f" and {len(merged) - 1} more layers"
                          if len(merged) > 1 else "") + "; unmerge(model) first")
@@ -361,6 +476,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if not module.adapter_names():
             replace_module(model, full_name,
                            module.base_layer if isinstance(module, LoraLayer) else module.original_module)
+    for _, module, leaf, lora in list(parameter_adapters(model)):
+        if not lora.adapter_names():
+            _remove_parameter_adapter(module, leaf, lora)
     configs = adapter_configs(model)
     still_active = [n for n in active if n != name]
     if name in active and not still_active and configs:
@@ -394,7 +512,63 @@ def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
                              "which dequantizes and merges in float32")
         layer.merge(names and [n for n in names if n in layer.rank],
                     untie=id(layer.base_layer.weight) in shared)
+    for module_name, module, leaf, lora in parameter_adapters(model):
+        if len(module.parametrizations[leaf]) > 1:
+            raise ValueError(f"cannot merge into {module_name}.{leaf} in place: it is stored in 4 bits "
+                             "(nf4.NF4Weight); use merge_and_unload(model), which dequantizes and merges")
+        _merge_parameter(module, leaf, names and [n for n in names if n in lora.rank] or lora.active_adapters)
     return model
+
+
+def _merge_parameter(module: nn.Module, leaf: str, names: list[str]) -> None:
+    """W <- W + ΔW (in float32) for each named adapter of parameter `leaf` not merged yet."""
+    chain = module.parametrizations[leaf]
+    lora = next(link for link in chain if isinstance(link, LoraParameter))
+    names = [n for n in names if n not in lora.merged_adapters]
+    if not names:
+        return
+    weight = chain.original
+    with torch.no_grad():
+        merged = weight.float()
+        for name in names:
+            merged += lora.delta_weight(name).float()
+        weight.copy_(merged.to(weight.dtype))
+    lora.merged_adapters += names
+
+
+def _unmerge_parameter(module: nn.Module, leaf: str, lora: LoraParameter) -> None:
+    """W <- W - ΔW for every merged adapter of parameter `leaf`, the last merged first."""
+    if not lora.merged_adapters:
+        return
+    weight = module.parametrizations[leaf].original
+    with torch.no_grad():
+        restored = weight.float()
+        for name in reversed(lora.merged_adapters):
+            restored -= lora.delta_weight(name).float()
+        weight.copy_(restored.to(weight.dtype))
+    lora.merged_adapters = []
+
+
+def _remove_parameter_adapter(module: nn.Module, leaf: str, lora: LoraParameter,
+                              dtype: torch.dtype | None = None, keep_value: bool = False) -> None:
+    """Take `lora` out of the parameter's parametrizations. keep_value: the parameter becomes the
+    value the chain computes now (W + ΔW of the live adapters, after dequantization if 4-bit),
+    a plain frozen parameter in `dtype` (default: that value's)."""
+    from torch.nn.utils import parametrize
+
+    chain = module.parametrizations[leaf]
+    if keep_value:
+        with torch.no_grad():
+            value = getattr(module, leaf).detach().clone()
+            parametrize.remove_parametrizations(module, leaf, leave_parametrized=True)
+        delattr(module, leaf)  # a buffer when the chain held several tensors (NF4's codes)
+        module.register_parameter(leaf, nn.Parameter(value.to(dtype or value.dtype), requires_grad=False))
+    elif len(chain) == 1:
+        _unmerge_parameter(module, leaf, lora)
+        parametrize.remove_parametrizations(module, leaf, leave_parametrized=False)
+    else:  # after NF4's dequantization: the 4-bit weight stays
+        _unmerge_parameter(module, leaf, lora)
+        del chain[[i for i, link in enumerate(chain) if link is lora][0]]
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -402,6 +576,8 @@ def unmerge(model: nn.Module) -> nn.Module:
     by merge gets its shared original back exactly)."""
     for _, layer in lora_layers(model):
         layer.unmerge()
+    for _, module, leaf, lora in parameter_adapters(model):
+        _unmerge_parameter(module, leaf, lora)
     return model
 
 
@@ -430,6 +606,11 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requant
             replace_module(model, full_name, base)
         else:
             replace_module(model, full_name, module.active_module())
+    for _, module, leaf, lora in list(parameter_adapters(model)):
+        # W + ΔW of the active adapters (merged ones are in W already); a 4-bit weight dequantized
+        lora.active_adapters = [n for n in lora.active_adapters if n not in lora.merged_adapters]
+        lora.merged_adapters = []
+        _remove_parameter_adapter(module, leaf, lora, dtype, keep_value=True)
     if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the merged copies now differ
     if errors:
@@ -518,6 +699,8 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
         if p.requires_grad:
             trainable += p.numel()
             owner = pname.rsplit(".", 2)[0] if ".lora_" not in pname else pname.split(".lora_")[0]
+            # target_parameters: "<module>.parametrizations.<leaf>.<i>" -> "<module>.<leaf>"
+            owner = re.sub(r"\.parametrizations\.(\w+)\.\d+$", r".\1", owner)
             per_module[owner] = per_module.get(owner, 0) + p.numel()
     total += sum(state.numel for state in nf4_weights(model).values())  # packed weights are buffers
     adapted = 0
@@ -525,6 +708,7 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
         if isinstance(module, LoraLayer) and module.active_adapters:
             base = module.base_layer
             adapted += _numel(base) if _is_4bit(base) else base.weight.numel()
+    adapted += sum(lora.shape.numel() for _, _, _, lora in parameter_adapters(model) if lora.active_adapters)
     return TrainableReport(trainable, total, adapted, per_module)
 
 
@@ -547,6 +731,9 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str,
     _check_one_copy_each(model, names, "combine adapters of which at most one holds each such layer")
     if rank is not None and (not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank={rank!r}: must be an integer > 0, or None for exact concatenation")
+    if any(True for _ in parameter_adapters(model)):
+        raise ValueError("combine_adapters supports linear layers only; this model has adapters on parameters "
+                         "(target_parameters)")
     if any(isinstance(m, LoraEmbedding) for _, m in lora_layers(model)):
         raise ValueError("combine_adapters supports linear layers only; this model has embedding adapters")
     dora = [n for n in names if adapter_configs(model)[n].dora]

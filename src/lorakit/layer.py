@@ -473,3 +473,83 @@ class ModulesToSave(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.active_module()(*args, **kwargs)
+
+
+class LoraParameter(nn.Module):
+    """LoRA on a parameter: a parametrization (torch.nn.utils.parametrize) of a module's weight
+    W -> W + Σ_active ΔW, so the module keeps its class and forward (peft's target_parameters).
+
+    Made for transformers 5's mixture-of-experts weights, one 3-D parameter per layer, e.g.
+    Mixtral's `experts.gate_up_proj` (E, out, in), or (E, in, out) when the module says
+    `is_transposed` (gpt-oss). Each expert e gets its own rank-r update, as peft defines it:
+
+        A: (r·E, in)    expert e's A_e = A[e·r:(e+1)·r]        (rows grouped by expert)
+        B: (out, r·E)   expert e's B_e = B[:, e::E]            (columns interleaved by expert)
+        ΔW[e] = scale · B_e A_e  (out, in)   (transposed for an (E, in, out) weight)
+
+    A 2-D weight (out, in) is the case E = 1. After a 4-bit weight's nf4.NF4Weight in the same
+    chain, the module computes with dequantize(W_nf4) + ΔW (QLoRA). Adapters merged into W
+    (merge) are skipped here. Attribute names (lora_A.<name>, lora_B.<name>, nn.Linear's weight)
+    are peft's; adapter_io writes them under peft's keys.
+    """
+
+    def __init__(self, shape: torch.Size, transposed: bool):
+        super().__init__()
+        if len(shape) not in (2, 3):
+            raise ValueError(f"LoRA on a parameter of shape {list(shape)}: only 2-D (out, in) and 3-D "
+                             "(experts, out, in) parameters can be adapted")
+        self.shape, self.transposed = torch.Size(shape), transposed and len(shape) == 3
+        self.num_experts = shape[0] if len(shape) == 3 else 1
+        out_in = tuple(shape[-2:]) if len(shape) == 2 else tuple(shape[1:])
+        self.out_features, self.in_features = out_in[::-1] if self.transposed else out_in
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.rank: dict[str, int] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def adapter_names(self) -> list[str]:
+        return list(self.rank)
+
+    def add_adapter(self, name: str, r: int, scaling: float, init: str, dtype: torch.dtype,
+                    device: torch.device) -> None:
+        """A (r·E, in), B (out, r·E), started by LINEAR_INITS[init] as a linear layer's (on the
+        stacked A and B, as peft does); inits that rewrite the base weight are refused by config."""
+        experts = self.num_experts
+        self.lora_A[name] = nn.Linear(self.in_features, r * experts, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Linear(r * experts, self.out_features, bias=False, dtype=dtype, device=device)
+        self.scaling[name], self.rank[name] = scaling, r
+        LINEAR_INITS[init](self, name)
+
+    def delete_adapter(self, name: str) -> None:
+        for store in (self.lora_A, self.lora_B):
+            del store[name]
+        for store in (self.scaling, self.rank):
+            store.pop(name)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW of adapter `name` in the parameter's layout, in the adapter's dtype."""
+        experts, r = self.num_experts, self.rank[name]
+        a = self.lora_A[name].weight.reshape(experts, r, self.in_features)               # (E, r, in)
+        b = self.lora_B[name].weight.reshape(self.out_features, r, experts).permute(2, 0, 1)  # (E, out, r)
+        delta = self.scaling[name] * torch.bmm(b, a)                                    # (E, out, in)
+        if self.transposed:
+            delta = delta.transpose(1, 2)                                               # (E, in, out)
+        return delta.reshape(self.shape)
+
+    def live_adapters(self) -> list[str]:
+        """The adapters the forward adds: active, not merged into the weight, not disabled."""
+        return [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + Σ_live ΔW, in W's dtype."""
+        for name in self.live_adapters():
+            weight = weight + self.delta_weight(name).to(weight.dtype)
+        return weight
+
+    def extra_repr(self) -> str:
+        layout = "(experts, in, out)" if self.transposed else "(experts, out, in)" if len(self.shape) == 3 else "(out, in)"
+        return f"shape={list(self.shape)} {layout}, adapters={self.adapter_names()}"
