@@ -215,7 +215,8 @@ def leakage_findings(name: str, split: Dataset, train: Dataset, texts: list[str]
     level = "error" if share > max_leakage else "warning"
     return [Finding(level, "leakage", f"{len(leaked)} of {len(split.examples)} {name} examples ({share:.1%}) also "
                     f"appear in the training data (the same prompt): their {name} scores measure memory, not "
-                    f"generalisation" + (f" (more than {max_leakage:.0%}: remove them from one of the two)"
+                    f"generalisation" + (f" (more than data.max_leakage={max_leakage:g}: remove them from one of the two, "
+                                            "or raise data.max_leakage if the repeats are intended)"
                                          if level == "error" else ""), leaked[:SHOWN])]
 
 
