@@ -225,7 +225,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert len([r for r in monitor.MetricsLog(ddp / "metrics.jsonl").read() if r["type"] == "train"]) == 12
 
 
-def test_dpo_two_processes_equal_one(tmp_path):
+def test_dpo_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
     # B pairs split over 2 ranks: each rank's reference forward (adapters disabled) and policy forward
     # see its own pairs; the loss per pair is summed over ranks and divided by the global pair count
     single = run(tmp_path, "single", 1, ["train.batch_size=8", "train.grad_accum=2"], base="pairs")
@@ -237,6 +237,9 @@ def test_dpo_two_processes_equal_one(tmp_path):
     for (sa, ma, aa), (sb, mb, ab) in zip(*rewards):
         assert (sa, aa) == (sb, ab) and ma == pytest.approx(mb, rel=1e-4, abs=1e-6)
     assert json.loads((ddp / "summary.json").read_text())["world_size"] == 2
+    # FSDP: the sharded model's first forward is the objective's probe (one pair), then the same run
+    fsdp = run(tmp_path, "fsdp", 2, ["train.batch_size=4", "train.grad_accum=2", "train.strategy=fsdp"], base="pairs")
+    assert_same_run(single, fsdp)
 
 
 def test_resume_with_two_processes(tmp_path):
