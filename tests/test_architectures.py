@@ -147,3 +147,41 @@ def test_architecture(model_type, tmp_path, tokens):
     lora = PlanConfig(method="lora", rank=4, targets="all-linear")
     assert planned_trainable(arch, lora) == trainable_parameters(ours).trainable
     assert quantized_parameters(arch, PlanConfig(method="qlora")) == sum(s.numel for s in nf4.values())
+
+
+@pytest.mark.parametrize("model_type", [t for t in TINY if "experts" in str(expert_parameters(tiny_model(t)))])
+def test_mixture_of_experts_lora_on_experts(model_type, tmp_path, tokens):
+    """all-linear plus the experts (target_parameters): peft loads the adapter with the same
+    wrapped modules and logits; QLoRA (NF4 experts) computes as the dequantized float model with
+    the same adapter and trains; each 3-D expert weight (E, out, in) trains r·E·(in + out)."""
+    experts = list(dict.fromkeys(f"{m.rsplit('.', 1)[-1]}.{leaf}" for m, leaf in expert_parameters(tiny_model(model_type))))
+    config = LoraConfig(r=4, alpha=8, targets="all-linear", target_parameters=experts, init="random")
+    linear_only = trainable_parameters(add_lora(tiny_model(model_type), config.replace(target_parameters=None)))
+    ours = add_lora(tiny_model(model_type), config)
+    per_expert_weight = sum(4 * p.shape[0] * (p.shape[1] + p.shape[2]) for m, leaf in expert_parameters(ours)
+                            for p in [getattr(ours.get_submodule(m), leaf)])
+    assert trainable_parameters(ours).trainable == linear_only.trainable + per_expert_weight
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(tiny_model(model_type), tmp_path / "adapter").eval()
+    # peft wraps the experts module once per parameter (nested: "experts", "experts.base_layer")
+    assert {n.removesuffix(".base_layer") for n in adapted(theirs)} == adapted(ours) | {
+        m for m, _ in expert_parameters(ours)}
+    torch.testing.assert_close(logits(theirs, tokens), logits(ours, tokens), rtol=1e-5, atol=1e-5)
+
+    base = tiny_model(model_type)
+    base.save_pretrained(tmp_path / "base")
+    qlora = load_quantized(tmp_path / "base")
+    assert {f"{m}.{leaf}" for m, leaf in expert_parameters(base)} <= nf4_weights(qlora).keys()
+    reference = with_dequantized_weights(base, qlora)
+    add_lora(qlora, config)
+    save_adapter(qlora, tmp_path / "qlora_adapter")
+    from lorakit.adapter_io import load_adapter
+
+    load_adapter(reference, tmp_path / "qlora_adapter")
+    torch.testing.assert_close(logits(qlora, tokens), logits(reference, tokens), rtol=1e-5, atol=1e-5)
+    qlora.train()
+    loss = qlora(tokens, labels=tokens).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    with_grad = {n for n, p in qlora.named_parameters() if p.grad is not None}
+    assert all(".lora_" in n for n in with_grad) and any(".parametrizations." in n for n in with_grad)

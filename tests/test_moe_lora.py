@@ -214,3 +214,22 @@ def test_second_adapter_on_the_same_parameters(tokens, tmp_path):
     expected = logits(model, tokens)
     loaded = load_adapter(tiny_model("mixtral"), tmp_path)
     torch.testing.assert_close(logits(loaded, tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_report_of_an_experts_adapter(tmp_path):
+    """norm_delta of a parameter's adapter is ||ΔW|| over all experts, as the model computes it."""
+    from lorakit.adapter_io import adapter_report
+
+    base = tiny_model("mixtral")
+    model = experts_lora(tiny_model("mixtral"))
+    save_adapter(model, tmp_path)
+    report = adapter_report(tmp_path)
+    assert report["parameters"] == 2 * (8 * 160 + 8 * 96)
+    by_module = {m["module"]: m for m in report["modules"]}
+    for prefix, leaf in (("model.layers.0.mlp.experts.base_layer", "gate_up_proj"),
+                         ("model.layers.0.mlp.experts", "down_proj")):
+        entry = by_module[prefix]
+        assert entry["r"] == 2 and entry["experts"] == 4 and entry["scale"] == 2.0
+        delta = getattr(model.get_submodule("model.layers.0.mlp.experts"), leaf) - \
+            getattr(base.get_submodule("model.layers.0.mlp.experts"), leaf)
+        assert entry["norm_delta"] == pytest.approx(delta.norm().item(), rel=1e-5)

@@ -272,14 +272,19 @@ def adapter_report(directory: str | os.PathLike) -> dict:
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
                 problems.append(f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not (r, in) and (out, r) "
                                 "with one rank")
-            elif a.shape[0] != r:
+            elif a.shape[0] != r and not (config.target_parameters and a.shape[0] % r == 0):
                 problems.append(f"{module}: the tensors have rank {a.shape[0]} but {CONFIG_NAME} gives r={r} "
                                 "(r, or its rank_pattern entry), so the scale alpha/r would be wrong")
             else:
+                # target_parameters: E experts, each its own rank-r update (layer.LoraParameter)
+                experts = a.shape[0] // r
                 scale = config.scaling(module)
+                delta = b @ a if experts == 1 else torch.bmm(b.reshape(b.shape[0], r, experts).permute(2, 0, 1),
+                                                             a.reshape(experts, r, a.shape[1]))  # (E, out, in)
                 modules.append({"module": module, "r": r, "scale": scale,
+                                **({"experts": experts} if experts > 1 else {}),
                                 "norm_A": a.norm().item(), "norm_B": b.norm().item(),
-                                "norm_delta": scale * (b @ a).norm().item()})
+                                "norm_delta": scale * delta.norm().item()})
     if problems:
         raise ValueError(f"adapter in {directory} is inconsistent:{_listed(problems)}")
     files = [directory / CONFIG_NAME, directory / WEIGHTS_NAME]

@@ -25,7 +25,15 @@ from transformers.pytorch_utils import Conv1D
 from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, LoraParameter, ModulesToSave
 from .nf4 import NF4Linear, nf4_weights
-from .surgery import expert_parameters, layer_index, matches, output_head_names, replace_module, unwrapped_modules
+from .surgery import (
+    expert_parameters,
+    layer_index,
+    matches,
+    output_head_names,
+    registration_order,
+    replace_module,
+    unwrapped_modules,
+)
 
 
 def _is_4bit(module: nn.Module) -> bool:
@@ -72,24 +80,24 @@ def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave | LoraPara
 
 def parameter_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoraParameter]]:
     """(module name, module, parameter name, its LoraParameter) for every parameter carrying LoRA
-    (target_parameters), in the order the module's parametrizations were registered."""
+    (target_parameters); within a module in the order its class registers them (LoraParameter.position)."""
     for module_name, module in model.named_modules():
-        for leaf, chain in getattr(module, "parametrizations", {}).items():
-            for link in chain:
-                if isinstance(link, LoraParameter):
-                    yield module_name, module, leaf, link
+        found = [(leaf, link) for leaf, chain in getattr(module, "parametrizations", {}).items()
+                 for link in chain if isinstance(link, LoraParameter)]
+        for leaf, link in sorted(found, key=lambda item: item[1].position):
+            yield module_name, module, leaf, link
 
 
 def _parameter_candidates(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(module name, parameter name, value) of every parameter of 2 or more dimensions that
     target_parameters could select, a parametrized one (NF4, LoRA) under its own name; the
     insides of LoRA wrappers and parametrizations are not searched."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name, module in unwrapped_modules(model):
         if ".parametrizations." in f".{name}.":
             continue
-        leaves = list(getattr(module, "parametrizations", {}))
-        leaves += [leaf for leaf, _ in module.named_parameters(recurse=False)]
-        for leaf in leaves:
+        for leaf in registration_order(module, config):
             value = getattr(module, leaf)
             if value.dim() >= 2:
                 yield name, leaf, value
@@ -251,8 +259,9 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
         module.train(module.base_layer.training)  # new dropout modules follow the model's mode
         if first:
             module.active_adapters = [name]
-    for module_name, leaf in parameters:
-        _add_parameter_adapter(model, module_name, leaf, name, config, adapter_dtype, first)
+    for i, (module_name, leaf) in enumerate(parameters):
+        position = sum(m == module_name for m, _ in parameters[:i])  # its place in the module (peft's nesting)
+        _add_parameter_adapter(model, module_name, leaf, name, config, adapter_dtype, first, position)
     for full_name in to_save:
         module = model.get_submodule(full_name)
         if not isinstance(module, ModulesToSave):
@@ -302,7 +311,7 @@ def _check_same_parameters(model: nn.Module, configs: dict[str, LoraConfig],
 
 
 def _add_parameter_adapter(model: nn.Module, module_name: str, leaf: str, name: str, config: LoraConfig,
-                           adapter_dtype: torch.dtype | None, first: bool) -> None:
+                           adapter_dtype: torch.dtype | None, first: bool, position: int) -> None:
     """Adapter `name` on parameter `leaf` of module `module_name`: a LoraParameter at the end of
     the parameter's parametrizations (after NF4's dequantization, if any), created on first use."""
     from torch.nn.utils import parametrize
@@ -312,7 +321,7 @@ def _add_parameter_adapter(model: nn.Module, module_name: str, leaf: str, name: 
     lora = next((link for link in (chains[leaf] if leaf in chains else []) if isinstance(link, LoraParameter)), None)
     weight = getattr(module, leaf)
     if lora is None:
-        lora = LoraParameter(weight.shape, transposed=bool(getattr(module, "is_transposed", False)))
+        lora = LoraParameter(weight.shape, transposed=bool(getattr(module, "is_transposed", False)), position=position)
         parametrize.register_parametrization(module, leaf, lora)
     r, _ = config.rank_and_alpha(f"{module_name}.{leaf}")
     dtype = adapter_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)

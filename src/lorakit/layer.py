@@ -490,11 +490,13 @@ class LoraParameter(nn.Module):
     A 2-D weight (out, in) is the case E = 1. After a 4-bit weight's nf4.NF4Weight in the same
     chain, the module computes with dequantize(W_nf4) + ΔW (QLoRA). Adapters merged into W
     (merge) are skipped here. Attribute names (lora_A.<name>, lora_B.<name>, nn.Linear's weight)
-    are peft's; adapter_io writes them under peft's keys.
+    are peft's; adapter_io writes them under peft's keys, nested by `position`: the parameter's
+    place among the module's adapted parameters, in the order the module's class registers them.
     """
 
-    def __init__(self, shape: torch.Size, transposed: bool):
+    def __init__(self, shape: torch.Size, transposed: bool, position: int = 0):
         super().__init__()
+        self.position = position
         if len(shape) not in (2, 3):
             raise ValueError(f"LoRA on a parameter of shape {list(shape)}: only 2-D (out, in) and 3-D "
                              "(experts, out, in) parameters can be adapted")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .layer import LoraLayer, ModulesToSave
@@ -75,6 +76,25 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, str]]:
             shapes[leaf] = tuple(getattr(plist[0], "shape", None) or getattr(module, leaf).shape)
         out += [(name, leaf) for leaf, shape in shapes.items() if len(shape) >= 3 and shape[0] == experts]
     return out
+
+
+def registration_order(module: nn.Module, config=None) -> list[str]:
+    """The names of `module`'s own parameters, parametrized ones (NF4, LoRA) included, in the order
+    its class registers them (Mixtral's experts: gate_up_proj, down_proj), which is the order peft
+    nests its wrappers in (adapter_io). Parametrizing a parameter loses its place, so the order of
+    a module with parametrizations is read from a copy built on the meta device from `config`
+    (transformers' modules take the model's config); a module that cannot be built so keeps its
+    parametrized parameters first, in the order they were parametrized."""
+    names = list(getattr(module, "parametrizations", {})) + [n for n, _ in module.named_parameters(recurse=False)]
+    if len(names) == len([n for n, _ in module.named_parameters(recurse=False)]):
+        return names
+    try:
+        with torch.device("meta"):
+            fresh = type(module)(config)
+        order = [n for n, _ in fresh.named_parameters(recurse=False)]
+    except Exception:  # any constructor: the order is a preference, never a reason to fail
+        order = []
+    return sorted(names, key=lambda n: order.index(n) if n in order else len(order) + names.index(n))
 
 
 def unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
