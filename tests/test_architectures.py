@@ -4,7 +4,8 @@ the planner's counts, one parametrized test. A family transformers cannot build 
 with the reason; none is skipped.
 
 Mixture-of-experts models keep their expert weights as 3-D parameters (transformers 5), which
-all-linear does not adapt (LoRA on parameters is separate work); QLoRA stores them in NF4.
+all-linear does not adapt (it warns); lora.target_parameters adapts them, per expert as peft does
+(test_mixture_of_experts_lora_on_experts, tests/test_moe_lora.py); QLoRA stores them in NF4.
 """
 
 import copy

@@ -201,3 +201,26 @@ def test_variant_rules_between_method_and_adapters():
     with pytest.raises(ConfigError, match=r"lora.init='loftq' with method=lora: .* use method=qlora"):
         RunConfig.from_dict({"lora": {"init": "loftq"}})
     assert RunConfig.from_dict({"method": "qlora", "lora": {"init": "loftq"}, "train": {"loraplus_ratio": 16}})
+
+
+def test_target_parameters_in_peft_dict_and_run_config():
+    """peft's target_parameters both ways (target_modules [] with it: the parameters only), and
+    the run config's lora.target_parameters; their rules all reported at once."""
+    from lorakit.config import RunConfig
+
+    c = LoraConfig(r=2, alpha=4, targets=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    d = c.to_peft_dict()
+    assert d["target_modules"] == [] and d["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]
+    assert LoraConfig.from_peft_dict(d) == c
+    assert LoraConfig.from_peft_dict({**d, "target_modules": None}).targets == []
+    assert "target_parameters" not in LoraConfig().to_peft_dict()  # files of other adapters unchanged
+    run = RunConfig.from_dict({}, ["lora.target_parameters=[experts.gate_up_proj]"])
+    assert run.lora.lora_config().target_parameters == ["experts.gate_up_proj"]
+    assert run.lora.lora_config().targets == "all-linear"  # the linear layers too, as by default
+    with pytest.raises(ConfigError) as e:
+        LoraConfig(targets=[], target_parameters=["experts.down_proj"], dropout=0.05, init="olora")
+    assert e.value.problems == [
+        "dropout=0.05 with target_parameters: LoRA on parameters needs dropout 0 (a weight's update cannot drop inputs)",
+        "init='olora' with target_parameters: valid choices are default, gaussian, random"]
+    with pytest.raises(ConfigError, match=r"targets=\[\]: must be a non-empty list"):
+        LoraConfig(targets=[])  # no module and no parameter

@@ -233,3 +233,22 @@ def test_adapter_report_of_an_experts_adapter(tmp_path):
         delta = getattr(model.get_submodule("model.layers.0.mlp.experts"), leaf) - \
             getattr(base.get_submodule("model.layers.0.mlp.experts"), leaf)
         assert entry["norm_delta"] == pytest.approx(delta.norm().item(), rel=1e-5)
+
+
+def test_adapted_weights_are_built_once_per_forward(tokens, monkeypatch):
+    """Mixtral's experts read W[e] expert by expert: W + ΔW is built once per forward per
+    parameter (2 layers x 2 parameters), not at every read; deleting the adapter removes the hooks."""
+    model = experts_lora(tiny_model("mixtral"))
+    calls = []
+    original = LoraParameter.forward
+    monkeypatch.setattr(LoraParameter, "forward", lambda self, w: calls.append(1) or original(self, w))
+    expected = logits(model, tokens)
+    assert len(calls) == 4
+    model.train()
+    model(tokens, labels=tokens).loss.backward()  # gradients through the cached weight
+    assert len(calls) == 8 and all(p.grad is not None for n, p in model.named_parameters() if ".lora_A." in n)
+    model.eval()
+    torch.testing.assert_close(logits(model, tokens), expected, rtol=0, atol=0)
+    delete_adapter(model, "default")
+    experts = model.get_submodule("model.layers.0.mlp.experts")
+    assert not experts._forward_hooks and not experts._forward_pre_hooks

@@ -323,6 +323,7 @@ def _add_parameter_adapter(model: nn.Module, module_name: str, leaf: str, name: 
     if lora is None:
         lora = LoraParameter(weight.shape, transposed=bool(getattr(module, "is_transposed", False)), position=position)
         parametrize.register_parametrization(module, leaf, lora)
+        _cache_during_forward(module)
     r, _ = config.rank_and_alpha(f"{module_name}.{leaf}")
     dtype = adapter_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
     device = torch.device("cpu") if weight.is_meta else weight.device
@@ -545,6 +546,25 @@ def _merge_parameter(module: nn.Module, leaf: str, names: list[str]) -> None:
     lora.merged_adapters += names
 
 
+def _cache_during_forward(module: nn.Module) -> None:
+    """Evaluate the module's parametrized weights once per forward (parametrize.cached), not at
+    every access: experts' forwards read W[e] expert by expert, and each read would otherwise
+    rebuild all of W + ΔW (and keep a copy for backward)."""
+    from torch.nn.utils import parametrize
+
+    if "lorakit_cache_hooks" in module.__dict__:
+        return
+    scope = contextlib.ExitStack()
+    pre = module.register_forward_pre_hook(lambda m, args: scope.enter_context(parametrize.cached()))
+    post = module.register_forward_hook(lambda m, args, out: scope.close(), always_call=True)
+    module.__dict__["lorakit_cache_hooks"] = (pre, post)
+
+
+def _stop_caching(module: nn.Module) -> None:
+    for hook in module.__dict__.pop("lorakit_cache_hooks", ()):
+        hook.remove()
+
+
 def _unmerge_parameter(module: nn.Module, leaf: str, lora: LoraParameter) -> None:
     """W <- W - ΔW for every merged adapter of parameter `leaf`, the last merged first."""
     if not lora.merged_adapters:
@@ -566,6 +586,8 @@ def _remove_parameter_adapter(module: nn.Module, leaf: str, lora: LoraParameter,
     from torch.nn.utils import parametrize
 
     chain = module.parametrizations[leaf]
+    if sum(isinstance(link, LoraParameter) for c in module.parametrizations.values() for link in c) == 1:
+        _stop_caching(module)  # its last adapted parameter
     if keep_value:
         with torch.no_grad():
             value = getattr(module, leaf).detach().clone()
