@@ -35,7 +35,8 @@ def _as_method(plan_: Plan, method: str) -> Plan:
 def recommend_method(plan_: Plan, budget_gib: float | None = None, domain_shift: bool = False) -> Recommendation:
     """The seed's rules, applied to predicted peaks on `budget_gib` per GPU (default: one 24 GiB GPU):
     full fine-tuning only for a large domain shift (and only if it fits); LoRA for models up to ~7B when
-    it fits; QLoRA for 7B-70B on limited memory, i.e. whenever LoRA does not fit."""
+    it fits; QLoRA for 7B-70B on limited memory, i.e. whenever LoRA does not fit. DPO is never full
+    fine-tuning (its reference is the model with the adapters disabled)."""
     budget = DEFAULT_BUDGET_GIB if budget_gib is None else budget_gib
     n = plan_.config.n_gpus
     # sorted: full, lora, qlora (most memory first), the order of the JSON's peaks_gib
@@ -43,10 +44,21 @@ def recommend_method(plan_: Plan, budget_gib: float | None = None, domain_shift:
     on = f"{n} x {budget:g} GiB" if n > 1 else f"{budget:g} GiB"
     billions = plan_.total_params / 1e9
     fit = {m: peaks[m] <= budget for m in METHODS}
+    if plan_.config.objective == "dpo" and domain_shift:  # its reference is the adapters switched off
+        return _recommend_adapters(plan_, peaks, budget, on, billions, fit,
+                                   "lorakit's DPO trains adapters only (its reference model is the model "
+                                   "with them disabled; full fine-tuning would need a frozen copy); ")
     if domain_shift and fit["full"]:
         return Recommendation("full", f"a large domain shift warrants updating every weight, and full "
                               f"fine-tuning fits ({peaks['full']:.1f} of {on})", budget, peaks)
     prefix = (f"full fine-tuning would need {peaks['full']:.1f} GiB, more than {on}; " if domain_shift else "")
+    return _recommend_adapters(plan_, peaks, budget, on, billions, fit, prefix)
+
+
+def _recommend_adapters(plan_: Plan, peaks: dict[str, float], budget: float, on: str, billions: float,
+                        fit: dict[str, bool], prefix: str) -> Recommendation:
+    """LoRA when it fits (up to ~7B, or with 10% to spare), else QLoRA, with what to change when
+    nothing fits; `prefix` says why full fine-tuning was not chosen."""
     if fit["lora"] and (billions < 7 or peaks["lora"] <= 0.9 * budget):
         return Recommendation("lora", prefix + f"a {billions:.1f}B model fits in 16-bit with LoRA "
                               f"({peaks['lora']:.1f} of {on}): no quantization error, faster steps than QLoRA",
