@@ -4,7 +4,8 @@ fine-tuning, LoRA or QLoRA.
 Modules, leaves first (each imports only those above it):
   architecture   Architecture (a model's shapes), arch_from_config, targeted_modules
   presets        shapes of popular models (PRESETS, find_preset), resolve_model
-  memory         PlanConfig, Plan, the formulas (one function per part of the step), fits
+  memory         PlanConfig, Plan, the formulas (one function per part of the step; the objective's
+                 loss term: logits_bytes for SFT, preference_logits_bytes for DPO / ORPO), fits
   recommend      recommend_method, device_warning, available_memory
   render         render_plan (what `lorakit plan` prints), memory_plan_line (what `lorakit train` logs)
   plans          plan(model, ...), plan_run(run_config, arch, ...), arch_for_run
@@ -38,6 +39,7 @@ from .memory import (
     layer_activation_bytes,
     logits_bytes,
     phase_bytes,
+    preference_logits_bytes,
     predict,
     trainable_parameters,
 )
@@ -57,6 +59,7 @@ __all__ = [
     "GPUS", "GiB", "MAX_BUDGET_GIB", "METHODS", "NCCL_BYTES", "OPTIMIZERS", "PRESETS", "SUPPORTED_MODEL_TYPES",
     "Architecture", "Plan", "PlanConfig", "Recommendation", "activation_bytes", "arch_for_run", "arch_from_config",
     "available_memory", "device_warning", "find_preset", "fits", "head_activation_bytes", "layer_activation_bytes",
-    "logits_bytes", "memory_plan_line", "phase_bytes", "plan", "plan_config", "plan_run", "predict",
+    "logits_bytes", "memory_plan_line", "phase_bytes", "plan",
+    "preference_logits_bytes", "plan_config", "plan_run", "predict",
     "recommend_method", "render_plan", "resolve_model", "run_device", "targeted_modules", "trainable_parameters",
 ]
