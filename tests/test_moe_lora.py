@@ -24,7 +24,7 @@ from lorakit.inject import (
     trainable_parameters,
     unmerge,
 )
-from lorakit.layer import LoraParameter
+from lorakit.layer import LoraLayer, LoraParameter
 from lorakit.nf4 import dequantize, nf4_weights, quantize_parameter_
 from lorakit.surgery import expert_parameters
 
@@ -252,3 +252,15 @@ def test_adapted_weights_are_built_once_per_forward(tokens, monkeypatch):
     delete_adapter(model, "default")
     experts = model.get_submodule("model.layers.0.mlp.experts")
     assert not experts._forward_hooks and not experts._forward_pre_hooks
+
+
+def test_a_second_all_linear_adapter_wraps_the_same_layers():
+    """The A and B of LoRA on parameters are nn.Linear modules inside the parametrization: a model
+    with adapters is searched as its base, so all-linear does not wrap them."""
+    config = LoraConfig(r=2, targets="all-linear", target_parameters=EXPERTS)
+    model = add_lora(tiny_model("mixtral"), config)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    add_lora(model, config, name="second")
+    assert {n for n, m in model.named_modules() if isinstance(m, LoraLayer)} == wrapped
+    assert len(wrapped) == 8 and all(lora.adapter_names() == ["default", "second"]
+                                     for *_, lora in parameter_adapters(model))

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .layer import LoraLayer, ModulesToSave
+from .layer import LoraLayer, LoraParameter, ModulesToSave
 from . import nf4
 
 # Names of the container holding a model's blocks: Llama "layers", GPT-2 "h", others "blocks", BERT "layer".
@@ -101,7 +101,8 @@ def unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(full name, module) for every module of `model` (the model itself first, named ""), as
     named_modules() gives them, except that a LoRA wrapper stands for the layer it wraps: it is
     listed under its own name with the wrapped layer (LoraLayer.base_layer,
-    ModulesToSave.original_module) as module, and nothing inside it is listed. So a model with
+    ModulesToSave.original_module) as module, and nothing inside it is listed; a LoRA
+    parametrization (LoraParameter, target_parameters) is not listed either. So a model with
     adapters is searched as the base model it was built from."""
     for name, module, _ in _walk(model):
         yield name, module
@@ -124,6 +125,9 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
         if inside and name.startswith(inside):
             continue
         base = module
+        if isinstance(module, LoraParameter):  # LoRA on a parameter: its A and B are no model layers
+            inside += (name + ".",)
+            continue
         if isinstance(module, (LoraLayer, ModulesToSave)):
             inside += (name + ".",)
             base = module.base_layer if isinstance(module, LoraLayer) else module.original_module
