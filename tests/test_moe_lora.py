@@ -264,3 +264,20 @@ def test_a_second_all_linear_adapter_wraps_the_same_layers():
     assert {n for n, m in model.named_modules() if isinstance(m, LoraLayer)} == wrapped
     assert len(wrapped) == 8 and all(lora.adapter_names() == ["default", "second"]
                                      for *_, lora in parameter_adapters(model))
+
+
+def test_merge_and_unload_requantizes_nf4_experts(tokens):
+    """requantize=True stores merged NF4 experts in NF4 again (the reported error is measured:
+    ||deq(nf4(W)) - W|| / ||W|| of each weight), instead of leaving them in float."""
+    model = tiny_model("mixtral")
+    for module_name, leaf in expert_parameters(model):
+        quantize_parameter_(model.get_submodule(module_name), leaf)
+    experts_lora(model)
+    merged = {n: w.clone() for n, w in expert_weights(model).items()}  # deq(W_nf4) + ΔW
+    with pytest.warns(UserWarning, match="merged 4 layers back into NF4") as record:
+        merge_and_unload(model, requantize=True)
+    assert len(nf4_weights(model)) == 4 and not list(parameter_adapters(model))
+    errors = [(torch.linalg.vector_norm(w - merged[n]) / torch.linalg.vector_norm(merged[n])).item()
+              for n, w in expert_weights(model).items()]
+    assert 0 < max(errors) < 0.2
+    assert f"max {max(errors):.4f}" in str(record[0].message)

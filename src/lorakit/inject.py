@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, LoraParameter, ModulesToSave
-from .nf4 import NF4Linear, nf4_weights
+from .nf4 import NF4Linear, NF4Weight, nf4_weights, quantize_parameter_
 from .surgery import (
     expert_parameters,
     layer_index,
@@ -641,7 +641,14 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requant
         # W + ΔW of the active adapters (merged ones are in W already); a 4-bit weight dequantized
         lora.active_adapters = [n for n in lora.active_adapters if n not in lora.merged_adapters]
         lora.merged_adapters = []
+        nf4 = next((link for link in module.parametrizations[leaf] if isinstance(link, NF4Weight)), None)
         _remove_parameter_adapter(module, leaf, lora, dtype, keep_value=True)
+        if requantize and nf4 is not None:  # back to NF4 with the same settings; lossy, measured
+            merged = getattr(module, leaf).detach().float()
+            quantize_parameter_(module, leaf, dtype or nf4.compute_dtype, nf4.double_quant, nf4.blocksize,
+                                nf4.quant_type)
+            errors.append((torch.linalg.vector_norm(getattr(module, leaf).float() - merged)
+                           / torch.linalg.vector_norm(merged)).item())
     if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the merged copies now differ
     if errors:
