@@ -125,6 +125,8 @@ def main() -> None:
               f"{int((batch['labels'][:, 1:] != -100).sum())} scored answer tokens")
         print(f"first-step DPO losses (ln 2 = 0.693147: the policy is its reference): "
               f"lorakit {first['lorakit']:.6f}, trl {first['trl']:.6f}")
+        second = {name: step() for name, step in steps.items()}  # after one identical AdamW step
+        print(f"second-step DPO losses: lorakit {second['lorakit']:.6f}, trl {second['trl']:.6f}")
         contenders = [C.Contender(name, step) for name, step in steps.items()]
         C.time_alternating(contenders, reps, warmup=0)
         resident = {"lorakit": C.resident_bytes(*C.model_tensors(ours), *C.optimizer_tensors(ours_opt)),
