@@ -87,6 +87,9 @@ CASES = [
     Case("llama-30M dpo lora all fp32", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 2, 128, dtype="fp32",
          targets="all-linear", objective="dpo", prompt=32),
     Case("llama-12M orpo full", "llama", 256, 688, 4, 8, 4, 8000, "full", 2, 128, objective="orpo", prompt=32),
+    # SmolLM2-135M's shapes, as bench/dpo_step.py trains it (4 pairs, 44 tokens, r=16 on every linear)
+    Case("smollm2-135m dpo lora all fp32", "llama", 576, 1536, 30, 9, 3, 49152, "lora", 4, 44, dtype="fp32",
+         targets="all-linear", rank=16, tied=True, objective="dpo", prompt=34),
 ]
 
 
