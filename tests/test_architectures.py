@@ -13,10 +13,11 @@ import copy
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, add_lora
-from lorakit.adapter_io import save_adapter
+from lorakit.adapter_io import adapter_state_dict, load_adapter, save_adapter
 from lorakit.inject import merge, trainable_parameters
 from lorakit.layer import LoraLayer
 from lorakit.models import CheckpointLoader, load_quantized
@@ -121,6 +122,16 @@ def test_architecture(model_type, tmp_path, tokens):
     theirs = peft.PeftModel.from_pretrained(tiny_model(model_type), tmp_path / "adapter").eval()
     assert adapted(theirs) == adapted(ours)
     torch.testing.assert_close(logits(theirs, tokens), logits(ours, tokens), rtol=1e-5, atol=1e-5)
+
+    # lorakit loads peft's own adapter (peft's all-linear, random B; on MoE models peft adds the
+    # router and the experts as target_parameters): the same tensors, the same logits
+    torch.manual_seed(1)
+    made_by_peft = peft.get_peft_model(tiny_model(model_type), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    made_by_peft.save_pretrained(tmp_path / "peft_adapter")
+    loaded = load_adapter(tiny_model(model_type), tmp_path / "peft_adapter")
+    assert adapter_state_dict(loaded).keys() == load_file(tmp_path / "peft_adapter" / "adapter_model.safetensors").keys()
+    torch.testing.assert_close(logits(loaded, tokens), logits(made_by_peft, tokens), rtol=1e-5, atol=1e-5)
 
     # QLoRA from the save_pretrained checkpoint: NF4 linears (head excepted) and experts, computing
     # as the float model with those weights dequantized; unquantized, exactly from_pretrained's
