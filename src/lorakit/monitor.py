@@ -150,6 +150,33 @@ class MetricsLog:
         write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+def check_curve(records: list[dict], lr: float, r: int | None) -> Diagnostic | None:
+    """A collapse, else a plateau, read off a run's logged training records ("train" lines of
+    metrics.jsonl: step, loss, grad_norm). r: the LoRA rank, None for full fine-tuning."""
+    steps, losses = [x["step"] for x in records], [x["loss"] for x in records]
+    return (check_collapse(steps, losses, [x["grad_norm"] for x in records], lr)
+            or check_plateau(steps, losses, r, lr))
+
+
+def check_retention(evaluations: list[dict], threshold: float, lr: float, r: int | None) -> Diagnostic | None:
+    """check_forgetting over the retention KL of the evaluation records that have one."""
+    points = [(x["step"], x["retention_kl"]) for x in evaluations if "retention_kl" in x]
+    return check_forgetting([s for s, _ in points], [kl for _, kl in points], threshold, lr, r)
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of floating-point parameters holding NaN or inf (this rank's shards under FSDP)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                out.append(name)
+    return out
+
+
 def plot_losses(records: list[dict], path: str | Path) -> Path | None:
     """loss.png: training loss (raw and smoothed) and held-out loss against the step."""
     try:

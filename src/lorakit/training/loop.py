@@ -39,7 +39,7 @@ from .checkpoint import (RunState, check_resume, checkpoints, load_checkpoint, r
                          restore_good_checkpoint, run_settings, save_checkpoint, save_result)
 from .evaluate import Retention, evaluate_run, retention_run
 from .objectives import Objective, objective_for
-from .output import Report, check_trackers, sink, summary_line
+from .output import Report, check_trackers, data_line, model_line, sink, summary_line
 from .run_dir import check_run_dir, run_lock
 from .setup import Prepared, check_data, check_rank, load_data, memory_check, optimizer_and_schedule, prepare, skeleton
 
@@ -180,12 +180,14 @@ def _finish(run_dir: Path, model, raw, prepared: Prepared, config: RunConfig, st
     if report.diagnostics and report.diagnostics[0].kind in monitor.STOPPED:
         _keep_good_checkpoint(run_dir, model, raw, prepared, config, state, optimizer, scheduler, report, out, ctx)
     else:
-        report.diagnostics += _curve_diagnostics(out.curve(), config, out)
+        report.diagnostics += _noted(out, monitor.check_curve(out.curve(), config.train.lr, _rank(config)))
     if report.no_result is None:
         out.log("evaluating the fine-tuned model...")
         report.after = evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=True,
                                     objective=objective, retention=retention)
-        report.diagnostics += _forgetting(out.evaluations(), report.steps, report.after, config, out)
+        report.diagnostics += _noted(out, monitor.check_retention(
+            out.evaluations() + [{"step": report.steps, **(report.after or {})}], config.eval.retention_threshold,
+            config.train.lr, _rank(config)))
         with distributed.full_trainable_weights(model):  # under FSDP: gathered on every rank, written by rank 0
             report.result_dir = save_result(raw, config, prepared.tokenizer, run_dir) if ctx.main else None
     summary = distributed.all_gather_objects(out.finish(report, state), ctx)[0]
@@ -203,14 +205,8 @@ def _introduce(config: RunConfig, prepared: Prepared, raw, ctx: distributed.Cont
     if prepared.tokenizer.pad_token_id is None:
         prepared.tokenizer.pad_token = prepared.tokenizer.eos_token
     counts = trainable_parameters(raw)
-    out.log(f"model: {config.model.path or 'SmolLM2-135M-Instruct'} ({config.method}) on {ctx.device}"
-            + (f" x {ctx.world} ranks ({t.strategy})" if ctx.active else "") + f"; {counts}")
-    out.log(f"data: {len(prepared.train.examples)} train examples ({prepared.train.tokens:,} tokens, "
-            f"{prepared.train.truncated} truncated at {config.data.max_length}), "
-            f"{len(prepared.validation.examples) if prepared.validation else 0} validation, "
-            f"{len(prepared.test.examples) if prepared.test else 0} test; global batch "
-            f"{t.batch_size} x {t.grad_accum} accumulation x {ctx.world} ranks = "
-            f"{t.batch_size * t.grad_accum * ctx.world} examples per step")
+    out.log(model_line(config, counts, ctx.device, ctx.world))
+    out.log(data_line(config, prepared.train, prepared.validation, prepared.test, ctx.world))
     fsdp = ctx.active and t.strategy == "fsdp"
     planned_peak = memory_check(raw, config, out.log, ctx.device, ctx.world if fsdp else 1)
     if prepared.train.unsupervised:
@@ -281,7 +277,7 @@ def _divergence(step: int, loss: float, state: RunState, lr: float, config: RunC
     diverged = monitor.check_divergence(step, loss, state.best_loss, lr, step > config.train.warmup_steps,
                                         updated=step > 1)
     if diverged and diverged.kind == "broken_start":
-        broken = _nonfinite_parameters(raw)
+        broken = monitor.nonfinite_parameters(raw)
         if broken:
             diverged = dataclasses.replace(diverged, message=diverged.message + (
                 f" {len(broken)} of the model's weight tensors hold NaN or inf, e.g. {broken[0]}."))
@@ -304,36 +300,12 @@ def _keep_good_checkpoint(run_dir: Path, model, raw, prepared: Prepared, config:
         out.log(report.no_result)
 
 
-def _curve_diagnostics(curve: list[dict], config: RunConfig, out) -> list[monitor.Diagnostic]:
-    """A collapse or a plateau read off the logged training curve (rank 0's; empty elsewhere)."""
-    steps, losses = [r["step"] for r in curve], [r["loss"] for r in curve]
-    found = (monitor.check_collapse(steps, losses, [r["grad_norm"] for r in curve], config.train.lr)
-             or monitor.check_plateau(steps, losses, None if config.method == "full" else config.lora.r,
-                                      config.train.lr))
+def _noted(out, found: monitor.Diagnostic | None) -> list[monitor.Diagnostic]:
+    """A diagnosis read off the logged curves (rank 0's; none elsewhere), logged."""
     if found:
         out.log(found.message)
     return [found] if found else []
 
 
-def _forgetting(evaluations: list[dict], step: int, after: dict | None, config: RunConfig,
-                out) -> list[monitor.Diagnostic]:
-    """Forgetting read off the retention KL of every evaluation (the final one, `after`, included)."""
-    points = [(r["step"], r["retention_kl"]) for r in evaluations + [{"step": step, **(after or {})}]
-              if "retention_kl" in r]
-    found = monitor.check_forgetting([s for s, _ in points], [kl for _, kl in points],
-                                     config.eval.retention_threshold, config.train.lr,
-                                     None if config.method == "full" else config.lora.r)
-    if found:
-        out.log(found.message)
-    return [found] if found else []
-
-
-def _nonfinite_parameters(model) -> list[str]:
-    """Names of floating-point parameters holding NaN or inf (this rank's shards under FSDP)."""
-    out = []
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
-                out.append(name)
-    return out
+def _rank(config: RunConfig) -> int | None:
+    return None if config.method == "full" else config.lora.r

@@ -261,6 +261,21 @@ def sink(main: bool, run_dir: Path, log=print, progress: bool = True) -> Output 
     return Output(run_dir, log, progress) if main else Silent()
 
 
+def model_line(config: RunConfig, counts, device, ranks: int) -> str:
+    """The log line saying what is trained on what: "model: NAME (method) on DEVICE [x N ranks]; counts"."""
+    return (f"model: {config.model.path or 'SmolLM2-135M-Instruct'} ({config.method}) on {device}"
+            + (f" x {ranks} ranks ({config.train.strategy})" if ranks > 1 else "") + f"; {counts}")
+
+
+def data_line(config: RunConfig, train, validation, test, world: int) -> str:
+    """The log line saying what the run trains on and how much a step takes."""
+    t = config.train
+    return (f"data: {len(train.examples)} train examples ({train.tokens:,} tokens, {train.truncated} truncated at "
+            f"{config.data.max_length}), {len(validation.examples) if validation else 0} validation, "
+            f"{len(test.examples) if test else 0} test; global batch {t.batch_size} x {t.grad_accum} accumulation x "
+            f"{world} ranks = {t.batch_size * t.grad_accum * world} examples per step")
+
+
 def summary_line(metrics: dict) -> str:
     """One evaluation in words: exact match, pair accuracy, held-out loss and perplexity."""
     parts = []
