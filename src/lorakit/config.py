@@ -407,6 +407,7 @@ class DataSection:
     format: str = "auto"
     max_length: int | str = 64        # tokens per example; "auto": the longest training example (at most 2048)
     packing: bool = False             # whole examples in rows of max_length, attention kept within each example
+    group_by_length: bool = False     # batches of examples of similar length (less padding; data.grouped_batches)
     train_on_inputs: bool = False     # False: prompt tokens carry no loss
     n_train: int | None = None        # builtin tasks: number of training examples
     n_test: int | None = None         # builtin tasks: number of test examples
@@ -433,6 +434,10 @@ class DataSection:
                                f"are {', '.join(COLUMN_KEYS)}")
                 if len(set(self.columns.values())) < len(self.columns):
                     out.append(f"data.columns={self.columns!r}: two keys map to the same field")
+        if self.packing is True and self.group_by_length is True:
+            out.append("data.group_by_length=true with data.packing=true: packed rows are already about "
+                       "max_length tokens each, there is nothing to group; choose one (packing: exact and "
+                       "no padding; group_by_length: cheaper, some padding)")
         if _is_number(self.max_leakage) and not 0 <= self.max_leakage <= 1:
             out.append(f"data.max_leakage={self.max_leakage}: a fraction in [0, 1] (1: never an error)")
         return out

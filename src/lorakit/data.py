@@ -22,7 +22,9 @@ import dataclasses
 import functools
 import io
 import json
+import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,8 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant",
                   "bard": "assistant", "tool": "tool", "function": "tool", "observation": "tool"}
 HF_PREFIX = "hf:"
+MEGABATCH = 50          # data.group_by_length: batches are grouped by length within MEGABATCH x batch examples
+PROGRESS_MIN = 10_000   # build_dataset shows a progress bar (terminal, rank 0) above this many records
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{with_input}. "
@@ -81,6 +85,7 @@ class Dataset:
     unsupervised: int = 0          # examples left with no label token (all prompt) after truncation
     format: str = ""               # the records' format (detect_format)
     max_length: int | None = None  # where examples were cut (data.max_length, "auto" resolved)
+    group_by_length: bool = False  # batch_at batches examples of similar length (data.group_by_length)
     tokens: int = field(init=False)
     supervised_tokens: int = field(init=False)  # tokens that carry loss (the model predicts them)
 
@@ -350,6 +355,19 @@ def _render_chat(record: Record, messages, tokenizer):
     return full, mask, prompt, messages[-1]["content"]
 
 
+def progress(items: list, desc: str):
+    """`items`, behind a tqdm progress bar on stderr when there are more than PROGRESS_MIN of them,
+    stderr is a terminal and this is rank 0 (under torchrun RANK is set); otherwise `items` as they
+    are (tests, logs redirected to a file, other ranks, tqdm not installed)."""
+    if len(items) <= PROGRESS_MIN or os.environ.get("RANK", "0") != "0" or not sys.stderr.isatty():
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit=" records", file=sys.stderr, leave=False)
+
+
 def auto_max_length(lengths: list[int], cap: int = MAX_LENGTH_AUTO_CAP) -> int:
     """data.max_length "auto": the longest example's tokens, at most `cap`."""
     return min(max(lengths), cap)
@@ -365,7 +383,7 @@ def build_dataset(records: list[Record], tokenizer, fmt: str = "auto", max_lengt
         from .preference_data import build_preference_dataset
 
         return build_preference_dataset(records, tokenizer, max_length)
-    rendered = [render(record, fmt, tokenizer) for record in records]
+    rendered = [render(record, fmt, tokenizer) for record in progress(records, "tokenizing")]
     if max_length == "auto":
         max_length = auto_max_length([len(ids) for ids, *_ in rendered])
     examples, truncated, unsupervised = [], 0, 0
@@ -495,15 +513,45 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def batch_at(dataset: Dataset, step: int, batch_size: int, seed: int) -> list[Example]:
     """The examples of global micro-batch number `step` (0-based), epochs laid end to end; a
-    trailing partial batch of an epoch is dropped so every batch has batch_size examples."""
+    trailing partial batch of an epoch is dropped so every batch has batch_size examples. With
+    dataset.group_by_length the epoch's batches are those of grouped_batches instead."""
     n = len(dataset.examples)
     per_epoch = n // batch_size
     if per_epoch == 0:
         raise DataError(f"{n} training examples is fewer than one batch of {batch_size}; "
                         "lower train.batch_size or add data")
     epoch, index = divmod(step, per_epoch)
+    if getattr(dataset, "group_by_length", False):  # preference_data's pairs are never grouped
+        lengths = [len(e.input_ids) for e in dataset.examples]
+        return [dataset.examples[i] for i in grouped_batches(lengths, batch_size, seed, epoch)[index]]
     order = epoch_order(n, seed, epoch)
     return [dataset.examples[i] for i in order[index * batch_size:(index + 1) * batch_size]]
+
+
+def grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches (example indices) for data.group_by_length, a function of (lengths,
+    batch_size, seed, epoch) only, so a resumed run sees the same batches:
+
+    1. the epoch's examples are those batch_at uses without grouping: epoch_order, less the
+       trailing partial batch;
+    2. that order is cut into megabatches of MEGABATCH x batch_size consecutive examples, each
+       sorted by length, longest first (ties keep their shuffled order), and cut into batches:
+       examples of similar length share a batch, so little of it is padding;
+    3. the batches are shuffled (seeded by seed and epoch), so the lengths do not run from long
+       to short through a megabatch.
+
+    Every example of the ungrouped epoch appears exactly once, as there; only the grouping into
+    batches and their order differ.
+    """
+    used = len(lengths) // batch_size * batch_size
+    order = epoch_order(len(lengths), seed, epoch)[:used]
+    span = MEGABATCH * batch_size
+    batches = []
+    for start in range(0, used, span):
+        mega = sorted(order[start:start + span], key=lambda i: -lengths[i])
+        batches += [mega[k:k + batch_size] for k in range(0, len(mega), batch_size)]
+    random.Random(f"lorakit group_by_length {seed} {epoch}").shuffle(batches)
+    return batches
 
 
 def split_validation(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -3,6 +3,7 @@ weight is read (the data, the LoRA rank, the memory plan)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -132,7 +133,8 @@ def read_datasets(config: RunConfig, tokenizer) -> tuple[Dataset, Dataset | None
 
 def load_data(config: RunConfig, tokenizer, log=None) -> tuple[Dataset, Dataset | None, Dataset | None]:
     """(train, validation, test) for a run: read_datasets, checked by the data pre-flight check
-    (training.datacheck: a summary is logged, its errors stop the run), packed with data.packing.
+    (training.datacheck: a summary is logged, its errors stop the run), packed with data.packing,
+    batched by length with data.group_by_length (data.grouped_batches).
 
     What the config leaves to the data is filled in, in `config` itself, so that the run, its
     config.yaml and a resumed run see the numbers: data.max_length "auto" (the longest training
@@ -162,6 +164,11 @@ def load_data(config: RunConfig, tokenizer, log=None) -> tuple[Dataset, Dataset 
             raise ConfigError("training data", ["data.packing=true packs single sequences (objective sft); "
                                                 "preference pairs are not packed: set data.packing=false"])
         train = pack(train, d.max_length)
+    if d.group_by_length:
+        if not isinstance(train, Dataset):
+            raise ConfigError("training data", ["data.group_by_length=true groups single sequences (objective sft); "
+                                                "preference pairs are not grouped: set data.group_by_length=false"])
+        train = dataclasses.replace(train, group_by_length=True)
     return train, validation, test
 
 
