@@ -213,3 +213,23 @@ def test_good_preference_settings_round_trip_through_yaml_keys():
     assert RunConfig.from_dict(config.to_dict()) == config
     assert RunConfig.from_dict({"method": "full", "objective": "orpo"}).problems() == []
     assert RunConfig().objective == "sft"
+
+
+def test_a_dpo_run_that_learns_gets_no_plateau_verdict(tmp_path):
+    # 30 steps at β = 0.02: the loss moves 0.69 -> ~0.62 and flattens while the pair accuracy climbs
+    # 0.375 -> 0.875; SFT's plateau rule (tuned for cross-entropy) would call this a plateau
+    summary = run(tmp_path, ["train.steps=30", "preference.beta=0.02", "eval.every=30", "train.save_every=30"])
+    curve = records(tmp_path)
+    steps, losses = [r["step"] for r in curve], [r["loss"] for r in curve]
+    assert monitor.check_plateau(steps, losses, r=4, lr=0.02) is not None  # SFT's rule on this curve
+    assert monitor.check_curve(curve, 0.02, 4) is not None
+    assert summary["diagnostics"] == []
+    assert summary["after"]["pair_accuracy"] - summary["before"]["pair_accuracy"] >= 0.25
+    assert curve[-1]["rewards/accuracies"] >= 0.75
+
+
+def test_objectives_say_how_their_curve_is_judged():
+    from lorakit.training.objectives import SFT, dpo, orpo
+
+    assert SFT().plateau_progress == monitor.PLATEAU_MIN_PROGRESS == orpo().plateau_progress
+    assert dpo().plateau_progress is None and dpo(loss_type="ipo").plateau_progress is None

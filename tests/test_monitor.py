@@ -17,3 +17,16 @@ def test_plateau_diagnosis_on_synthetic_curves():
     assert monitor.check_divergence(5, 1.4, 0.45, 1e-3, True) is None  # 3.1x, but only 0.95 nats up
     assert monitor.check_divergence(18, 0.0198, 0.0042, 1e-3, True) is None  # noise near convergence
     assert monitor.check_divergence(5, 3.5, 1.0, 1e-3, False) is None  # warm-up spikes are tolerated
+
+
+def test_curve_check_takes_the_objectives_plateau_rule():
+    steps = list(range(1, 31))
+    flat = [{"step": s, "loss": 3.0 - 0.5 * min(s, 10) / 10, "grad_norm": 1.0} for s in steps]
+    losses = [x["loss"] for x in flat]
+    default = monitor.check_curve(flat, 1e-5, 2)
+    assert default == monitor.check_plateau(steps, losses, r=2, lr=1e-5) and default.kind == "plateau"
+    assert monitor.check_curve(flat, 1e-5, 2, monitor.PLATEAU_MIN_PROGRESS) == default
+    assert monitor.check_curve(flat, 1e-5, 2, None) is None          # the objective's curve is not judged
+    assert monitor.check_curve(flat, 1e-5, 2, 0.9) is None          # 2.5 <= 0.9 x 3.0: progress enough
+    collapsed = flat[:-3] + [{**x, "grad_norm": 0.0} for x in flat[-3:]]
+    assert monitor.check_curve(collapsed, 1e-5, 2, None).kind == "collapsed"  # a collapse still is one

@@ -73,15 +73,16 @@ def smooth(values: list[float], weight: float = 0.8) -> list[float]:
     return out
 
 
-def check_plateau(steps: list[int], losses: list[float], r: int | None, lr: float) -> Diagnostic | None:
+def check_plateau(steps: list[int], losses: list[float], r: int | None, lr: float,
+                  min_progress: float = PLATEAU_MIN_PROGRESS) -> Diagnostic | None:
     """Plateau over the whole curve: the last third fell by < PLATEAU_MIN_DROP (relative) while the
-    loss is still above PLATEAU_MIN_PROGRESS x its start. Needs at least 6 points."""
+    loss is still above min_progress x its start. Needs at least 6 points."""
     if len(losses) < 6:
         return None
     s = smooth(losses)
     third = len(s) // 3
     start, before, end = s[0], s[-third - 1], s[-1]
-    if before <= 0 or (before - end) / before >= PLATEAU_MIN_DROP or end <= PLATEAU_MIN_PROGRESS * start:
+    if before <= 0 or (before - end) / before >= PLATEAU_MIN_DROP or end <= min_progress * start:
         return None
     rank = f"the rank (r={r}) may be too low for this task" if r else "the model may lack capacity"
     return Diagnostic("plateau", steps[-third - 1],
@@ -150,12 +151,17 @@ class MetricsLog:
         write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def check_curve(records: list[dict], lr: float, r: int | None) -> Diagnostic | None:
+def check_curve(records: list[dict], lr: float, r: int | None,
+                plateau_progress: float | None = PLATEAU_MIN_PROGRESS) -> Diagnostic | None:
     """A collapse, else a plateau, read off a run's logged training records ("train" lines of
-    metrics.jsonl: step, loss, grad_norm). r: the LoRA rank, None for full fine-tuning."""
+    metrics.jsonl: step, loss, grad_norm). r: the LoRA rank, None for full fine-tuning.
+    plateau_progress: the objective's (objectives.Objective.plateau_progress) min_progress of
+    check_plateau; None: its loss curve gets no plateau verdict (a collapse is still one)."""
     steps, losses = [x["step"] for x in records], [x["loss"] for x in records]
-    return (check_collapse(steps, losses, [x["grad_norm"] for x in records], lr)
-            or check_plateau(steps, losses, r, lr))
+    collapse = check_collapse(steps, losses, [x["grad_norm"] for x in records], lr)
+    if collapse or plateau_progress is None:
+        return collapse
+    return check_plateau(steps, losses, r, lr, plateau_progress)
 
 
 def check_retention(evaluations: list[dict], threshold: float, lr: float, r: int | None) -> Diagnostic | None:

@@ -180,7 +180,8 @@ def _finish(run_dir: Path, model, raw, prepared: Prepared, config: RunConfig, st
     if report.diagnostics and report.diagnostics[0].kind in monitor.STOPPED:
         _keep_good_checkpoint(run_dir, model, raw, prepared, config, state, optimizer, scheduler, report, out, ctx)
     else:
-        report.diagnostics += _noted(out, monitor.check_curve(out.curve(), config.train.lr, _rank(config)))
+        report.diagnostics += _noted(out, monitor.check_curve(out.curve(), config.train.lr, _rank(config),
+                                                                 objective.plateau_progress))
     if report.no_result is None:
         out.log("evaluating the fine-tuned model...")
         report.after = evaluate_run(model, raw, prepared.tokenizer, prepared, config, ctx, generation=True,

@@ -17,6 +17,8 @@ An objective supplies
     probe()                                           the smallest batch the loss module takes (FSDP's
                                                       first forward: distributed.wrap)
     data_problems(train, validation)                  what keeps these datasets from this objective
+    plateau_progress                                  how its loss curve is judged for a plateau (monitor.
+                                                      check_plateau's min_progress; None: not judged)
 
 and the loop computes, over the global batch B (every micro-batch of every rank),
 
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +47,13 @@ from ..config import RunConfig
 from ..data import Dataset, batch_at, collate
 from ..inject import disable_adapters
 from ..loss import IGNORE_INDEX, SummedLoss, head_input, supervised_tokens, supports_chunked_loss
+from ..monitor import PLATEAU_MIN_PROGRESS
 from ..preference_data import collate_pairs, is_preference
 
 
 class Objective(Protocol):
+    plateau_progress: float | None
+
     def micro_batches(self, dataset: Dataset, step: int, config: RunConfig, ctx: distributed.Context,
                       pad_id: int) -> list[dict[str, torch.Tensor]]: ...
 
@@ -86,7 +91,10 @@ def global_micro_batches(collate_fn, dataset, step: int, config: RunConfig, ctx:
 class SFT:
     """Supervised fine-tuning: next-token cross-entropy on the supervised tokens (the completion,
     or every token with data.train_on_inputs), through the chunked loss (loss.SummedLoss). Items are
-    supervised tokens, so the step's loss is the mean cross-entropy per supervised token."""
+    supervised tokens, so the step's loss is the mean cross-entropy per supervised token.
+    monitor's plateau rule is tuned for this cross-entropy."""
+
+    plateau_progress: ClassVar[float | None] = PLATEAU_MIN_PROGRESS
 
     def micro_batches(self, dataset: Dataset, step: int, config: RunConfig, ctx: distributed.Context,
                       pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -240,11 +248,13 @@ class Preference:
     """A preference objective over (prompt, chosen, rejected) pairs (preference_data): items are
     pairs, so the step's loss is the mean loss per pair. pair_loss(policy, reference, tokens) gives
     the loss and metrics of each pair from (chosen, rejected) log-probabilities and answer-token
-    counts; reference: whether it needs the reference's log-probabilities (adapters disabled)."""
+    counts; reference: whether it needs the reference's log-probabilities (adapters disabled);
+    plateau_progress: as Objective's."""
 
     name: str
     pair_loss: Callable
     reference: bool
+    plateau_progress: float | None = PLATEAU_MIN_PROGRESS
 
     def micro_batches(self, dataset, step: int, config: RunConfig, ctx: distributed.Context,
                       pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -280,15 +290,21 @@ class Preference:
 
 
 def dpo(beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Preference:
-    """DPO (or IPO with loss_type="ipo"), the reference being the model with its adapters disabled (dpo_loss)."""
+    """DPO (or IPO with loss_type="ipo"), the reference being the model with its adapters disabled (dpo_loss).
+
+    Its loss curve gets no plateau verdict: it starts at ln 2 (sigmoid; IPO at 1 / (4β²)) whatever the
+    task, and how far it can fall depends on β and on how separable the pairs are, not on how well
+    the model learns; a run that lifts its pair accuracy well may move it by a tenth (0.69 -> 0.62 at
+    β = 0.02). Progress is read off rewards/accuracies and pair_accuracy instead."""
     def pair_loss(policy, reference, tokens):
         return dpo_loss(*policy, *reference, beta, loss_type, label_smoothing, *tokens)
 
-    return Preference("dpo", pair_loss, reference=True)
+    return Preference("dpo", pair_loss, reference=True, plateau_progress=None)
 
 
 def orpo(orpo_lambda: float = 0.1) -> Preference:
-    """ORPO: the chosen answer's NLL plus the odds-ratio term, reference-free (orpo_loss)."""
+    """ORPO: the chosen answer's NLL plus the odds-ratio term, reference-free (orpo_loss). Its loss is
+    mostly that cross-entropy, so its curve is judged by SFT's plateau rule."""
     def pair_loss(policy, reference, tokens):
         return orpo_loss(*policy, *tokens, orpo_lambda)
 
