@@ -1,4 +1,5 @@
-"""`lorakit eval --data FILE`: held-out loss and exact match of a model (+ adapter) on a data file."""
+"""`lorakit eval --data FILE`: held-out loss and exact match of a model (+ adapter) on a data file; on
+preference data (prompt, chosen, rejected), the held-out pair accuracy and mean log-probabilities."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="held-out loss and exact match on a data file",
                        description="Score a base model (with an optional adapter) on a data file: mean loss per "
                                    "completion token, perplexity, and greedy exact match where records have "
-                                   "references. Data formats as in `lorakit train`; builtin:<task> scores a "
-                                   "built-in task's test split.")
+                                   "references. On preference records (prompt, chosen, rejected): pair accuracy, "
+                                   "the fraction of pairs whose chosen answer has the higher log-probability, and "
+                                   "the mean log-probabilities of both answers. Data formats as in `lorakit "
+                                   "train`; builtin:<task> scores a built-in task's test split.")
     add_model_arguments(p)
     p.add_argument("--data", required=True, help=".jsonl/.json/.csv file, or builtin:<task>")
     p.add_argument("--format", default="auto")
@@ -27,6 +30,7 @@ def run(args) -> int:
     import math
 
     from lorakit.data import build_dataset, read_data
+    from lorakit.preference_data import is_preference
     from lorakit.training.evaluate import exact_match_accuracy, heldout_loss
 
     records = read_data(args.data, "test")  # a file, or a built-in task's test split
@@ -42,9 +46,40 @@ def run(args) -> int:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     data = build_dataset(records, tokenizer, args.format, args.max_length)
+    if is_preference(data):
+        report = {"records": len(records), **pair_scores(model, data, tokenizer.pad_token_id, args.batch_size)}
+        accuracy, rows = exact_match_accuracy(model, tokenizer, data, args.max_new_tokens, args.batch_size)
+        report.update({"exact_match": None if math.isnan(accuracy) else accuracy, "scored": len(rows)})
+        print(json.dumps(report, indent=2))
+        return 0
     loss = heldout_loss(model, data, tokenizer.pad_token_id, args.batch_size)
     accuracy, rows = exact_match_accuracy(model, tokenizer, data, args.max_new_tokens, args.batch_size)
     report = {"records": len(records), "loss": loss, "perplexity": math.exp(min(loss, 50)),
               "exact_match": None if math.isnan(accuracy) else accuracy, "scored": len(rows)}
     print(json.dumps(report, indent=2))
     return 0
+
+
+def pair_scores(model, pairs, pad_id: int, batch_size: int) -> dict:
+    """Over the pairs (preference_data.PreferenceDataset): pair_accuracy, the fraction whose chosen
+    answer has the higher total log-probability log π(y_w | x) > log π(y_l | x) (a tie is no win, as
+    dpo_loss counts it), and the mean total log-probabilities logps/chosen, logps/rejected (nats per
+    answer, objectives.sequence_logps: the answer's tokens only, the prompt carries none)."""
+    import torch
+
+    from lorakit.preference_data import collate_pairs
+    from lorakit.training.objectives import sequence_logps
+
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for i in range(0, len(pairs.examples), batch_size):
+            batch = collate_pairs(pairs.examples[i:i + batch_size], pad_id)   # 2B rows: B chosen, B rejected
+            logps = sequence_logps(model, **{k: v.to(model.device) for k, v in batch.items()}).cpu()
+            chosen.append(logps[:len(logps) // 2])
+            rejected.append(logps[len(logps) // 2:])
+    model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return {"pairs": len(chosen), "pair_accuracy": float((chosen > rejected).float().mean()),
+            "logps/chosen": float(chosen.mean()), "logps/rejected": float(rejected.mean())}
