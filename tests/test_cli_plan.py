@@ -270,3 +270,18 @@ def test_plan_of_a_dpo_run_counts_pairs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "objective=dpo (batch in pairs)" in out
     assert "recommendation: lora (24 GiB per GPU budget): lorakit's DPO trains adapters only" in out
+
+
+def test_max_length_auto_planned_at_its_cap(capsys):
+    # "auto" is the longest training example, known only from the data: planned at the cap, said in a note
+    from lorakit.config import MAX_LENGTH_AUTO_CAP
+
+    assert main(["plan", "--set", "data.max_length=auto"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "note: data.max_length is 'auto'" in out and f"planned at its cap, {MAX_LENGTH_AUTO_CAP} tokens" in out
+    assert f"x {MAX_LENGTH_AUTO_CAP} tokens)" in out.splitlines()[-1]
+    auto = RunConfig.from_dict({"data": {"max_length": "auto"}})
+    capped = RunConfig.from_dict({"data": {"max_length": MAX_LENGTH_AUTO_CAP}})
+    planned = plan_run(auto, arch_for_run(auto), "cpu")
+    assert as_json(planned) == as_json(plan_run(capped, arch_for_run(capped), "cpu"))
+    assert len(planned.notes) == 1 and not plan_run(capped, arch_for_run(capped), "cpu").notes

@@ -43,6 +43,8 @@ class Measured:
     largest_expert:  the largest such tensor (E, out, in), in elements
     total:           every parameter of the model (tied weights once)
     norms:           normalisation modules in a block
+    parameters:      (name inside a block, shape) of the first block's 2-D and 3-D parameters: what
+                     lora.target_parameters can adapt (mixture-of-experts weights (E, out, in))
     """
 
     layers_prefix: str
@@ -52,6 +54,7 @@ class Measured:
     largest_expert: int
     total: int
     norms: int
+    parameters: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,19 @@ class Architecture:
             mlp = [("mlp.gate_proj", h, inter), ("mlp.up_proj", h, inter), ("mlp.down_proj", inter, h)]
         return attn + ([] if self.num_experts else mlp)
 
+    def parameter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of one decoder layer's 2-D and 3-D parameters, what lora.target_parameters
+        selects from: the linears' weights (out, in), and Mixtral's router (E, h) and experts
+        (transformers 5: mlp.experts.gate_up_proj (E, 2I, h), mlp.experts.down_proj (E, h, I))."""
+        if self.measured:
+            return list(self.measured.parameters)
+        shapes = [(f"{n}.weight", (o, i)) for n, i, o in self.linear_modules()]
+        if self.num_experts:
+            e, h, inter = self.num_experts, self.hidden_size, self.intermediate_size
+            shapes += [("mlp.gate.weight", (e, h)), ("mlp.experts.gate_up_proj", (e, 2 * inter, h)),
+                       ("mlp.experts.down_proj", (e, h, inter))]
+        return shapes
+
     def layer_parameters(self) -> int:
         """Parameters of one decoder layer: linears (+ q/k/v biases), experts and router, norms."""
         if self.measured:
@@ -161,6 +177,28 @@ def targeted_modules(arch: Architecture, targets) -> list[tuple[str, int, int]]:
         raise ValueError(f"targets {DEFAULT_TARGETS if targets is None else targets!r} match no linear module "
                          f"of {arch.name}; its linear modules: {names} (or 'all-linear')")
     return list(chosen)
+
+
+def targeted_parameters(arch: Architecture, target_parameters) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of the parameters of one layer that lora.target_parameters adapts (layer.
+    LoraParameter): a list of names matched by `surgery.matches` against full names like
+    "model.layers.0.mlp.experts.gate_up_proj" (peft's rule; a parameter matching in any layer counts
+    in every layer). None or empty: none."""
+    if not target_parameters:
+        return []
+    chosen = _targeted_parameters(arch, tuple(target_parameters))
+    if not chosen:
+        names = ", ".join(n for n, shape in arch.parameter_shapes() if len(shape) == 3) or "none"
+        raise ValueError(f"target_parameters {list(target_parameters)!r} match no parameter of {arch.name}; "
+                         f"its mixture-of-experts parameters: {names}")
+    return list(chosen)
+
+
+@functools.lru_cache(maxsize=256)
+def _targeted_parameters(arch: Architecture, target_parameters: tuple[str, ...]) -> tuple:
+    prefix = arch.layers_prefix
+    return tuple(p for p in arch.parameter_shapes()
+                 if any(matches(target_parameters, f"{prefix}.{i}.{p[0]}") for i in range(arch.num_layers)))
 
 
 @functools.lru_cache(maxsize=256)  # a plan asks several times, and a name is matched in each of L layers
@@ -324,6 +362,7 @@ def _measure(config) -> Measured:
         largest_expert=max((p.numel() for p in experts), default=0),
         total=sum(p.numel() for p in model.parameters()),
         norms=sum(1 for m in block.modules() if "norm" in type(m).__name__.lower()),
+        parameters=tuple((n, tuple(p.shape)) for n, p in block.named_parameters() if p.dim() in (2, 3)),
     )
 
 

@@ -42,11 +42,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+
 from ..config import METHODS, OBJECTIVES, PREFERENCE_OBJECTIVES
 from ..dtypes import ALIASES as DTYPE_ALIASES
 from ..dtypes import BYTES, NAMES
 from ..loss import DEFAULT_CHUNK_SIZE
-from .architecture import Architecture, targeted_modules
+from .architecture import Architecture, targeted_modules, targeted_parameters
 
 GiB = 1024**3
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
@@ -89,6 +90,8 @@ class PlanConfig:
     device: str = "cuda"  # "cpu" changes only the optimizer's temporaries and drops the CUDA overhead
     objective: str = "sft"  # "dpo" / "orpo": batch_size pairs, 2 * batch_size sequences (preference_logits_bytes)
     answer_tokens: int | None = None  # preference: n_a scored tokens per micro-batch; None: the bound 2*b*s
+    dora: bool = False  # DoRA on the targeted linears: a magnitude per output (dora_* terms below)
+    target_parameters: tuple[str, ...] | None = None  # parameters adapted directly (expert LoRA), e.g. experts.down_proj
 
     def __post_init__(self) -> None:
         # one vocabulary inside: "bf16" is stored as "bfloat16"; unknown names are left for validate()
@@ -96,8 +99,9 @@ class PlanConfig:
             value = getattr(self, name)
             if isinstance(value, str) and value in DTYPE_ALIASES:
                 object.__setattr__(self, name, DTYPE_ALIASES[value])
-        if isinstance(self.targets, list):
-            object.__setattr__(self, "targets", tuple(self.targets))
+        for name in ("targets", "target_parameters"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def validate(self) -> None:
         """Raise one ValueError that lists every invalid field, its value and the valid choices."""
@@ -137,6 +141,13 @@ class PlanConfig:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
             elif value > most:
                 problems.append(f"{name} must be at most {most:,}, got {value:,}")
+        if not isinstance(self.dora, bool):
+            problems.append(f"dora must be true or false, got {self.dora!r}")
+        if self.target_parameters is not None and not (
+                isinstance(self.target_parameters, tuple) and self.target_parameters
+                and all(isinstance(n, str) for n in self.target_parameters)):
+            problems.append(f"target_parameters must be a non-empty list of parameter names (e.g. "
+                            f"['experts.gate_up_proj']) or None, got {self.target_parameters!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if problems:
@@ -199,6 +210,7 @@ class Plan:
     runtime_overhead: int
     peak: int  # peak_allocated + runtime_overhead: what must fit on one GPU
     recommendation: Recommendation | None = None
+    notes: tuple[str, ...] = ()  # what the reader should know about the plan (render_plan prints them)
 
     def to_dict(self) -> dict:
         """JSON-ready summary; byte counts are integers, sizes in GiB are rounded to 0.01."""
@@ -238,14 +250,51 @@ class Plan:
 # Parameters and weights
 
 
+def adapted_modules(arch: Architecture, config: PlanConfig) -> list[tuple[str, int, int]]:
+    """(name, in, out) of the linears of a layer LoRA wraps: targeted_modules, or none for targets []
+    with target_parameters (LoRA on parameters only, as lorakit train and peft allow)."""
+    if config.targets == () and config.target_parameters:
+        return []
+    return targeted_modules(arch, config.targets)
+
+
+def expert_lora_parameters(arch: Architecture, config: PlanConfig) -> int:
+    """LoRA on parameters (target_parameters, layer.LoraParameter): L * the sum over the targeted
+    parameters of a layer of r*E*(in + out) for a 3-D weight (E, out, in) or (E, in, out) (A is
+    (r*E, in), B is (out, r*E): a rank-r update per expert), r*(in + out) for a 2-D weight; 0 for
+    full fine-tuning (every weight trains)."""
+    if config.method == "full":
+        return 0
+    per_layer = sum(config.rank * (shape[0] if len(shape) == 3 else 1) * (shape[-1] + shape[-2])
+                    for _, shape in targeted_parameters(arch, config.target_parameters))
+    return arch.num_layers * per_layer
+
+
+def adapter_tensor_sizes(arch: Architecture, config: PlanConfig) -> list[int]:
+    """Elements of each trained tensor of one layer (LoRA/QLoRA): A (r*in) and B (r*out) of each
+    targeted linear, then, with DoRA, its magnitude (out), then A (r*E*in) and B (r*E*out) of each
+    targeted parameter."""
+    r = config.rank
+    sizes = [n for _, i, o in adapted_modules(arch, config) for n in (r * i, r * o)]
+    if config.dora:
+        sizes += [o for _, _, o in adapted_modules(arch, config)]
+    for _, shape in targeted_parameters(arch, config.target_parameters):
+        experts = shape[0] if len(shape) == 3 else 1
+        sizes += [r * experts * shape[-1], r * experts * shape[-2]]
+    return sizes
+
+
 def trainable_parameters(arch: Architecture, config: PlanConfig) -> int:
     """Full: every parameter P. LoRA/QLoRA: L * sum of r*(in + out) over the targeted linears of a
     layer (A is r x in, B is out x r; Hu et al. 2021, "LoRA"). For a 4096 x 4096 weight and r = 8:
-    65,536, 256x fewer."""
+    65,536, 256x fewer. DoRA adds each targeted linear's magnitude, out per layer (its weight,
+    gradient and AdamW states in the adapter dtype: 16*out bytes in float32). Plus
+    expert_lora_parameters for target_parameters."""
     if config.method == "full":
         return arch.num_parameters()
-    per_layer = sum(config.rank * (i + o) for _, i, o in targeted_modules(arch, config.targets))
-    return arch.num_layers * per_layer
+    modules = adapted_modules(arch, config)
+    per_layer = sum(config.rank * (i + o) + (o if config.dora else 0) for _, i, o in modules)
+    return arch.num_layers * per_layer + expert_lora_parameters(arch, config)
 
 
 def quantized_parameters(arch: Architecture, config: PlanConfig) -> int:
@@ -304,10 +353,9 @@ def optimizer_state_bytes(arch: Architecture, config: PlanConfig) -> int:
                                                                                  1 << 20)
     else:
         states = 0.0
-        for _, n_in, n_out in targeted_modules(arch, config.targets):
-            for numel in (config.rank * n_in, config.rank * n_out):
-                states += arch.num_layers * numel * _optimizer_bytes_per_param(
-                    config.optimizer, config.trained_bytes, numel)
+        for numel in adapter_tensor_sizes(arch, config):
+            states += arch.num_layers * numel * _optimizer_bytes_per_param(
+                config.optimizer, config.trained_bytes, numel)
     return int(states)
 
 
@@ -327,7 +375,7 @@ def optimizer_step_bytes(arch: Architecture, config: PlanConfig) -> int:
         largest = max(arch.vocab_size * arch.hidden_size, max(i * o for _, i, o in arch.linear_modules()),
                       arch.largest_expert_weight())
     else:
-        largest = config.rank * max(max(i, o) for _, i, o in targeted_modules(arch, config.targets))
+        largest = max(adapter_tensor_sizes(arch, config))
     return 2 * largest * state_bytes
 
 
@@ -397,8 +445,9 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
         used_groups = set()
         drop = config.lora_dropout
         sample = 8 * drop if config.device == "cpu" and drop <= 0.5 else 1  # bytes per input element
-        for name, n_in, _ in targeted_modules(a, config.targets):
+        for name, n_in, n_out in adapted_modules(a, config):
             per_token += ab * config.rank + (sample * n_in if drop > 0 else 0)
+            per_token += p * n_out if config.dora else 0  # DoRA: the product g scales (layer._fused_dora)
             # A module of a family the formulas do not describe saves its own input.
             used_groups.add(groups.get(name, name))
             shared.setdefault(name, p * n_in)
@@ -490,13 +539,27 @@ def layer_backward_transient_bytes(arch: Architecture, config: PlanConfig) -> in
     return t * p * (3 * arch.intermediate_size * k + 2 * arch.hidden_size)
 
 
+def dora_norm_bytes(arch: Architecture, config: PlanConfig) -> int:
+    """DoRA's weight norm ||W + dW|| (layer.LoraLayer.weight_norm, each forward, no gradient), for the
+    largest targeted linear (out, in), all float32: B A (4*out*in), scale * B A (4*out*in, both alive
+    during the product) and, for a 16-bit or NF4 base, the float32 copy of W taken first (4*out*in;
+    a float32 base's own weight is used as is):
+        (8 + 4) * out * in    (16-bit or NF4 base),   8 * out * in   (float32 base)
+    0 without DoRA. With dropout DoRA takes the unfused path (a second base product): not modelled."""
+    if not config.dora or config.method == "full":
+        return 0
+    copy = 4 if config.method == "qlora" or config.p != 4 else 0
+    return max((i * o for _, i, o in adapted_modules(arch, config)), default=0) * (8 + copy)
+
+
 def transient_bytes(arch: Architecture, config: PlanConfig) -> int:
     """Short-lived buffers of one layer's backward: layer_backward_transient_bytes, plus, with QLoRA,
-    one dequantized weight (the largest linear, in p bytes) per 4-bit matmul."""
+    one dequantized weight (the largest linear, in p bytes) per 4-bit matmul, plus dora_norm_bytes
+    (in the forward, and in backward's recomputation with checkpointing; counted here as a bound)."""
     transient = layer_backward_transient_bytes(arch, config)
     if config.method == "qlora":
         transient += max(i * o for _, i, o in arch.linear_modules()) * config.p  # one dequantized weight
-    return transient
+    return transient + dora_norm_bytes(arch, config)
 
 
 # ----------------------------------------------------------------------------------------------

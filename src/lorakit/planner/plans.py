@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import MAX_LENGTH_AUTO_CAP, RunConfig
 from .architecture import Architecture
 from .memory import Plan, PlanConfig, predict
 from .presets import resolve_model
@@ -39,8 +39,9 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
 
         method                          -> method
         lora.r, lora.targets, lora.dropout -> rank, targets, lora_dropout
+        lora.dora, lora.target_parameters  -> dora, target_parameters
         train.batch_size                -> batch_size (the micro-batch per rank)
-        data.max_length                 -> seq_len
+        data.max_length                 -> seq_len ("auto": MAX_LENGTH_AUTO_CAP, the most it can be)
         train.gradient_checkpointing    -> grad_checkpointing
         model.dtype                     -> dtype
         objective                       -> objective (dpo / orpo: batch_size pairs, 2 * batch_size sequences;
@@ -50,11 +51,13 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
     DDP, which replicates it) are where the run happens; optimizer is the planner's (lorakit train
     uses torch's AdamW: "adamw"). lora.targets None plans q_proj and v_proj.
     """
+    seq_len = MAX_LENGTH_AUTO_CAP if config.data.max_length == "auto" else config.data.max_length
     return PlanConfig(method=config.method, rank=config.lora.r, targets=config.lora.targets,
-                      batch_size=config.train.batch_size, seq_len=config.data.max_length,
+                      batch_size=config.train.batch_size, seq_len=seq_len,
                       grad_checkpointing=config.train.gradient_checkpointing, dtype=config.model.dtype,
                       lora_dropout=config.lora.dropout, device=device, n_gpus=n_gpus, optimizer=optimizer,
-                      objective=config.objective)
+                      objective=config.objective, dora=config.lora.dora,
+                      target_parameters=config.lora.target_parameters)
 
 
 def plan_run(config: RunConfig, arch: Architecture | str | dict, device: str = "cuda", n_gpus: int = 1, *,
@@ -62,9 +65,16 @@ def plan_run(config: RunConfig, arch: Architecture | str | dict, device: str = "
              recommend: bool = False) -> Plan:
     """The memory plan of the run `config` describes, on `arch` (see plan_config for the mapping;
     `arch`: an Architecture, or anything `plan` takes as its model). `lorakit train` logs this plan
-    before its first step; `lorakit plan CONFIG.yaml` prints it."""
-    return plan(arch, plan_config(config, device, n_gpus, optimizer), budget_gib=budget_gib,
-                domain_shift=domain_shift, recommend=recommend)
+    before its first step; `lorakit plan CONFIG.yaml` prints it. data.max_length "auto" is planned
+    at its cap, MAX_LENGTH_AUTO_CAP tokens (the real length is the longest training example, known
+    only from the data), and the plan's notes say so."""
+    result = plan(arch, plan_config(config, device, n_gpus, optimizer), budget_gib=budget_gib,
+                  domain_shift=domain_shift, recommend=recommend)
+    if config.data.max_length == "auto":
+        note = (f"data.max_length is 'auto' (the longest training example, known only from the data): planned "
+                f"at its cap, {MAX_LENGTH_AUTO_CAP} tokens per sequence; a shorter longest example needs less")
+        result = replace(result, notes=(*result.notes, note))
+    return result
 
 
 def arch_for_run(config: RunConfig) -> Architecture:

@@ -52,6 +52,7 @@ def render_plan(plan_: Plan) -> str:
     for gib, examples in GPUS.items():
         marks = "".join(f"{'yes' if fits(plan_, gib, k) else 'no':>7s} " for k in (1, 2, 4, 8))
         lines.append(f"  {gib:3d} GiB {marks}  {examples}")
+    lines += [f"note: {note}" for note in plan_.notes]
     if plan_.recommendation is not None:
         r = plan_.recommendation
         lines += ["", f"recommendation: {r.method} ({r.budget_gib:g} GiB per GPU budget): {r.reason}"]
