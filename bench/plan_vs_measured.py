@@ -59,6 +59,7 @@ class Case:
     dropout: float = 0.0
     objective: str = "sft"  # sft | dpo | orpo (batch: pairs)
     prompt: int = 0  # preference: tokens of each row before the answer (no loss)
+    dora: bool = False  # DoRA (lora.dora) on the targeted linears
 
 
 CASES = [
@@ -90,6 +91,9 @@ CASES = [
     # SmolLM2-135M's shapes, as bench/dpo_step.py trains it (4 pairs, 44 tokens, r=16 on every linear)
     Case("smollm2-135m dpo lora all fp32", "llama", 576, 1536, 30, 9, 3, 49152, "lora", 4, 44, dtype="fp32",
          targets="all-linear", rank=16, tied=True, objective="dpo", prompt=34),
+    # DoRA: a magnitude per output, the (T, out) product it scales saved, the weight norm's fp32 buffers
+    Case("llama-30M dora all", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 2, 256, targets="all-linear",
+         dora=True),
 ]
 
 
@@ -118,7 +122,8 @@ def model_under_training(c: Case, dtype: torch.dtype, device: str):
         import lorakit
 
         targets = list(c.targets) if isinstance(c.targets, tuple) else c.targets  # None: q_proj, v_proj
-        lorakit.add_lora(model, lorakit.LoraConfig(r=c.rank, alpha=16, dropout=c.dropout, targets=targets))
+        lorakit.add_lora(model, lorakit.LoraConfig(r=c.rank, alpha=16, dropout=c.dropout, targets=targets,
+                                                    dora=c.dora))
     if c.ckpt:
         model.gradient_checkpointing_enable()
         if c.method == "lora":
@@ -189,7 +194,7 @@ def predict(c: Case, device: str) -> int:
     arch = arch_from_config(build_config(c).to_dict(), name=c.name)
     result = plan(arch, method=c.method, rank=c.rank, targets=c.targets, batch_size=c.batch, seq_len=c.seq,
                   grad_checkpointing=c.ckpt, dtype=c.dtype, device=device, recommend=False,
-                  objective=c.objective, answer_tokens=answer_tokens(c))
+                  objective=c.objective, answer_tokens=answer_tokens(c), dora=c.dora)
     return result.peak_allocated, result.peak_phase
 
 
