@@ -217,6 +217,13 @@ def plot_losses(records: list[dict], path: str | Path) -> Path | None:
         more = right.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
     ax.legend(handles, labels)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """A matplotlib figure written as a PNG at `path`, atomically, and closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     with replacing(path) as tmp:

@@ -54,7 +54,7 @@ import torch
 
 from . import monitor
 from .config import ConfigError, RunConfig
-from .files import replacing, write_atomically
+from .files import write_atomically
 from .inject import resolve_targets, trainable_parameters
 from .training import Prepared, train
 from .training.objectives import Objective, objective_for
@@ -508,9 +508,4 @@ def plot(full: Run, lora: Run, sweep: list[Run], path: str | Path) -> Path | Non
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    with replacing(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return monitor.save_figure(fig, path)
