@@ -10,9 +10,8 @@ import torch
 from conftest import char_tokenizer, tiny_llama
 
 from lorakit.cli import main
-from lorakit.cli.eval import pair_scores
+from lorakit.training.evaluate import pair_scores
 from lorakit.data import build_dataset, read_records
-from lorakit.models import load_model
 
 # answers are scored with the eos token appended: "ba" is 3 tokens, "bab" 4
 PAIRS = [{"prompt": "<ab>=", "chosen": "ba", "rejected": "bab"},     # 3 vs 4 tokens: the chosen wins

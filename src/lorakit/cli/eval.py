@@ -31,7 +31,7 @@ def run(args) -> int:
 
     from lorakit.data import build_dataset, read_data
     from lorakit.preference_data import is_preference
-    from lorakit.training.evaluate import exact_match_accuracy, heldout_loss
+    from lorakit.training.evaluate import exact_match_accuracy, heldout_loss, pair_scores
 
     records = read_data(args.data, "test")  # a file, or a built-in task's test split
     records = records[:args.limit]
@@ -47,39 +47,12 @@ def run(args) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     data = build_dataset(records, tokenizer, args.format, args.max_length)
     if is_preference(data):
-        report = {"records": len(records), **pair_scores(model, data, tokenizer.pad_token_id, args.batch_size)}
-        accuracy, rows = exact_match_accuracy(model, tokenizer, data, args.max_new_tokens, args.batch_size)
-        report.update({"exact_match": None if math.isnan(accuracy) else accuracy, "scored": len(rows)})
-        print(json.dumps(report, indent=2))
-        return 0
-    loss = heldout_loss(model, data, tokenizer.pad_token_id, args.batch_size)
+        scores = pair_scores(model, data, tokenizer.pad_token_id, args.batch_size)
+    else:
+        loss = heldout_loss(model, data, tokenizer.pad_token_id, args.batch_size)
+        scores = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
     accuracy, rows = exact_match_accuracy(model, tokenizer, data, args.max_new_tokens, args.batch_size)
-    report = {"records": len(records), "loss": loss, "perplexity": math.exp(min(loss, 50)),
+    report = {"records": len(records), **scores,
               "exact_match": None if math.isnan(accuracy) else accuracy, "scored": len(rows)}
     print(json.dumps(report, indent=2))
     return 0
-
-
-def pair_scores(model, pairs, pad_id: int, batch_size: int) -> dict:
-    """Over the pairs (preference_data.PreferenceDataset): pair_accuracy, the fraction whose chosen
-    answer has the higher total log-probability log π(y_w | x) > log π(y_l | x) (a tie is no win, as
-    dpo_loss counts it), and the mean total log-probabilities logps/chosen, logps/rejected (nats per
-    answer, objectives.sequence_logps: the answer's tokens only, the prompt carries none)."""
-    import torch
-
-    from lorakit.preference_data import collate_pairs
-    from lorakit.training.objectives import sequence_logps
-
-    was_training = model.training
-    model.eval()
-    chosen, rejected = [], []
-    with torch.no_grad():
-        for i in range(0, len(pairs.examples), batch_size):
-            batch = collate_pairs(pairs.examples[i:i + batch_size], pad_id)   # 2B rows: B chosen, B rejected
-            logps = sequence_logps(model, **{k: v.to(model.device) for k, v in batch.items()}).cpu()
-            chosen.append(logps[:len(logps) // 2])
-            rejected.append(logps[len(logps) // 2:])
-    model.train(was_training)
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-    return {"pairs": len(chosen), "pair_accuracy": float((chosen > rejected).float().mean()),
-            "logps/chosen": float(chosen.mean()), "logps/rejected": float(rejected.mean())}

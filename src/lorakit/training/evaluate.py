@@ -29,7 +29,8 @@ import torch
 from .. import distributed
 from ..config import DEFAULT_MAX_NEW_TOKENS, RunConfig
 from ..data import IGNORE, Dataset, Record, build_dataset, collate, end_of_turn_ids, read_data
-from .objectives import SFT, Objective, objective_for
+from ..preference_data import collate_pairs
+from .objectives import SFT, Objective, objective_for, sequence_logps
 
 if TYPE_CHECKING:
     from .setup import Prepared
@@ -194,6 +195,26 @@ def retention_kl(model, retention: Retention) -> float:
         total += float((base.exp() * (base - tuned)).sum())   # Σ_t Σ_v p_base (log p_base - log p_tuned)
         count += base.shape[0]
     return total / count
+
+
+def pair_scores(model, pairs, pad_id: int, batch_size: int) -> dict:
+    """Over the pairs (preference_data.PreferenceDataset): pair_accuracy, the fraction whose chosen
+    answer has the higher total log-probability log π(y_w | x) > log π(y_l | x) (a tie is no win, as
+    dpo_loss counts it), and the mean total log-probabilities logps/chosen, logps/rejected (nats per
+    answer, objectives.sequence_logps: the answer's tokens only, the prompt carries none)."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for i in range(0, len(pairs.examples), batch_size):
+            batch = collate_pairs(pairs.examples[i:i + batch_size], pad_id)   # 2B rows: B chosen, B rejected
+            logps = sequence_logps(model, **{k: v.to(model.device) for k, v in batch.items()}).cpu()
+            chosen.append(logps[:len(logps) // 2])
+            rejected.append(logps[len(logps) // 2:])
+    model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return {"pairs": len(chosen), "pair_accuracy": float((chosen > rejected).float().mean()),
+            "logps/chosen": float(chosen.mean()), "logps/rejected": float(rejected.mean())}
 
 
 def evaluate(model, tokenizer, prepared: Prepared, config: RunConfig, generation: bool,
