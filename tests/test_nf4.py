@@ -8,10 +8,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama
 from torch import nn
 
 from lorakit import nf4
-from lorakit.nf4 import NF4Linear, NF4State, dequantize, from_bnb_tensors, quantize_nf4, to_bnb_tensors
+from lorakit.nf4 import (NF4Linear, NF4State, dequantize, from_bnb_tensors, is_full_precision_linear, quantize_nf4,
+                         to_bnb_tensors)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -503,3 +505,11 @@ def test_an_expert_weight_in_nf4_computes_as_its_dequantization_and_costs_4_14_b
     assert x.grad is not None  # gradients reach the input; the frozen weight has none to take
     module.to(torch.bfloat16)  # a dtype cast leaves the 4-bit state's float32 tensors alone
     assert quantizer.weight_absmax.dtype == torch.uint8 and quantizer.weight_nested_absmax.dtype == torch.float32
+
+
+def test_full_precision_linears_are_what_quantize_linears_replaces():
+    llama, gpt2 = tiny_llama(), tiny_gpt2()
+    assert sum(is_full_precision_linear(m) for m in llama.modules()) == 15  # 7 per block + lm_head
+    assert sum(is_full_precision_linear(m) for m in gpt2.modules()) == 9    # 4 Conv1D per block + lm_head
+    assert not is_full_precision_linear(NF4Linear.from_linear(nn.Linear(64, 8)))
+    assert not is_full_precision_linear(nn.Embedding(4, 4))

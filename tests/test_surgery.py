@@ -7,9 +7,7 @@ from conftest import MLP, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lorakit import LoraConfig, add_lora
-from lorakit.nf4 import NF4Linear
 from lorakit.surgery import (
-    is_full_precision_linear,
     layer_index,
     matches,
     output_head_names,
@@ -114,11 +112,3 @@ def test_replace_module_puts_the_new_module_in_its_parent(tokens):
     with pytest.raises(AttributeError):
         replace_module(model, "model.layers.5.mlp", nn.Identity())  # no such module: nothing changed
     assert len(model.model.layers) == 2
-
-
-def test_full_precision_linears_are_what_nf4_quantizes():
-    llama, gpt2 = tiny_llama(), tiny_gpt2()
-    assert sum(is_full_precision_linear(m) for m in llama.modules()) == 15  # 7 per block + lm_head
-    assert sum(is_full_precision_linear(m) for m in gpt2.modules()) == 9    # 4 Conv1D per block + lm_head
-    assert not is_full_precision_linear(NF4Linear.from_linear(nn.Linear(64, 8)))
-    assert not is_full_precision_linear(nn.Embedding(4, 4))

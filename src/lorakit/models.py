@@ -255,7 +255,8 @@ class CheckpointLoader:
         from .dtypes import to_torch
         from .files import open_safetensors
         from .nf4 import NF4Linear
-        from .surgery import expert_parameters, is_full_precision_linear, output_head_names, replace_module
+        from .nf4 import is_full_precision_linear
+        from .surgery import expert_parameters, output_head_names, replace_module
 
         self.path, self.dtype, self.double_quant = Path(path), dtype, double_quant
         config = load_config(path)

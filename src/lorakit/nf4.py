@@ -113,6 +113,7 @@ def is_full_precision_linear(module: nn.Module) -> bool:
     kind = type(module)
     return kind in FULL_PRECISION_LINEARS or f"{kind.__module__}.{kind.__qualname__}" in PLAIN_LINEAR_SUBCLASSES
 
+
 # Blocksizes bitsandbytes' quantize_4bit / dequantize_4bit accept.
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from .layer import LoraLayer, LoraParameter, ModulesToSave
-from . import nf4
 
 # Names of the container holding a model's blocks: Llama "layers", GPT-2 "h", others "blocks", BERT "layer".
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "blocks", "layer")
@@ -51,12 +50,6 @@ def layer_index(name: str, patterns: str | list[str] | tuple[str, ...] | None = 
         if found:
             return int(found.group(1))
     return None
-
-
-def is_full_precision_linear(module: nn.Module) -> bool:
-    """An nn.Linear or transformers' Conv1D (GPT-2's linear layer, weight stored (in, out)), or
-    Falcon's FalconLinear: what NF4 quantization turns into an NF4Linear (nf4.is_full_precision_linear)."""
-    return nf4.is_full_precision_linear(module)
 
 
 def expert_parameters(model: nn.Module) -> list[tuple[str, str]]:

@@ -339,7 +339,8 @@ def _measure(config) -> Measured:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..surgery import expert_parameters, is_full_precision_linear, layer_index
+    from ..nf4 import is_full_precision_linear
+    from ..surgery import expert_parameters, layer_index
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
