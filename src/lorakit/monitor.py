@@ -16,10 +16,13 @@ text it was not asked to change.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import resource
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,10 +236,225 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def peak_memory_bytes(device) -> int:
-    """Peak memory of this process: the CUDA allocator's peak on a GPU, else peak RSS."""
+    """Peak memory of this process: the CUDA allocator's peak on a GPU, else peak RSS
+    (summary.json's `peak_memory_bytes`, kept as it was; peak_rss_bytes and
+    peak_memory_allocated_bytes say which is which)."""
     import torch
 
     if getattr(device, "type", device) == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    # ru_maxrss is in KiB on Linux
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has held (ru_maxrss: KiB on Linux): the interpreter,
+    libraries and pages the C allocator keeps after a free included, so more than the planner counts."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# The profiler's own chatter on stderr, which the training log should not show: kineto prints a
+# line when it starts and stops; c10's CPU allocator warns once per process when a block allocated
+# before profiling is freed during it (harmless here: such a block was counted as resident).
+PROFILER_NOISE = ("profiler_start", "profiler_stop", "allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def _stderr_without(noise: tuple[str, ...]):
+    """File descriptor 2 into a temporary file while the block runs; lines that contain none of
+    `noise` are written back to stderr afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(n in line for n in noise):
+                    sys.stderr.write(line)
+
+
+def resident_tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a storage shared by several counted once;
+    None and meta tensors skipped; an FSDP DTensor counts its local shard)."""
+    seen = {}
+    for t in tensors:
+        if t is None:
+            continue
+        t = t.to_local() if hasattr(t, "to_local") else t
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def step_tensors(model, optimizer, batches: list[dict]) -> list:
+    """What is allocated when a training step starts: the model's parameters (and gradients, None
+    after zero_grad(set_to_none=True)), buffers (NF4 weights and their constants included), the
+    optimizer's states and the step's batches."""
+    import torch
+
+    params = list(model.parameters())
+    return [*params, *(p.grad for p in params), *model.buffers(),
+            *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+            *(v for b in batches for v in b.values() if torch.is_tensor(v))]
+
+
+class StepPeak:
+    """The allocator's peak during training steps: the quantity the memory planner predicts
+    (planner.memory: live tensors, kernels' temporaries included, runtime overhead excluded).
+
+    CUDA: torch.cuda.max_memory_allocated, its peak reset when a step begins and read when it ends;
+    the maximum over every step of the run (cheap: the allocator keeps the counter anyway).
+
+    CPU: PyTorch keeps no such counter, so a step is run under the profiler with profile_memory=True
+    (the method of bench/common.py and bench/plan_vs_measured.py, which the planner was validated
+    against): every allocation and free of c10's CPU allocator is reported with a running total, and
+    the peak of that total during the step, above its value when profiling began, plus the bytes
+    resident when the step began (step_tensors), is the step's peak. Profiling slows the step it
+    covers, so not every step is measured: only a step whose largest micro-batch (elements of its
+    largest tensor, e.g. batch x padded length) is larger than that of every step measured before
+    (in random order about ln(steps) steps; one when every batch has the same shape), and only once
+    the optimizer's states exist (not the first step of a fresh run: they are allocated during it,
+    and every later step holds them). The planner plans the longest batch, so the largest step is
+    the one to compare with it.
+    """
+
+    def __init__(self, device, enabled: bool = True):
+        self.device, self.enabled = device, enabled
+        self.cuda = getattr(device, "type", device) == "cuda"
+        self.bytes: int | None = None       # the largest step's peak so far
+        self.step: int | None = None        # which step that was
+        self.size = 0                       # CPU: elements of the largest tensor of the measured step's batches
+        self._size = 0                      # ... of the step being measured
+        self.process_cuda_peak = 0          # CUDA: max_memory_allocated before the first reset (earlier work)
+        self._profiler = None
+        self._resident = 0
+        self._step = 0
+        self._steps_begun = 0
+
+    def begin(self, step: int, batches: list[dict], model, optimizer) -> None:
+        """A training step starts; `batches`: its micro-batches, already built."""
+        if not self.enabled:
+            return
+        self._step, self._steps_begun = step, self._steps_begun + 1
+        import torch
+
+        if self.cuda:
+            self.process_cuda_peak = max(self.process_cuda_peak, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        size = max((v.numel() for b in batches for v in b.values() if torch.is_tensor(v)), default=0)
+        warm = bool(optimizer.state) or self._steps_begun > 1
+        if not warm or size <= self.size:
+            return
+        self._stop_stale()
+        from torch.profiler import ProfilerActivity, profile
+
+        self._resident = resident_tensor_bytes(step_tensors(model, optimizer, batches))
+        self._size = size
+        spent = torch.empty(1)  # allocated before profiling, freed during it: spends c10's one warning
+        with _stderr_without(PROFILER_NOISE):
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.start()
+            _ACTIVE.append(self._profiler)
+            del spent
+
+    def end(self) -> None:
+        """The step has ended (after the optimizer step and zero_grad); calling it again does nothing."""
+        if not self.enabled:
+            return
+        if self.cuda:
+            import torch
+
+            measured = torch.cuda.max_memory_allocated(self.device)
+            self.process_cuda_peak = max(self.process_cuda_peak, measured)
+            if self.bytes is None or measured > self.bytes:
+                self.bytes, self.step = measured, self._step
+            return
+        if self._profiler is None:
+            return
+        with _stderr_without(PROFILER_NOISE):
+            self._profiler.stop()
+        _ACTIVE.remove(self._profiler)
+        self.bytes = self._resident + profiled_peak(self._profiler)
+        self.step, self.size, self._profiler = self._step, self._size, None
+
+    @staticmethod
+    def _stop_stale() -> None:
+        """A measurement left running by a run that raised mid-step: stopped, or no profiler could start."""
+        while _ACTIVE:
+            with _stderr_without(PROFILER_NOISE):
+                _ACTIVE.pop().stop()
+
+    def basis(self) -> str:
+        """How peak_memory_allocated_bytes was measured, in words."""
+        if self.cuda:
+            return "torch.cuda.max_memory_allocated, the largest over every training step (rank 0)"
+        if self.bytes is None:
+            return ("not measured: the CPU measurement starts once the optimizer's states exist, after the first "
+                    "step of a fresh run")
+        return (f"CPU allocator peak of step {self.step} (profiler, as bench/common.py), the step with the largest "
+                f"batch ({self.size} elements in its largest tensor) once the optimizer's states exist, plus "
+                "the parameters, buffers, optimizer states and batch resident when it began")
+
+
+# Profilers StepPeak has started and not yet stopped (one at most).
+_ACTIVE: list = []
+
+
+def profiled_peak(prof) -> int:
+    """The peak of the CPU allocator's running total during a profile_memory=True profile, above
+    its value when profiling began. The total is the process's, counted since the first profile:
+    a block allocated while an earlier profile ran and freed after it still counts, so the start
+    value (the first event's total minus its own size) is subtracted."""
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        total = getattr(event.extra_fields, "total_allocated", None)
+        if total is not None:
+            events.append((event.start_time_ns, total - event.extra_fields.alloc_size, total))
+        stack.extend(event.children)
+    if not events:
+        return 0
+    start = min(events)[1]
+    return max(0, max(total for _, _, total in events) - start)
+
+
+def memory_summary(device, planned: int | None, peak: StepPeak | None) -> dict:
+    """summary.json's memory keys:
+    peak_memory_bytes            as before: the CUDA allocator's process peak on a GPU, else peak RSS
+    peak_rss_bytes               the process's peak resident memory (interpreter and libraries included)
+    peak_memory_allocated_bytes  the allocator's peak during training steps: the planner's basis (StepPeak)
+    peak_memory_allocated_basis  how it was measured (which step, on CPU)
+    peak_memory_allocated_step   the step it was measured at (None: not measured)
+    planned_peak_bytes           the planner's predicted peak (None when the planner was skipped)"""
+    legacy = peak_memory_bytes(device)
+    if peak is not None and peak.cuda:
+        legacy = max(legacy, peak.process_cuda_peak)  # the per-step resets hid what came before
+    return {"peak_memory_bytes": legacy,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_memory_allocated_bytes": peak.bytes if peak else None,
+            "peak_memory_allocated_basis": peak.basis() if peak else "not measured",
+            "peak_memory_allocated_step": peak.step if peak else None,
+            "planned_peak_bytes": planned}
+
+
+def memory_line(summary: dict) -> str:
+    """The line `lorakit train` ends with: "memory: planned X, measured Y (Z%)", Z = measured / planned,
+    then the step measured and the peak RSS (a different quantity: the whole process)."""
+    planned, measured = summary["planned_peak_bytes"], summary["peak_memory_allocated_bytes"]
+    step = summary["peak_memory_allocated_step"]
+    head = (f"memory: planned {_size(planned) if planned is not None else 'nothing (no plan)'}, "
+            f"measured {_size(measured) if measured is not None else 'nothing'}")
+    if planned and measured is not None:
+        head += f" ({100 * measured / planned:.0f}%)"
+    where = f"allocator peak of step {step}" if step is not None else "no step measured"
+    return f"{head}: {where}; peak RSS {_size(summary['peak_rss_bytes'])} (the whole process)"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -136,9 +136,11 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
 
     model.train()
     out.steps_begin(t.steps, state)
+    report.peak = peak = monitor.StepPeak(ctx.device, enabled=ctx.main)  # the allocator's peak: the plan's basis
     for step in range(state.step + 1, t.steps + 1):
         start = time.perf_counter()
         batches = objective.micro_batches(prepared.train, step, config, ctx, prepared.tokenizer.pad_token_id)
+        peak.begin(step, batches, raw, optimizer)
         loss, tokens, metrics = _forward_backward(model, loss_module, batches, objective, ctx)
         # the norm over all shards under FSDP, replicated; measured (clipping at inf) even without
         # clipping, since a norm of 0 tells a collapse from a plateau
@@ -153,6 +155,7 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        peak.end()
         state.step, state.tokens = step, state.tokens + tokens
         state.best_loss = loss if state.best_loss is None else min(state.best_loss, loss)
         state.train_seconds += time.perf_counter() - start
@@ -165,6 +168,7 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
         if step % t.save_every == 0 and step != t.steps:
             hooks.before_checkpoint(step, raw)
             hooks.after_checkpoint(step, save_checkpoint(run_dir, raw, optimizer, scheduler, state, ctx))
+    peak.end()  # a step left by a divergence
     out.steps_end()
 
     return _finish(run_dir, model, raw, prepared, config, state, optimizer, scheduler, report, out, ctx, objective,

@@ -43,6 +43,7 @@ class Report:
     diagnostics: list[monitor.Diagnostic] = field(default_factory=list)
     result_dir: Path | None = None     # adapter/ or model/
     no_result: str | None = None       # why no result is written, when none is
+    peak: monitor.StepPeak | None = None  # the allocator's peak over the training steps (the planner's basis)
 
 
 class Output:
@@ -141,8 +142,7 @@ class Output:
             "tokens_seen": state.tokens,
             "train_seconds": state.train_seconds,
             "wall_seconds": time.perf_counter() - report.wall_start,
-            "peak_memory_bytes": monitor.peak_memory_bytes(report.device),
-            "planned_peak_bytes": report.planned_peak,
+            **monitor.memory_summary(report.device, report.planned_peak, report.peak),  # peak_*, planned_peak_bytes
             "diagnostics": [dataclasses.asdict(d) for d in report.diagnostics],
             "result": str(report.result_dir) if report.result_dir else None,
             "no_result": report.no_result,
@@ -153,6 +153,7 @@ class Output:
         for tracker in self.trackers:
             tracker.finish(after or {}, plot)
         self.log(before_after_table(state.before, after or {}))
+        self.log(monitor.memory_line(summary))
         self.log(f"wrote {f'{report.result_dir}, ' if report.result_dir else ''}{self.run_dir / 'summary.json'}, "
                  f"{self.metrics.path}" + (f", {plot}" if plot else ""))
         return summary
