@@ -1,6 +1,7 @@
 """train.report_to: TensorBoard event files in the run directory, read back with tensorboard's own
-reader, hold the metrics.jsonl records as scalars, the hyperparameters and loss.png; a missing
-tracker library is a clear error before the run starts."""
+reader, and the MLflow run in the run directory's store, read back with mlflow's own client, hold the
+metrics.jsonl records, the hyperparameters and loss.png; a missing tracker library is a clear error
+before the run starts."""
 
 import builtins
 import json
@@ -8,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from test_training_loop import run_tiny
 
 from lorakit import monitor
 from lorakit.config import ConfigError, RunConfig
-from lorakit.training.output import check_trackers
+from lorakit.training.output import check_trackers, mlflow_tracking_uri
 
 
 def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
@@ -60,11 +62,72 @@ def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
 
 
+def test_mlflow_run_holds_metrics_params_and_plot_each_step_once_after_a_resume(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    from lorakit.training import Hooks
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+    def crash(step, path):
+        if step == 8:
+            raise KeyboardInterrupt("killed")
+
+    overrides = ["train.report_to=[mlflow]"]
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(tmp_path, overrides, hooks=Hooks(after_checkpoint=crash))
+    summary = run_tiny(tmp_path, overrides, resume=True)
+
+    uri = mlflow_tracking_uri(tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("lorakit")
+    (run,) = client.search_runs([experiment.experiment_id])  # the crashed run was replaced, not kept beside
+    assert run.info.status == "FINISHED" and run.info.run_name == tmp_path.name
+    records = monitor.MetricsLog(tmp_path / "metrics.jsonl").read()
+    for kind, key in (("train", "loss"), ("train", "lr"), ("train", "grad_norm"), ("eval", "val_loss")):
+        logged = [(r["step"], r[key]) for r in records if r["type"] == kind and key in r]
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"{kind}/{key}"))
+        assert history == logged, f"{kind}/{key}"  # MLflow keeps float64: equal, each step once
+    assert [s for s, _ in sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+            ] == list(range(1, 13))
+    assert run.data.metrics["eval/val_loss"] == summary["after"]["val_loss"]
+    params = run.data.params
+    assert (params["train.lr"], params["lora.r"], params["method"], params["train.report_to"]) == (
+        "0.02", "4", "lora", '["mlflow"]')
+    resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())  # every key of the run's config
+    assert params == {k: v if isinstance(v, str) else json.dumps(v) for k, v in _flat(resolved).items()}
+    (artifact,) = client.list_artifacts(run.info.run_id)
+    assert artifact.path == "loss.png"
+    local = Path(client.download_artifacts(run.info.run_id, "loss.png", str(tmp_path / "download")))
+    assert local.read_bytes() == (tmp_path / "loss.png").read_bytes()
+    assert (tmp_path / "mlartifacts").is_dir() and not (Path.cwd() / "mlruns").exists()
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_mlflow_tracking_uri_is_the_users_when_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert mlflow_tracking_uri(tmp_path) == "http://tracking.example:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert mlflow_tracking_uri(tmp_path / "run") == f"sqlite:///{(tmp_path / 'run').resolve()}/mlflow.db"
+
+
 def test_report_to_is_off_by_default_and_checked():
     assert RunConfig().train.report_to == []
+    RunConfig.from_dict({}, ["data.train=x.jsonl", "train.report_to=[tensorboard, mlflow]"]).validate()
     with pytest.raises(ConfigError) as e:
-        RunConfig.from_dict({}, ["data.train=x.jsonl", "train.report_to=[tensorboard, mlflow]"]).validate()
-    assert "unknown tracker(s) 'mlflow'; valid choices are tensorboard" in str(e.value)
+        RunConfig.from_dict({}, ["data.train=x.jsonl", "train.report_to=[tensorboard, wandb]"]).validate()
+    assert "unknown tracker(s) 'wandb'; valid choices are tensorboard, mlflow" in str(e.value)
 
 
 def test_a_missing_tensorboard_is_a_clear_error(monkeypatch):
@@ -79,6 +142,18 @@ def test_a_missing_tensorboard_is_a_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         check_trackers(["tensorboard"])
     check_trackers([])  # nothing asked, nothing needed
+
+
+def test_a_missing_mlflow_is_a_clear_error_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("mlflow", "alembic")
+                        else real(name, *a))
+    with pytest.raises(ConfigError) as e:
+        check_trackers(["mlflow"])
+    assert ("train.report_to includes 'mlflow', but mlflow, alembic are not installed: "
+            "pip install 'lorakit[mlflow]'") in str(e.value)
 
 
 def test_no_tensorboard_directory_by_default(tmp_path):

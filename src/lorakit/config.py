@@ -363,7 +363,7 @@ OBJECTIVES = ("sft", "dpo", "orpo")
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 PREFERENCE_LOSSES = ("sigmoid", "ipo")
 SCHEDULES = ("cosine", "linear", "constant")
-REPORT_TO = ("tensorboard",)  # train.report_to: trackers written besides metrics.jsonl
+REPORT_TO = ("tensorboard", "mlflow")  # train.report_to: trackers written besides metrics.jsonl
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -463,7 +463,7 @@ class TrainSection:
     device: str = "auto"             # auto: CUDA when available (one GPU per rank under torchrun), else CPU
     strategy: str = "ddp"            # several ranks: ddp (replicate, average gradients) or fsdp (shard)
     dist_timeout_s: float = 600      # a collective waiting longer than this fails the run
-    report_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard
+    report_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, mlflow
 
     choices = {"schedule": SCHEDULES, "device": ("auto", "cpu", "cuda"), "strategy": ("ddp", "fsdp")}
 

@@ -3,16 +3,21 @@
 Output (rank 0) owns the log lines, the progress bar and the files that describe the run:
 config.yaml, metrics.jsonl (one line per logged step, "train", and per evaluation, "eval"),
 loss.png and summary.json (before/after metrics, wall times, tokens, peak memory, diagnostics),
-the before/after table, and the trackers of train.report_to (TensorBoard: the same records as
-scalars, the hyperparameters and loss.png, in run_dir/tensorboard). Silent (the other ranks) takes the same calls and does nothing, so the
-training loop never asks which rank it runs on to report.
+the before/after table, and the trackers of train.report_to, each given the same records, the
+hyperparameters (the resolved config, flattened) and loss.png: TensorBoard (event files in
+run_dir/tensorboard) and MLflow (a local store, run_dir/mlflow.db, or MLFLOW_TRACKING_URI's).
+Silent (the other ranks) takes the same calls and does nothing, so the training loop never asks
+which rank it runs on to report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,12 +59,14 @@ class Output:
         self.metrics = monitor.MetricsLog(self.run_dir / "metrics.jsonl")
         self._bar = None
         self._since = (0.0, 0)  # (train_seconds, tokens) at the last logged step: tokens/s between logs
-        self.trackers: list[TensorBoard] = []
+        self.trackers: list[TensorBoard | MLflow] = []
 
     def open_trackers(self, config: RunConfig) -> None:
         """train.report_to's trackers (check_trackers has found their libraries)."""
         if "tensorboard" in config.train.report_to:
             self.trackers.append(TensorBoard(self.run_dir / "tensorboard", config))
+        if "mlflow" in config.train.report_to:
+            self.trackers.append(MLflow(self.run_dir, config))
 
     def _write(self, record: dict) -> None:
         self.metrics.write(record)
@@ -74,7 +81,7 @@ class Output:
     def resumed(self, step: int, path: Path) -> None:
         self.metrics.truncate_after(step)  # what came after the checkpoint is written again
         for tracker in self.trackers:
-            tracker.resumed(step)
+            tracker.resumed(step, self.metrics.read())
         self.log(f"resumed from {path} (step {step})")
 
     def evaluated(self, step: int, metrics: dict | None) -> None:
@@ -199,13 +206,23 @@ class Silent:
 
 def check_trackers(report_to: list[str]) -> None:
     """ConfigError, before the run starts, when a tracker of train.report_to is not installed."""
+    problems = []
     if "tensorboard" in report_to:
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
         except ImportError:
-            raise ConfigError("run configuration", [
-                "train.report_to includes 'tensorboard', but the tensorboard package is not installed: "
-                "pip install tensorboard (or leave train.report_to empty; metrics.jsonl is always written)"]) from None
+            problems.append("train.report_to includes 'tensorboard', but the tensorboard package is not installed: "
+                            "pip install tensorboard (or leave train.report_to empty; metrics.jsonl is always written)")
+    if "mlflow" in report_to:
+        # find_spec, not import: importing mlflow takes seconds, paid only when the run starts logging
+        missing = [name for name in MLFLOW_MODULES if importlib.util.find_spec(name) is None]
+        if missing:
+            problems.append(f"train.report_to includes 'mlflow', but {', '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'lorakit[mlflow]' "
+                            "(mlflow-skinny with its SQLite store; or leave train.report_to empty; "
+                            "metrics.jsonl is always written)")
+    if problems:
+        raise ConfigError("run configuration", problems)
 
 
 class TensorBoard:
@@ -222,7 +239,7 @@ class TensorBoard:
 
         return SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
-    def resumed(self, step: int) -> None:
+    def resumed(self, step: int, records: list[dict]) -> None:
         """A resumed run writes what came after its checkpoint again: TensorBoard drops the old ones."""
         self.writer.close()
         self.writer = self._open(purge_step=step + 1)
@@ -244,6 +261,88 @@ class TensorBoard:
 
             self.writer.add_image("loss.png", matplotlib.image.imread(plot)[..., :3], dataformats="HWC")
         self.writer.close()
+
+
+# What train.report_to: [mlflow] needs (the extra lorakit[mlflow]): the client, and SQLAlchemy and
+# Alembic for its SQLite store (mlflow-skinny leaves them out; MLflow 3 refuses a plain-file store
+# unless MLFLOW_ALLOW_FILE_STORE is set: it is in maintenance mode, SQLite is its local store now).
+MLFLOW_MODULES = ("mlflow", "sqlalchemy", "alembic")
+MLFLOW_EXPERIMENT = "lorakit"  # unless MLFLOW_EXPERIMENT_NAME names another
+
+
+def mlflow_tracking_uri(run_dir: Path) -> str:
+    """Where train.report_to: [mlflow] writes: MLFLOW_TRACKING_URI when the user set one, else a
+    SQLite store in the run directory (`mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+class MLflow:
+    """One MLflow run per run directory: every metrics.jsonl record as metrics ("train/loss",
+    "eval/val_loss", ... at its step), the resolved config flattened as parameters ("train.lr": "0.02"),
+    and at the end loss.png as an artifact. The run is created at the first record; a resumed run
+    replaces it with one rebuilt from metrics.jsonl (cut at the checkpoint), so each step is logged once."""
+
+    def __init__(self, run_dir: Path, config: RunConfig):
+        from mlflow.tracking import MlflowClient
+
+        self.run_dir, self.config = Path(run_dir).resolve(), config
+        self.uri = mlflow_tracking_uri(run_dir)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        # a tag that finds this directory's run again on resume (a hash: no quoting in a search filter)
+        self.tag = ("lorakit.run_dir_id", hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:16])
+        self.run_id: str | None = None
+
+    def _experiment(self) -> str:
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or MLFLOW_EXPERIMENT
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        # artifacts next to the store when the store is ours; otherwise where the user's store puts them
+        local = None if os.environ.get("MLFLOW_TRACKING_URI") else (self.run_dir / "mlartifacts").as_uri()
+        return self.client.create_experiment(name, artifact_location=local)
+
+    def _start(self) -> str:
+        """A new MLflow run with the config as its parameters (at most 100 per call: MLflow's limit)."""
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self._experiment(), run_name=self.run_dir.name,
+                                     tags={self.tag[0]: self.tag[1], "lorakit.run_dir": str(self.run_dir)})
+        params = [Param(key, value if isinstance(value, str) else json.dumps(value))
+                  for key, value in _flatten(self.config.to_dict()).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[i:i + 100], synchronous=True)
+        return run.info.run_id
+
+    def record(self, record: dict) -> None:
+        self._log([record])
+
+    def _log(self, records: list[dict]) -> None:
+        from mlflow.entities import Metric
+
+        if self.run_id is None:
+            self.run_id = self._start()
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"{r['type']}/{key}", float(value), now, r["step"])
+                   for r in records for key, value in r.items()
+                   if key not in ("type", "step") and isinstance(value, (int, float)) and not isinstance(value, bool)]
+        for i in range(0, len(metrics), 1000):  # MLflow's limit of metrics per call
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000], synchronous=True)
+
+    def resumed(self, step: int, records: list[dict]) -> None:
+        """Delete this directory's earlier MLflow run (it holds the steps after the checkpoint, which
+        are trained again) and log metrics.jsonl's records, already cut at `step`, to a new one."""
+        tag, value = self.tag
+        for run in self.client.search_runs([self._experiment()], filter_string=f"tags.`{tag}` = '{value}'"):
+            self.client.delete_run(run.info.run_id)
+        self.run_id = None
+        self._log(records)
+
+    def finish(self, after: dict, plot: Path | None) -> None:
+        if self.run_id is None:
+            self.run_id = self._start()
+        if plot is not None:
+            self.client.log_artifact(self.run_id, str(plot))
+        self.client.set_terminated(self.run_id)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
