@@ -183,6 +183,81 @@ def test_llama_cpp_runs_the_f32_and_f16_exports(tmp_path, kind, tie):
     llm.close()
 
 
+# Texts for the SentencePiece tokenizer: a character it never saw (byte fallback), runs of spaces,
+# newlines and tabs, single digits, and a leading space.
+SPM_TEXTS = [TEXT, "Ünïcödé naïve café 東京 ☃", "line\nbreak\ttab  two   spaces", "x 1234 y", " a leading space"]
+
+
+def spm_tokenizer(directory):
+    """A Llama 2 style tokenizer: SentencePiece BPE with byte fallback trained here (~0.1 s), loaded
+    by transformers from tokenizer.model as Llama 2's is (legacy=True, BOS added)."""
+    import io
+
+    import sentencepiece
+    from transformers import LlamaTokenizerFast
+
+    model = io.BytesIO()
+    corpus = [TEXT, "What is the capital of France? Paris, it is.", "user assistant system",
+              "Ünïcödé naïve café 東京", "line\nbreak\ttab"] * 20
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=360, byte_fallback=True,
+        character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
+    directory.mkdir()
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    return LlamaTokenizerFast.from_pretrained(directory, legacy=True, add_bos_token=True, chat_template=CHATML)
+
+
+def test_merge_scores_fall_with_the_merge_rank():
+    from lorakit.gguf_export import merge_scores
+
+    vocab = {"a": 3, "b": 4, "c": 5, "ab": 6, "bc": 7, "abc": 8}
+    # "abc" is made by two merges; its score is the first one's rank
+    assert merge_scores(["b c", ["a", "b"], "a bc", "ab c"], vocab) == {7: -0.0, 6: -1.0, 8: -2.0}
+
+
+def test_llama_cpp_runs_a_sentencepiece_export(tmp_path):
+    """Llama 2 / Mistral 7B vocabularies (Mistral is llama.cpp's "llama" architecture: tested above): llama.cpp's "llama" tokenizer model on the file's scores,
+    byte tokens and space prefix gives SentencePiece's and transformers' ids, and the model its logits
+    and greedy tokens."""
+    import gguf
+    import sentencepiece
+
+    tokenizer = spm_tokenizer(tmp_path / "tokenizer")
+    model = adapted(tiny("llama", len(tokenizer)))
+    ids = ids_of(tokenizer)
+    assert ids[0] == tokenizer.bos_token_id == 1
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    greedy = hf_greedy(model, ids, 8)
+    path, check = export_merged(model, tokenizer, tmp_path / "m.gguf", "f16")
+    assert check.passed
+
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types.count(gguf.TokenType.BYTE) == 256 and types[:3] == [gguf.TokenType.UNKNOWN] + 2 * [
+        gguf.TokenType.CONTROL]
+
+    llm = open_llama(path)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer" / "tokenizer.model"))
+    for text in SPM_TEXTS:  # the tokenizer the model was trained with
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == [1] + sp.encode(text), text
+    # transformers' (special tokens inside the text too). Not on a leading space: transformers'
+    # Metaspace puts no "▁" before a text that starts with a space, SentencePiece and llama.cpp do
+    for text in SPM_TEXTS[:-1] + ["<s>Hello</s>world"]:
+        expected_ids = tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == expected_ids, text
+        assert llm.detokenize(expected_ids).decode() == tokenizer.decode(expected_ids, skip_special_tokens=True), text
+    assert any(t.startswith("<0x") for t in tokenizer.convert_ids_to_tokens(tokenizer(SPM_TEXTS[1])["input_ids"]))
+    got = cpp_logits(llm, ids)
+    assert (got - expected).abs().max().item() < TOLERANCES["f16"][0], (got - expected).abs().max().item()
+    assert cpp_greedy(llm, ids, 8) == greedy
+    llm.close()
+
+
 def test_transformers_reads_the_f16_export(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

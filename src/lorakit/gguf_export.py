@@ -16,10 +16,13 @@ row 2i+t of the llama.cpp head is row t·d/2 + i of the transformers head (t in 
 `permute_rotary_rows`. Qwen2 is run by llama.cpp with the half-rotation ("neox" rope), so its
 rows are written unchanged.
 
-Tokenizer. Only byte-level BPE tokenizers are written (llama.cpp's "gpt2" tokenizer model):
-token strings, token types, merges, special token ids, whether BOS is added, and the chat
-template. llama.cpp also needs the name of the pre-tokenizer (the regex that splits text before
-BPE), which it knows by name; `pre_tokenizer_name` recognises it from tokenizer.json.
+Tokenizer. Two kinds are written. Byte-level BPE (SmolLM2, Llama 3, Qwen2) as llama.cpp's "gpt2"
+tokenizer model: token strings, token types, merges, special token ids, whether BOS is added, and
+the chat template. llama.cpp also needs the name of the pre-tokenizer (the regex that splits text
+before BPE), which it knows by name; `pre_tokenizer_name` recognises it from tokenizer.json.
+SentencePiece BPE with byte fallback (Llama 2, Mistral 7B) as its "llama" model: no merges but a
+score per token (`merge_scores`), byte tokens <0xNN> for characters outside the vocabulary, and
+whether "▁" is put before the text (`space_prefix`).
 
 Quantized outputs (q8_0, q4_0) come from the `gguf` package's quantizers. As in llama.cpp, 1-D
 tensors (norms, biases) stay float32, and a matrix whose rows are not a whole number of 32-value
@@ -66,6 +69,7 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLIT_REGEXES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 
 def _gguf():
@@ -245,48 +249,120 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
                      "supported: gpt-2, smollm (SmolLM2), llama-bpe (Llama 3), qwen2")
 
 
+def tokenizer_kind(spec: dict) -> str:
+    """llama.cpp's tokenizer model for a tokenizer.json: "gpt2" (byte-level BPE) or "llama"
+    (SentencePiece BPE with byte fallback, as Llama 2 and Mistral 7B); ValueError otherwise."""
+    model = spec.get("model", {})
+    decoder = spec.get("decoder") or {}
+    steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    if model.get("type") == "BPE" and decoder.get("type") == "ByteLevel":
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback") and any(
+            d.get("type") == "Replace" and (d.get("pattern") or {}).get("String") == SPACE for d in steps):
+        return "llama"
+    raise ValueError(f"tokenizer model {model.get('type')!r} with decoder {decoder.get('type')!r} cannot be "
+                     "written to GGUF: supported are byte-level BPE (SmolLM2, Llama 3, Qwen2) and SentencePiece "
+                     "BPE with byte fallback (Llama 2, Mistral 7B)")
+
+
+
+def space_prefix(spec: dict) -> bool:
+    """Whether a SentencePiece tokenizer.json puts "▁" before the text (add_dummy_prefix): as a
+    Prepend normalizer (Llama 2's files) or a Metaspace pre-tokenizer that prepends.
+
+    llama.cpp prepends it to the text and again after every special token, as transformers'
+    legacy Llama tokenizer (prepend_scheme "always") does; with prepend_scheme "first" the two
+    differ only on text that follows a special token inside the string.
+    """
+    normalizer = spec.get("normalizer") or {}
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    if any(n.get("type") == "Prepend" and n.get("prepend") == SPACE for n in steps):
+        return True
+    pre = spec.get("pre_tokenizer") or {}
+    pre_steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    for step in pre_steps:
+        if step.get("type") == "Metaspace":
+            if step.get("split", False):
+                raise ValueError("a Metaspace pre-tokenizer with split=true cuts the text at every space; llama.cpp's "
+                                 "SentencePiece tokenizer does not, so tokens would differ: supported is split=false")
+            return step.get("prepend_scheme", "always") != "never"
+    return False
+
+
+def merge_scores(merges: list, vocab: dict[str, int]) -> dict[int, float]:
+    """token id -> score for llama.cpp's SentencePiece tokenizer: -(rank of the first merge that
+    makes the token).
+
+    llama.cpp merges, among adjacent pairs whose concatenation is a token, the one whose token
+    has the highest score (leftmost on ties); transformers' BPE merges the pair of lowest rank.
+    The two agree when the scores fall with the rank, and transformers' converter lists every
+    split of every token as a merge, ordered by the SentencePiece scores. Tokens no merge makes
+    (characters, bytes, special tokens) are never the result of a merge: score 0.
+    """
+    scores = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token = vocab.get(left + right)
+        if token is not None and token not in scores:
+            scores[token] = -float(rank)
+    return scores
+
+
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """The `tokenizer.*` keys: a byte-level BPE vocabulary as llama.cpp's "gpt2" tokenizer model."""
+    """The `tokenizer.*` keys: a byte-level BPE vocabulary as llama.cpp's "gpt2" tokenizer model,
+    or a SentencePiece one as its "llama" model (token scores, byte tokens <0xNN>, space prefix)."""
     gguf = _gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    model = spec.get("model", {})
-    decoder = (spec.get("decoder") or {}).get("type")
-    if model.get("type") != "BPE" or decoder != "ByteLevel":
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} (model {model.get('type')!r}, decoder {decoder!r}) "
-                         "cannot be written to GGUF: supported are byte-level BPE tokenizers (SmolLM2, Llama 3, "
-                         "Qwen2); SentencePiece vocabularies (Llama 2, Mistral 7B) are not supported yet")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(spec))
+    if backend is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no tokenizer.json (a slow tokenizer): "
+                         "GGUF export reads the fast tokenizer's vocabulary; load it with use_fast=True")
+    spec = json.loads(backend.to_str())
+    kind = tokenizer_kind(spec)
+    model = spec["model"]
+    writer.add_tokenizer_model(kind)
+    if kind == "gpt2":
+        writer.add_tokenizer_pre(pre_tokenizer_name(spec))
 
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder  # id -> AddedToken
     if max(by_id) >= vocab_size:
         raise ValueError(f"the tokenizer has id {max(by_id)}, beyond the model's {vocab_size} embeddings")
     T = gguf.TokenType
+    merges = model.get("merges", [])
+    scores = merge_scores(merges, model.get("vocab", {})) if kind == "llama" else {}
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:  # embedding rows no token uses (vocabularies padded to a multiple)
             tokens.append(f"[PAD{i}]")
             types.append(T.UNUSED)
-            continue
-        tokens.append(by_id[i])
-        types.append(T.NORMAL if i not in added else (T.CONTROL if added[i].special else T.USER_DEFINED))
+        elif i == tokenizer.unk_token_id and kind == "llama":
+            tokens.append(by_id[i])
+            types.append(T.UNKNOWN)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(T.CONTROL if added[i].special else T.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            byte = kind == "llama" and len(by_id[i]) == 6 and by_id[i].startswith("<0x") and by_id[i].endswith(">")
+            types.append(T.BYTE if byte else T.NORMAL)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    merges = model.get("merges", [])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    if kind == "llama":
+        writer.add_token_scores([scores.get(i, 0.0) for i in range(vocab_size)])
+        writer.add_add_space_prefix(space_prefix(spec))
+    else:
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+        writer.add_add_space_prefix(False)
 
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+    for special in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{special}_token_id", None)
         if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
+            getattr(writer, f"add_{special}_token_id")(token_id)
     # Whether the tokenizer adds BOS/EOS around a text: as transformers does it, seen from the ids.
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
     writer.add_add_bos_token(len(full) > len(plain) and full[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(len(full) > len(plain) and full[-1] == tokenizer.eos_token_id)
-    writer.add_add_space_prefix(False)
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
         writer.add_chat_template(template)
