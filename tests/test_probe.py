@@ -201,6 +201,13 @@ def test_probe_does_not_start_when_full_fine_tuning_does_not_fit(monkeypatch):
 
 # the command ---------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def probe_records(tmp_path, monkeypatch):
+    """`lorakit probe` records its report in lorakit's cache: a fresh one per test."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "probes"
+
+
 @pytest.fixture(scope="module")
 def probe_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
@@ -257,3 +264,34 @@ def test_the_rule_constants_are_those_docs_probe_md_states():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "probe.md").read_text()
     for name in ("LAG_TOLERANCE", "LR_CLOSES", "MIN_REFERENCE_PROGRESS", "ENERGY", "CAPACITY_BITS_PER_PARAMETER"):
         assert f"{name} = {getattr(probe_module, name)}" in doc, name
+
+
+def test_train_summary_holds_the_verdict_of_a_probe_of_the_same_config(probe_dir, probe_records, tmp_path, capsys):
+    from lorakit.config import read_run_config
+    from lorakit.training.output import probe_diagnostic, probe_key
+
+    config_file = str(probe_dir / "probe.yaml")
+    assert main(["probe", config_file, "--steps", "3", "--full-lr", "0.003", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (record,) = probe_records.iterdir()
+    assert json.loads(record.read_text()) == report and record.name == f"{report['config_key']}.json"
+    # train the same config for another number of steps, logging elsewhere: the same key
+    run = tmp_path / "run"
+    assert main(["train", config_file, "--set", "train.steps=2", "--set", "train.report_to=[]", "--set",
+                 "eval.generate=false", "--out", str(run), "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    (probed,) = [d for d in summary["diagnostics"] if d["kind"] == "probe"]
+    assert (probed["verdict"], probed["verdict_kind"], probed["cause"]) == (
+        report["verdict"], report["verdict_kind"], report["cause"])
+    assert (probed["recommended_rank"], probed["recommended_lr"], probed["probe_steps"], probed["step"]) == (
+        report["recommended_rank"], report["recommended_lr"], 3, 0)
+    assert probed["message"] == (
+        f"lorakit probe of this config (3 steps per run): {report['verdict']}; recommended "
+        f"lora.r={report['recommended_rank']:g} (configured 4); recommended train.lr={report['recommended_lr']:g} "
+        f"(configured 0.01) ({record})")
+    assert probed["message"] in capsys.readouterr().out
+    # another rank is another config: no verdict for it
+    other = read_run_config(config_file, ["lora.r=8"])
+    assert probe_key(other) != report["config_key"] and probe_diagnostic(other) is None
+    same = read_run_config(config_file, ["train.steps=500", "train.log_every=7", "eval.every=3"])
+    assert probe_key(same) == report["config_key"]

@@ -57,6 +57,7 @@ from .config import ConfigError, RunConfig
 from .files import write_atomically
 from .inject import resolve_targets, trainable_parameters
 from .training import Prepared, train
+from .training.output import probe_key, probe_record_path
 from .training.objectives import Objective, objective_for
 from .training.setup import load_base, load_data, prepare_model
 
@@ -298,6 +299,9 @@ def probe(config: RunConfig, steps: int = DEFAULT_STEPS, *, full_lr: float | Non
           tokenizer=None, data: tuple | None = None) -> dict:
     """Run the probe for `config` (a LoRA or QLoRA SFT run); returns the report (see the module
     docstring), also written to out/probe.json with the curves in out/probe.png when `out` is given.
+    Without `base` (the model and data are the config's), the report is also recorded where
+    `lorakit train` of the same config finds it (training.output.probe_record_path) and puts its
+    verdict and advice in summary.json's diagnostics.
 
     full_lr: the reference's learning rate (default: train.lr x FULL_LR_FACTOR). base(config) -> a
     fresh, unprepared base model for a run's config, with `tokenizer` and `data` (train, validation,
@@ -310,6 +314,7 @@ def probe(config: RunConfig, steps: int = DEFAULT_STEPS, *, full_lr: float | Non
         raise ValueError(f"full_lr={full_lr!r}: the reference's learning rate must be a number > 0 (e.g. {lr / 10:g})")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file; give a directory for probe.json and probe.png")
+    recorded = base is None
     if base is None:
         from .models import load_tokenizer, resolve_model_dir
 
@@ -338,7 +343,12 @@ def probe(config: RunConfig, steps: int = DEFAULT_STEPS, *, full_lr: float | Non
         lora = p.run(config.method, lora_config, lora_model)
         del lora_model
         sweep = _sweep(p, lora)
-    return _report(config, steps, full, lora, sweep, ranks, adapter_parameters, memory, data[0], out)
+    report = _report(config, steps, full, lora, sweep, ranks, adapter_parameters, memory, data[0], out)
+    if recorded:  # the model and data are the config's: `lorakit train` of it shows the verdict
+        path = probe_record_path(config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def _checked(config: RunConfig, steps: int) -> RunConfig:
@@ -414,6 +424,7 @@ def _report(config: RunConfig, steps: int, full: Run, lora: Run, sweep: list[Run
     rule_lr = LORA_LR_RATIO * full.lr
     report = {
         "verdict": v.text, "verdict_kind": v.kind, "cause": v.cause, "reason": v.reason,
+        "config_key": probe_key(config),
         "steps": steps, "method": config.method, "r": config.lora.r, "alpha": config.lora.alpha, "lr": lora.lr,
         "full_lr": full.lr, "start_loss": start,
         "final_loss": {"full": _finite(full.final), config.method: _finite(lora.final)},

@@ -137,6 +137,9 @@ class Output:
         if after is not None:
             self.evaluated(report.steps, after)
         plot = monitor.plot_losses(self.metrics.read(), self.run_dir / "loss.png")
+        probed = probe_diagnostic(report.config)
+        if probed:
+            self.log(probed["message"])
         summary = {
             "method": report.config.method,
             "model": report.config.model.path or DEFAULT_MODEL_NAME,
@@ -150,7 +153,7 @@ class Output:
             "train_seconds": state.train_seconds,
             "wall_seconds": time.perf_counter() - report.wall_start,
             **monitor.memory_summary(report.device, report.planned_peak, report.peak),  # peak_*, planned_peak_bytes
-            "diagnostics": [dataclasses.asdict(d) for d in report.diagnostics],
+            "diagnostics": [dataclasses.asdict(d) for d in report.diagnostics] + ([probed] if probed else []),
             "result": str(report.result_dir) if report.result_dir else None,
             "no_result": report.no_result,
             "loss_plot": str(plot) if plot else None,
@@ -354,6 +357,55 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+# The probe's verdict in summary.json: `lorakit probe` records its report under a key of the run
+# config (probe_record_path), `lorakit train` of the same config finds it there. The key leaves out
+# what does not change what a step trains: how long (the probe runs its own steps), what is logged
+# and where, and the evaluation.
+PROBE_KEY_IGNORES = ("train.steps", "train.epochs", "train.log_every", "train.save_every", "train.report_to",
+                     "train.threads", "train.dist_timeout_s", "eval")
+
+
+def probe_key(config: RunConfig) -> str:
+    """SHA-256 of the run config (JSON, sorted keys) without PROBE_KEY_IGNORES: equal for `lorakit probe
+    my.yaml` and `lorakit train my.yaml`, whatever their steps. Taken after data.max_length "auto" is
+    resolved (load_data), as both commands do before they get here."""
+    kept = {key: value for key, value in _flatten(config.to_dict()).items()
+            if not any(key == i or key.startswith(i + ".") for i in PROBE_KEY_IGNORES)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def probe_record_path(config: RunConfig) -> Path:
+    """Where `lorakit probe` records its report for `config`: lorakit's cache ($LORAKIT_CACHE or
+    ~/.cache/lorakit) /probes/<probe_key>.json (a run directory must be new when training starts)."""
+    from ..models import cache_dir
+
+    return cache_dir() / "probes" / f"{probe_key(config)}.json"
+
+
+def probe_diagnostic(config: RunConfig) -> dict | None:
+    """summary.json's diagnostic for the probe recorded for this config (kind "probe", step 0: it
+    came before training): its verdict, recommended rank and learning rate; None when there is none."""
+    path = probe_record_path(config)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("config_key") != probe_key(config) or "verdict" not in report:
+        return None
+    rank, lr = report.get("recommended_rank"), report.get("recommended_lr")
+    advice = "; ".join(f"recommended {name}={value:g} (configured {now:g})"
+                       for name, value, now in (("lora.r", rank, config.lora.r), ("train.lr", lr, config.train.lr))
+                       if isinstance(value, (int, float)) and isinstance(now, (int, float)))
+    subset = report.get("layers")
+    return {"kind": "probe", "step": 0,
+            "message": f"lorakit probe of this config ({report.get('steps')} steps per run"
+                       + (f", layers {subset}" if subset else "") + f"): {report['verdict']}"
+                       + (f"; {advice}" if advice else "") + f" ({path})",
+            "verdict": report["verdict"], "verdict_kind": report.get("verdict_kind"), "cause": report.get("cause"),
+            "recommended_rank": rank, "recommended_lr": lr, "probe_steps": report.get("steps"),
+            "layers": subset, "record": str(path)}
 
 
 def sink(main: bool, run_dir: Path, log=print, progress: bool = True) -> Output | Silent:
