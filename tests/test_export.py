@@ -109,10 +109,10 @@ def hf_greedy(model, ids, n):
     return out
 
 
-def open_llama(path, lora=None):
+def open_llama(path, lora=None, n_ctx=128):
     """llama.cpp on `path` (+ a LoRA adapter GGUF), with a float32 KV cache (its default is f16)."""
     f32 = 0  # GGML_TYPE_F32
-    return llama_cpp().Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=128, n_batch=128,
+    return llama_cpp().Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_batch=n_ctx,
                              logits_all=True, n_threads=1, type_k=f32, type_v=f32, verbose=False)
 
 
@@ -256,6 +256,70 @@ def test_llama_cpp_runs_a_sentencepiece_export(tmp_path):
     assert (got - expected).abs().max().item() < TOLERANCES["f16"][0], (got - expected).abs().max().item()
     assert cpp_greedy(llm, ids, 8) == greedy
     llm.close()
+
+
+def rope_llama(vocab, rope: dict):
+    """A tiny Llama (head dim 8: frequencies 1, 0.1, 0.01, 0.001) whose rotary embeddings are `rope`,
+    for 256 positions; the same weights for any `rope`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         rope_parameters={"rope_theta": 10000.0, **rope})
+    return LlamaForCausalLM(config).eval()
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_factors_divide_the_frequencies_as_transformers():
+    """Wavelengths 2π/ω = 6.3, 63, 628, 6283 against L/β = 16 and L/α = 64: kept, blended with
+    γ = (64/(2π/0.1) - 1)/3, stretched by s = 8 (twice)."""
+    from lorakit.gguf_export import llama3_rope_factors
+
+    model = rope_llama(96, LLAMA3_ROPE)
+    factors = llama3_rope_factors(model.config)
+    gamma = (64 / (2 * np.pi / 0.1) - 1) / 3
+    torch.testing.assert_close(factors, torch.tensor([1.0, 1 / ((1 - gamma) / 8 + gamma), 8.0, 8.0]))
+    omega = 10000.0 ** -(torch.arange(0, 8, 2) / 8)
+    torch.testing.assert_close(omega / model.model.rotary_emb.inv_freq, factors)
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"rope_type": "linear", "factor": 4.0}], ids=["llama3", "linear"])
+def test_llama_cpp_runs_rope_scaled_exports(tmp_path, rope):
+    """Llama 3.1's rope scaling (a rope_freqs tensor) and linear scaling (llama.cpp's rope scaling
+    keys): llama.cpp's logits equal the adapted model's over 200 positions, where the scaling
+    changes the logits by more than 5."""
+    import gguf
+
+    tokenizer = bpe_tokenizer()
+    ids = ids_of(tokenizer, " ".join([TEXT] * 12))[:200]
+    assert len(ids) == 200
+    model = adapted(rope_llama(len(tokenizer), rope))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+        unscaled = adapted(rope_llama(len(tokenizer), {"rope_type": "default"}))(torch.tensor([ids])).logits[0]
+    assert (unscaled - expected).abs().max().item() > 5.0  # the scaling matters on this prompt (measured ~10)
+    path, _ = export_merged(model, tokenizer, tmp_path / "m.gguf", "f32")
+    names = [t.name for t in gguf.GGUFReader(path).tensors]
+    assert ("rope_freqs.weight" in names) == (rope["rope_type"] == "llama3")
+    llm = open_llama(path, n_ctx=256)
+    got = cpp_logits(llm, ids)
+    llm.close()
+    assert (got - expected).abs().max().item() < 1e-4, (got - expected).abs().max().item()  # measured 2.3e-5
+
+
+def test_unsupported_rope_scaling_is_a_clear_error():
+    from lorakit.gguf_export import architecture
+
+    model = rope_llama(96, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    with pytest.raises(ValueError) as e:
+        architecture(model.config)
+    assert str(e.value) == ("rope scaling 'yarn' on llama cannot be exported to GGUF; supported: default, linear, "
+                            "llama3")
 
 
 def test_transformers_reads_the_f16_export(tmp_path):

@@ -16,6 +16,10 @@ row 2i+t of the llama.cpp head is row t·d/2 + i of the transformers head (t in 
 `permute_rotary_rows`. Qwen2 is run by llama.cpp with the half-rotation ("neox" rope), so its
 rows are written unchanged.
 
+Rotary scaling. Linear scaling (positions divided by a factor) is llama.cpp's rope scaling type
+and factor keys; Llama 3.1's ("llama3": long wavelengths stretched, short ones kept) is a
+rope_freqs.weight tensor of per-frequency divisors, `llama3_rope_factors`. Others are refused.
+
 Tokenizer. Two kinds are written. Byte-level BPE (SmolLM2, Llama 3, Qwen2) as llama.cpp's "gpt2"
 tokenizer model: token strings, token types, merges, special token ids, whether BOS is added, and
 the chat template. llama.cpp also needs the name of the pre-tokenizer (the regex that splits text
@@ -63,6 +67,10 @@ ARCHITECTURES = {
     "qwen2": Architecture("qwen2", permute_rotary=False),
 }
 
+# Rotary embedding types (transformers' rope_type) written per llama.cpp architecture: "linear"
+# as llama.cpp's rope scaling type and factor, "llama3" (Llama 3.1's) as a rope_freqs tensor.
+ROPE_TYPES = {"llama": ("default", "linear", "llama3"), "qwen2": ("default", "linear")}
+
 # Pre-tokenizer regexes as they appear in tokenizer.json (Split pre-tokenizers), by llama.cpp's name.
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -86,10 +94,11 @@ def architecture(config) -> Architecture:
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type {model_type!r} cannot be exported to GGUF; supported: "
                          f"{', '.join(ARCHITECTURES)} (Llama 2/3, SmolLM2, Mistral, Qwen2)")
-    rope = rope_parameters(config)
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope scaling {rope.get('rope_type')!r} cannot be exported to GGUF yet; "
-                         "supported: plain rotary embeddings (rope_type 'default')")
+    rope_type = rope_parameters(config).get("rope_type", "default")
+    supported = ROPE_TYPES[ARCHITECTURES[model_type].gguf_name]
+    if rope_type not in supported:
+        raise ValueError(f"rope scaling {rope_type!r} on {model_type} cannot be exported to GGUF; supported: "
+                         f"{', '.join(supported)}")
     for flag in ("mlp_bias",):
         if getattr(config, flag, False):
             raise ValueError(f"{model_type} with {flag}=True cannot be exported to GGUF: llama.cpp's "
@@ -108,6 +117,29 @@ def rope_parameters(config) -> dict:
 
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def llama3_rope_factors(config) -> torch.Tensor:
+    """Llama 3.1's rope scaling as llama.cpp's rope_freqs.weight: (d/2,) float32 divisors of the
+    rotary frequencies, θ_i = p · base^(-2i/d) / f_i.
+
+    With the wavelength λ_i = 2π / ω_i of ω_i = base^(-2i/d), the context L (original_max_position
+    _embeddings), the factor s and α, β (low_freq_factor, high_freq_factor), Llama 3.1 keeps the
+    short waves (λ < L/β: f = 1), stretches the long ones (λ > L/α: f = s) and in between blends
+    ω/s and ω with γ = (L/λ - α) / (β - α): ω' = (1 - γ) ω/s + γ ω, so f = 1 / ((1 - γ)/s + γ).
+    (transformers: _compute_llama3_parameters; llama.cpp's converter writes the same tensor.)
+    """
+    rope = rope_parameters(config)
+    d = head_dim(config)
+    omega = float(rope.get("rope_theta", 10000.0)) ** -(torch.arange(0, d, 2, dtype=torch.float64) / d)
+    wavelength = 2 * torch.pi / omega
+    s, alpha, beta = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    context = float(rope["original_max_position_embeddings"])
+    gamma = (context / wavelength - alpha) / (beta - alpha)
+    factors = 1 / ((1 - gamma) / s + gamma)
+    factors = torch.where(wavelength < context / beta, 1.0, factors)
+    factors = torch.where(wavelength > context / alpha, s, factors)
+    return factors.float()
 
 
 def permute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -140,7 +172,7 @@ def _rotary_heads(hf_name: str, config) -> int | None:
 @dataclass
 class GGUFTensor:
     name: str              # llama.cpp's name, e.g. blk.0.attn_q.weight
-    hf_name: str           # the transformers state-dict key it comes from
+    hf_name: str | None    # the transformers state-dict key it comes from (None: rope_freqs)
     data: np.ndarray       # encoded: float32/float16 values, or the quantized bytes (uint8)
     qtype: object          # gguf.GGMLQuantizationType
 
@@ -187,6 +219,10 @@ def model_tensors(model: nn.Module, quant: str = "f16", progress=None) -> list[G
         array = value.numpy()
         qtype = tensor_type(quant, array.shape)
         out.append(GGUFTensor(name, key, gguf.quants.quantize(array, qtype), qtype))
+    if rope_parameters(config).get("rope_type") == "llama3":
+        factors = llama3_rope_factors(config).numpy()
+        out.append(GGUFTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, factors,
+                              gguf.GGMLQuantizationType.F32))
     return out
 
 
@@ -195,7 +231,7 @@ def decode(tensors: list[GGUFTensor], config) -> dict[str, torch.Tensor]:
     gguf = _gguf()
     arch = architecture(config)
     state = {}
-    for t in tensors:
+    for t in (t for t in tensors if t.hf_name is not None):
         value = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.qtype), dtype=np.float32))
         heads = _rotary_heads(t.hf_name, config) if arch.permute_rotary else None
         state[t.hf_name] = unpermute_rotary_rows(value, heads) if heads else value
@@ -220,7 +256,12 @@ def add_hyperparameters(writer, config) -> None:
     writer.add_head_count(n_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or n_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(float(rope_parameters(config).get("rope_theta", 10000.0)))
+    rope = rope_parameters(config)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if rope.get("rope_type") == "linear":  # positions divided by the factor: θ = (p / s) · ω
+        gguf = _gguf()
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_rope_dimension_count(d)
     if d != config.hidden_size // n_heads:
         writer.add_key_length(d)
