@@ -62,3 +62,22 @@ def test_a_bad_config_or_file_exits_2_naming_it(tmp_path, model_dir, capsys):
     assert "data.max_length='longest': a number of tokens, or 'auto'" in capsys.readouterr().err
     assert main(["data", str(path), "--set", f"data.train={tmp_path / 'missing.jsonl'}"]) == 2
     assert f"data.train: {tmp_path / 'missing.jsonl'}: no such data file" in capsys.readouterr().err
+
+
+def test_preference_pairs_are_checked_their_sequences_shown(tmp_path, model_dir, capsys):
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Q{i}?", "chosen": f"A{i}", "rejected": f"B{i}"} for i in range(8)])
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"Q{i}?", "chosen": f"A{i}", "rejected": "no"} for i in (6, 7, 20, 21)])
+    path = tmp_path / "dpo.yaml"
+    path.write_text(f"model:\n  path: {model_dir}\nobjective: dpo\ndata:\n  train: {tmp_path / 'pairs.jsonl'}\n"
+                    f"  test: {tmp_path / 'test.jsonl'}\n  validation_fraction: 0\n")
+    assert main(["data", str(path), "--examples", "1"]) == 1  # Q6?, Q7? are training prompts too
+    out = capsys.readouterr().out
+    assert out.startswith(f"--- {tmp_path / 'pairs.jsonl'}:1 chosen (3 label tokens)\nQ0?[A0<|im_end|>]\n"
+                          f"--- {tmp_path / 'pairs.jsonl'}:1 rejected (3 label tokens)\nQ0?[B0<|im_end|>]\n")
+    assert "train              8      6       6      6      6         48         0\n" in out  # 8 pairs, 16 sequences
+    assert "error: [leakage] 2 of 4 test pairs (50.0%) also appear in the training data" in out
+    assert "1 error(s), 0 warning(s)\n" in out
+    assert main(["data", str(path), "--json", "--set", f"data.test={tmp_path / 'pairs.jsonl'}",
+                 "--set", "data.max_leakage=1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["errors"], report["warnings"]) == (0, 1) and report["splits"]["train"]["sequences"] == 16

@@ -12,13 +12,17 @@ two layouts:
 Optional "answer": the reference for exact match (default: the chosen answer).
 
 A pair becomes prompt + chosen and prompt + rejected; labels are -100 (no loss) on the prompt tokens
-and on padding, so the objectives score the answers only. collate_pairs stacks a batch of B pairs
+and on padding, so the objectives score the answers only. Each sequence is cut at max_length and
+keeps its length before the cut and the supervised tokens the cut dropped (as data.Example does),
+for the data check (datacheck). collate_pairs stacks a batch of B pairs
 as 2B rows, the B chosen sequences first, then the B rejected ones (trl's layout): one forward runs
 both. A record that cannot be a preference (a field missing or of the wrong type, an empty answer,
 chosen equal to rejected) is an error naming its file and line.
 
 data.build_dataset hands records of format "preference" to build_preference_dataset; this module
-takes records as data.Record objects (fields, source) and imports nothing from data.py.
+takes records as data.Record objects (fields, source) and imports nothing from data.py (data
+imports this module: importing data here would be a cycle). So the few lines both need for chat
+messages (their shape, the chat template's ids) are written in both.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from .config import MAX_LENGTH_AUTO_CAP
 
 IGNORE = -100  # transformers' ignore index, as data.IGNORE: no loss at this position
 FIELDS = ("prompt", "chosen", "rejected")
@@ -46,6 +52,11 @@ class Pair:
     prompt: str | None = None      # for generation: the text to continue
     reference: str | None = None   # for exact match: the chosen answer (or the record's "answer")
     source: str = ""
+    chosen_length: int = 0         # tokens of prompt + chosen before the cut at max_length (0: not recorded)
+    rejected_length: int = 0
+    chosen_dropped: int = 0        # supervised tokens of prompt + chosen that the cut removed
+    rejected_dropped: int = 0
+    chat: bool = False             # rendered by the chat template (records of chat messages)
 
 
 @dataclass
@@ -56,6 +67,8 @@ class PreferenceDataset:
     examples: list[Pair]
     truncated: int = 0             # pairs with a sequence cut at max_length
     unsupervised: int = 0          # pairs with an answer left without a label token after truncation
+    max_length: int | None = None  # where sequences were cut (data.max_length, "auto" resolved)
+    format: str = "preference"     # as data.Dataset.format
     tokens: int = field(init=False)
     supervised_tokens: int = field(init=False)
 
@@ -76,25 +89,29 @@ def is_preference(dataset) -> bool:
 
 def build_preference_dataset(records: list, tokenizer, max_length: int | str = 256) -> PreferenceDataset:
     """The pairs of `records` (data.Record: fields, source), each sequence cut at max_length tokens
-    ("auto": the longest sequence, so none is cut)."""
+    ("auto": the longest sequence, at most config.MAX_LENGTH_AUTO_CAP, as data.auto_max_length)."""
     rendered = [render_pair(record, tokenizer) for record in records]
     if max_length == "auto":
-        max_length = max(len(p) + max(len(c), len(r)) for p, c, r, *_ in rendered)
+        max_length = min(max(len(p) + max(len(c), len(r)) for p, c, r, *_ in rendered), MAX_LENGTH_AUTO_CAP)
     pairs, truncated, unsupervised = [], 0, 0
-    for record, (prompt_ids, chosen, rejected, prompt, reference) in zip(records, rendered):
-        sequences = []
+    for record, (prompt_ids, chosen, rejected, prompt, reference, chat) in zip(records, rendered):
+        sequences, lengths, dropped = [], [], []
         for answer in (chosen, rejected):
             ids, labels = prompt_ids + answer, [IGNORE] * len(prompt_ids) + answer
             sequences += [ids[:max_length], labels[:max_length]]
-        truncated += len(prompt_ids) + max(len(chosen), len(rejected)) > max_length
+            lengths.append(len(ids))
+            dropped.append(sum(label != IGNORE for label in labels[max_length:]))
+        truncated += max(lengths) > max_length
         unsupervised += _supervised(sequences[1]) == 0 or _supervised(sequences[3]) == 0
-        pairs.append(Pair(*sequences, prompt=prompt, reference=reference, source=record.source))
-    return PreferenceDataset(pairs, truncated, unsupervised)
+        pairs.append(Pair(*sequences, prompt=prompt, reference=reference, source=record.source,
+                          chosen_length=lengths[0], rejected_length=lengths[1], chosen_dropped=dropped[0],
+                          rejected_dropped=dropped[1], chat=chat))
+    return PreferenceDataset(pairs, truncated, unsupervised, max_length)
 
 
-def render_pair(record, tokenizer) -> tuple[list[int], list[int], list[int], str, str]:
-    """(prompt ids, chosen ids, rejected ids, prompt text, reference) of one record; the answers'
-    ids are the tokens after the prompt."""
+def render_pair(record, tokenizer) -> tuple[list[int], list[int], list[int], str, str, bool]:
+    """(prompt ids, chosen ids, rejected ids, prompt text, reference, chat) of one record; the
+    answers' ids are the tokens after the prompt; chat: rendered by the chat template."""
     fields, where = record.fields, record.source
     missing = [k for k in FIELDS if k not in fields]
     if missing:
@@ -102,9 +119,9 @@ def render_pair(record, tokenizer) -> tuple[list[int], list[int], list[int], str
                                   f"{', '.join(missing)}")
     prompt, chosen, rejected = (fields[k] for k in FIELDS)
     if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
-        out = _render_text(prompt, chosen, rejected, tokenizer, where)
+        out, chat = _render_text(prompt, chosen, rejected, tokenizer, where), False
     elif all(isinstance(v, list) for v in (prompt, chosen, rejected)):
-        out = _render_messages(prompt, chosen, rejected, tokenizer, where)
+        out, chat = _render_messages(prompt, chosen, rejected, tokenizer, where), True
     else:
         kinds = ", ".join(f"{k}: {type(fields[k]).__name__}" for k in FIELDS)
         raise PreferenceDataError(f"{where}: prompt, chosen and rejected must all be strings or all be lists of "
@@ -113,7 +130,7 @@ def render_pair(record, tokenizer) -> tuple[list[int], list[int], list[int], str
         if not isinstance(fields["answer"], str):
             raise PreferenceDataError(f"{where}: 'answer' must be a string, got {type(fields['answer']).__name__}")
         out = (*out[:4], fields["answer"])
-    return out
+    return (*out, chat)
 
 
 def _check_answers(chosen_text: str, rejected_text: str, where: str) -> None:
