@@ -144,3 +144,30 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def matmul_rate(size: int = 2048, reps: int = 5) -> list[float]:
+    """The machine's sustained float32 matrix-multiply rate, FLOP/s, once per repetition: torch.mm of
+    two seeded size x size matrices (2 size^3 multiply-adds counted as FLOPs), at torch's current
+    thread count, after one untimed product. The ceiling a training step's matmuls can reach."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        rates.append(2 * size**3 / (time.perf_counter() - t0))
+    return rates
+
+
+def counted_flops(step: Callable[[], object]) -> int:
+    """FLOPs of the matrix products (mm, addmm, bmm, attention, ...) that `step()` runs, counted by
+    torch.utils.flop_counter.FlopCounterMode at the dispatcher, so those inside hand-written autograd
+    functions (fused.py) count too; elementwise work is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
