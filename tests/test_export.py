@@ -681,7 +681,9 @@ def test_inspect_serving_lists_what_vllm_refuses(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["serving"] == [
         "vLLM: modules_to_save ['model.norm'] is refused (only None is supported); merge the adapter "
         "(lorakit merge / lorakit export) to serve it",
-        "vLLM: rank 32 is above the default --max-lora-rank 16; start vLLM with --max-lora-rank 32"]
+        "vLLM: rank 32 is above the default --max-lora-rank 16; start vLLM with --max-lora-rank 32",
+        "LoRAX: loads the adapter but ignores modules_to_save ['model.norm']: it would answer differently from the "
+        "adapter trained"]
     save_adapter(adapted(tiny("llama", len(tokenizer), seed=2), r=8), tmp_path / "b")
     assert main(["inspect", str(tmp_path / "b"), "--serving"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("serving (vLLM): nothing known to stop it")
