@@ -194,9 +194,56 @@ def test_probe_does_not_start_when_full_fine_tuning_does_not_fit(monkeypatch):
     trained = []
     monkeypatch.setattr(probe_module, "train", lambda *a, **k: trained.append(a))
     with pytest.raises(ValueError, match=r"the probe's full fine-tuning reference needs 0\.\d\d GiB .* but cpu has "
-                                         r"0\.0 GiB available: the probe cannot run"):
+                                         r"0\.0 GiB available: the probe cannot run, not even on a subset of layers "
+                                         r"\(full fine-tuning of its last layer alone: 0\.\d\d GiB\)"):
         run_probe()
     assert trained == []
+
+
+def test_when_full_fine_tuning_does_not_fit_the_reference_and_lora_train_the_last_layers(monkeypatch):
+    import lorakit.planner
+    from lorakit.planner import GiB, arch_from_config, plan_run
+
+    tok = char_tokenizer()
+    config = cipher_config("lora.r=4", "lora.alpha=8", "train.lr=0.01")
+    arch = arch_from_config(tiny_llama(vocab=len(tok)).config.to_dict())
+    full_config = probe_module.variant(config, "full", FULL_LR, 4)
+    whole = plan_run(full_config, arch, "cpu").peak
+    last = probe_module.subset_plan(full_config, arch, "cpu", 1)
+    # the last layer alone: the 1-layer model's plan plus the other layer's weights (fp32, bytes)
+    one = plan_run(full_config, arch_from_config({**tiny_llama(vocab=len(tok)).config.to_dict(), "num_hidden_layers": 1}),
+                   "cpu")
+    assert last == one.peak + 4 * arch.layer_parameters() < whole
+    monkeypatch.setattr(lorakit.planner, "available_memory", lambda device: (last + whole) // 2)  # one layer fits
+    trained = {}
+    real_train = probe_module.train
+
+    def recording_train(run_config, run_dir, prepared, **kwargs):
+        trained[run_dir.name] = {n for n, q in prepared.model.named_parameters() if q.requires_grad}
+        return real_train(run_config, run_dir, prepared=prepared, **kwargs)
+
+    monkeypatch.setattr(probe_module, "train", recording_train)
+    report = probe(config, 4, full_lr=FULL_LR, tokenizer=tok, data=cipher_data(tok),
+                   base=lambda _: tiny_llama(vocab=len(tok), init_range=0.5), log=lambda *_: None)
+    assert report["layers"] == [1] and report["memory"]["layers"] == [1] and report["memory"]["num_layers"] == 2
+    assert report["memory"]["subset_peak_gib"] == last / GiB and report["memory"]["full_peak_gib"] == whole / GiB
+    layer_1 = {n for n, _ in tiny_llama(vocab=len(tok)).named_parameters() if n.startswith("model.layers.1.")}
+    assert trained["full"] == layer_1 and len(layer_1) == 9  # q k v o gate up down, two norms
+    for name in ("lora", "lora x0.01", "lora x3"):
+        assert trained[name] and all(n.startswith("model.layers.1.") for n in trained[name]), name
+    # r=4 on one layer: v (32+16) + o (32+32) + down (64+32) = 208 per rank
+    assert report["capacity"]["adapter_parameters"] == 4 * 208
+    assert all(len(e["ranks"]) == 1 for e in report["effective_rank"]["per_type"].values())
+    assert report["batches"]["identical"] and report["r"] == 4
+    assert "the reference trained layers [1] only" in render(report)
+
+
+def test_train_only_layers_freezes_all_but_those_blocks():
+    model = tiny_llama()
+    count = probe_module.train_only_layers(model, [0])
+    assert count == sum(q.numel() for q in model.model.layers[0].parameters())
+    assert {n for n, q in model.named_parameters() if q.requires_grad} == {
+        n for n, _ in model.named_parameters() if n.startswith("model.layers.0.")}
 
 
 # the command ---------------------------------------------------------------------------------------

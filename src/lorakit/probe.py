@@ -33,16 +33,22 @@ loop itself (training.train, in temporary run directories). Then:
                   the data is large for the rank). A rough upper bound: examples that repeat each
                   other teach less than their tokens' count
   memory          the planner's peak for full fine-tuning of this config (planner.plan_run, method
-                  full), before any weight is read: the probe refuses to start when it does not fit
+                  full), before any weight is read. When it does not fit the device, the reference
+                  fine-tunes the LAST k decoder layers only (embeddings, head and the other layers
+                  frozen), k the largest that fits (subset_plan), and every LoRA run adapts the same
+                  layers (lora.exclude the rest): the comparison is made on them, and the report says
+                  which (`layers`). When not even the last layer alone fits, the probe cannot run
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -56,6 +62,7 @@ from . import monitor
 from .config import ConfigError, RunConfig
 from .files import write_atomically
 from .inject import resolve_targets, trainable_parameters
+from .surgery import layer_index
 from .training import Prepared, train
 from .training.output import probe_key, probe_record_path
 from .training.objectives import Objective, objective_for
@@ -331,19 +338,25 @@ def probe(config: RunConfig, steps: int = DEFAULT_STEPS, *, full_lr: float | Non
         full_config = p.variant("full", full_lr)
         reference = p.model(full_config)
         memory = memory or _memory(full_config, reference)
-        targets = resolve_targets(reference, config.lora.lora_config())
+        layers = memory.get("layers")
+        if layers is not None:  # the comparison on the layers full fine-tuning can train here
+            log(f"probe: full fine-tuning of all {memory['num_layers']} layers does not fit; the reference trains "
+                f"layers {layers} only, and LoRA adapts the same layers")
+            p.config = on_layers(config, layers, reference)
+            train_only_layers(reference, layers)
+        targets = resolve_targets(reference, p.config.lora.lora_config())
         before = {name: reference.get_submodule(name).weight.detach().clone() for name in targets}
         full = p.run("full", full_config, reference)
         ranks = update_ranks(before, reference)
         del reference, before
 
-        lora_config = p.variant(config.method, lr)
+        lora_config = p.variant(p.config.method, lr)
         lora_model = p.model(lora_config)
         adapter_parameters = trainable_parameters(lora_model).trainable
         lora = p.run(config.method, lora_config, lora_model)
         del lora_model
         sweep = _sweep(p, lora)
-    report = _report(config, steps, full, lora, sweep, ranks, adapter_parameters, memory, data[0], out)
+    report = _report(config, steps, full, lora, sweep, ranks, adapter_parameters, memory, data[0], out, layers)
     if recorded:  # the model and data are the config's: `lorakit train` of it shows the verdict
         path = probe_record_path(config)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -383,8 +396,9 @@ def _cached_base() -> Callable[[RunConfig], torch.nn.Module]:
 
 
 def _memory(full_config: RunConfig, model: torch.nn.Module | None) -> dict:
-    """The planner's peak for the full fine-tuning reference against the device's memory; ValueError
-    when it does not fit (the probe cannot run its reference)."""
+    """The planner's peak for the full fine-tuning reference against the device's memory. When it
+    does not fit: the layers the reference trains instead (`layers`, subset_plan); ValueError when
+    not even the last one alone fits (the probe cannot run its reference)."""
     from .planner import GiB, arch_for_run, arch_from_config, available_memory, memory_plan_line, plan_run, run_device
 
     device = run_device(full_config)
@@ -394,14 +408,59 @@ def _memory(full_config: RunConfig, model: torch.nn.Module | None) -> dict:
     except (ValueError, KeyError, AttributeError) as e:  # an architecture the planner does not model
         return {"device": device, "skipped": str(e)}
     available = available_memory(torch.device(device))
-    if plan.peak > available:
-        raise ValueError(f"the probe's full fine-tuning reference needs {plan.peak / GiB:.2f} GiB (planner, batch "
-                         f"{full_config.train.batch_size} x {full_config.data.max_length} tokens) but {device} has "
-                         f"{available / GiB:.1f} GiB available: the probe cannot run; lower train.batch_size or "
-                         "data.max_length, or set train.gradient_checkpointing=true (`lorakit plan --set method=full` "
-                         "shows the breakdown)")
-    return {"device": device, "full_peak_gib": plan.peak / GiB, "available_gib": available / GiB,
-            "line": memory_plan_line(plan, available, device)}
+    out = {"device": device, "full_peak_gib": plan.peak / GiB, "available_gib": available / GiB,
+           "line": memory_plan_line(plan, available, device), "num_layers": arch.num_layers, "layers": None}
+    if plan.peak <= available:
+        return out
+    for k in range(arch.num_layers - 1, 0, -1):
+        peak = subset_plan(full_config, arch, device, k)
+        if peak <= available:
+            return {**out, "layers": list(range(arch.num_layers - k, arch.num_layers)), "subset_peak_gib": peak / GiB}
+    last = f" (full fine-tuning of its last layer alone: {subset_plan(full_config, arch, device, 1) / GiB:.2f} GiB)" \
+        if arch.num_layers > 1 else ""
+    raise ValueError(f"the probe's full fine-tuning reference needs {plan.peak / GiB:.2f} GiB (planner, batch "
+                     f"{full_config.train.batch_size} x {full_config.data.max_length} tokens) but {device} has "
+                     f"{available / GiB:.1f} GiB available: the probe cannot run, not even on a subset of layers"
+                     f"{last}; lower train.batch_size or data.max_length, or set train.gradient_checkpointing=true "
+                     "(`lorakit plan --set method=full` shows the breakdown)")
+
+
+def subset_plan(full_config: RunConfig, arch, device: str, k: int) -> int:
+    """The planner's peak (bytes) for full fine-tuning of k of the model's layers: the plan of the
+    same model cut to k layers (planner.plan_run), plus the weights of the other layers, frozen
+    (the difference of the two plans' base weights). An upper bound: the cut model's plan trains
+    its embeddings and head as well, which the probe's subset reference freezes."""
+    from .planner import plan_run
+
+    cut = dataclasses.replace(arch, num_layers=k)
+    if arch.measured is not None:  # counts from the model itself: its total loses the layers cut off
+        cut = dataclasses.replace(cut, measured=dataclasses.replace(
+            arch.measured, total=arch.measured.total - (arch.num_layers - k) * arch.measured.layer))
+    whole, part = plan_run(full_config, arch, device), plan_run(full_config, cut, device)
+    return part.peak + whole.components["base_weights"] - part.components["base_weights"]
+
+
+def on_layers(config: RunConfig, layers: list[int], model: torch.nn.Module) -> RunConfig:
+    """`config` with its adapters on `layers` only: the LoRA side of a subset probe. lora.exclude
+    gains the full names of the modules it targets in `model` (the base) outside those layers (a
+    list joins the list; a regular expression becomes one alternative of a larger one)."""
+    outside = [name for name in resolve_targets(model, config.lora.lora_config())
+               if layer_index(name) not in set(layers)]
+    exclude = config.lora.exclude
+    if isinstance(exclude, str):
+        exclude = f"(?:{exclude})|" + "|".join(re.escape(name) for name in outside)
+    else:
+        exclude = list(exclude or []) + outside
+    return RunConfig.from_dict(config.to_dict(), [f"lora.exclude={json.dumps(exclude)}"])
+
+
+def train_only_layers(model: torch.nn.Module, layers: list[int], patterns=None) -> int:
+    """Freeze every parameter outside the decoder blocks `layers` (embeddings, head, final norm and
+    the other blocks): the full fine-tuning reference of a subset probe. Returns the count that trains."""
+    keep = set(layers)
+    for name, param in model.named_parameters():
+        param.requires_grad_(layer_index(name, patterns) in keep)
+    return sum(param.numel() for param in model.parameters() if param.requires_grad)
 
 
 def _sweep(p: Probe, lora: Run) -> list[Run]:
@@ -415,7 +474,7 @@ def _sweep(p: Probe, lora: Run) -> list[Run]:
 
 
 def _report(config: RunConfig, steps: int, full: Run, lora: Run, sweep: list[Run], ranks: dict,
-            adapter_parameters: int, memory: dict, train_set, out) -> dict:
+            adapter_parameters: int, memory: dict, train_set, out, layers: list[int] | None = None) -> dict:
     v = verdict(full, lora, sweep)
     start = lora.losses[0] if lora.losses else math.nan
     trained = [r for r in sweep if not r.diverged]
@@ -425,6 +484,7 @@ def _report(config: RunConfig, steps: int, full: Run, lora: Run, sweep: list[Run
     report = {
         "verdict": v.text, "verdict_kind": v.kind, "cause": v.cause, "reason": v.reason,
         "config_key": probe_key(config),
+        "layers": layers,  # None: the whole model; else the layers both sides trained (memory)
         "steps": steps, "method": config.method, "r": config.lora.r, "alpha": config.lora.alpha, "lr": lora.lr,
         "full_lr": full.lr, "start_loss": start,
         "final_loss": {"full": _finite(full.final), config.method: _finite(lora.final)},
@@ -484,6 +544,11 @@ def render(report: dict) -> str:
     if mem:
         lines.append(mem.get("line", f"memory plan: skipped ({mem.get('skipped')})").replace(
             "memory plan:", "memory plan (full fine-tuning):", 1))
+    if report.get("layers"):
+        lines.append(f"layers: full fine-tuning of all {mem['num_layers']} layers does not fit, so the reference "
+                     f"trained layers {report['layers']} only ({mem['subset_peak_gib']:.2f} GiB planned, at most; "
+                     "embeddings, head and the other layers frozen) and LoRA adapted the same layers: the verdict "
+                     "and the advice are about them")
     return "\n".join(lines)
 
 
