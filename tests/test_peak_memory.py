@@ -146,3 +146,28 @@ def test_a_run_reports_the_allocator_peak_next_to_the_plan_and_rss(tmp_path, cap
     assert float(match[1]) == round(planned / 2**20, 1) and float(match[2]) == round(measured / 2**20, 1)
     assert int(match[3]) == round(100 * measured / planned)
     assert "profiler_st" not in capfd.readouterr().err  # the profiler's own chatter is not shown
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_peak_is_max_memory_allocated_over_the_step():
+    model, opt, batch, step = lora_step_setup(seq=48)
+    model.cuda()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = {k: v.cuda() for k, v in batch.items()}
+
+    def cuda_step():
+        model_loss(model, **batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    cuda_step()
+    peak = monitor.StepPeak(torch.device("cuda"))
+    peak.begin(2, [batch], model, opt)
+    cuda_step()
+    peak.end()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    cuda_step()  # the same shapes: the same allocations
+    torch.cuda.synchronize()
+    assert (peak.step, peak.bytes) == (2, torch.cuda.max_memory_allocated())
+    assert peak.bytes > monitor.resident_tensor_bytes(monitor.step_tensors(model, opt, [batch]))
