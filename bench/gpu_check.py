@@ -112,16 +112,26 @@ def cuda_tests(tests_dir: Path = ROOT / "tests") -> list[str]:
 
 
 def run_tests(ids: list[str], python: str = sys.executable) -> dict:
-    """Run the node ids with pytest; the counts of its summary line."""
+    """Run the node ids with pytest; its counts, read from its JUnit XML report."""
+    import tempfile
+    import xml.etree.ElementTree as ET
+
     start = time.perf_counter()
-    try:
-        done = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *ids], cwd=ROOT,
-                              capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
-        output, rc = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as e:
-        output, rc = f"{e.stdout or ''}\ntimed out after {TESTS_TIMEOUT_S} s", 124
-    counts = {kind: sum(int(n) for n in re.findall(rf"(\d+) {kind}", output.splitlines()[-1] if output else ""))
-              for kind in ("passed", "failed", "skipped", "error")}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "cuda_tests.xml"
+        try:
+            done = subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-rfE", f"--junitxml={report}",
+                                   *ids], cwd=ROOT, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
+            output, rc = done.stdout + done.stderr, done.returncode
+        except subprocess.TimeoutExpired as e:
+            output, rc = f"{e.stdout or ''}\ntimed out after {TESTS_TIMEOUT_S} s", 124
+        counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+        if report.is_file():
+            suite = ET.parse(report).getroot()
+            suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+            n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+            counts = {"passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"], "failed": n["failures"],
+                      "skipped": n["skipped"], "error": n["errors"]}
     print(output[-3000:], flush=True)
     return {"ran": True, "rc": rc, **counts, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -252,7 +262,6 @@ def step_rows(shape: Shape, dtype: torch.dtype, device: str, reps: int) -> list[
     for (row, trainer), c in zip(trainers, timed):
         row.update(median_s=c.median, min_s=min(c.times), max_s=max(c.times),
                    tokens_per_s=shape.batch * shape.seq / c.median, peak_memory_bytes=trainer.peak_memory())
-        del trainer.model, trainer.opt  # the next contender's memory step runs without this one's tensors
     return rows
 
 

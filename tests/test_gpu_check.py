@@ -73,3 +73,18 @@ def test_the_cuda_subset_is_every_test_skipped_without_cuda(tmp_path):
         "import pytest, torch\npytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA')\n")
     assert gpu_check.cuda_tests(tmp_path / "tests") == ["tests/test_a.py::test_on_gpu", "tests/test_b.py"]
     assert "tests/test_nf4.py::test_cuda_matches_cpu" in gpu_check.cuda_tests()
+
+
+def test_the_cuda_tests_are_counted_from_pytests_report():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    ids = gpu_check.cuda_tests()
+    result = gpu_check.run_tests(ids)
+    n = len(ids)
+    if torch.cuda.is_available():
+        assert (result["passed"], result["failed"], result["error"], result["rc"]) == (n, 0, 0, 0)
+    else:  # each one skips itself without CUDA
+        assert (result["passed"], result["skipped"], result["failed"], result["rc"]) == (0, n, 0, 0)
