@@ -165,9 +165,18 @@ def matmul_rate(size: int = 2048, reps: int = 5) -> list[float]:
 def counted_flops(step: Callable[[], object]) -> int:
     """FLOPs of the matrix products (mm, addmm, bmm, attention, ...) that `step()` runs, counted by
     torch.utils.flop_counter.FlopCounterMode at the dispatcher, so those inside hand-written autograd
-    functions (fused.py) count too; elementwise work is not counted."""
-    from torch.utils.flop_counter import FlopCounterMode
+    functions (fused.py) count too; elementwise work is not counted. torch's table has no entry for
+    the in-place addmm_ / baddbmm_ that fused.py's backward and the chunked loss accumulate with
+    (it would miss a frozen layer's input-gradient product), so they are counted as addmm / baddbmm."""
+    from torch.utils.flop_counter import FlopCounterMode, addmm_flop, baddbmm_flop
 
-    with FlopCounterMode(display=False) as counter:
+    def as_is(formula):  # torch's formulas already read the shapes from the tensors: no second wrapper
+        def counted(*args, **kwargs):
+            return formula(*args, **kwargs)
+        counted._get_raw = True
+        return counted
+
+    in_place = {torch.ops.aten.addmm_: as_is(addmm_flop), torch.ops.aten.baddbmm_: as_is(baddbmm_flop)}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
         step()
     return counter.get_total_flops()
