@@ -97,3 +97,97 @@ def test_dora_from_the_run_config():
     arch = Architecture("one", 256, 512, 3, 4, 2, 64, 1000, False)
     assert plan_run(run, arch, "cpu").config.dora and not plan_run(plain, arch, "cpu").config.dora
     assert plan_run(run, arch, "cpu").peak > plan_run(plain, arch, "cpu").peak
+
+
+# --- PiSSA at start-up: the SVD of every adapted weight (lora.init=pissa) -----------------------------
+
+TINY = Architecture("one", 256, 512, 3, 4, 2, 64, 1000, False)  # q, o 256x256; k, v 128x256; gate, up 512x256
+
+
+def test_pissa_svd_flops_by_hand():
+    # full SVD, M = 512 >= N = 256: 6*M*N^2 + 20*N^3 (the R-SVD count), either orientation
+    assert memory.svd_flops(512, 256, 8) == memory.svd_flops(256, 512, 8) == 201_326_592 + 335_544_320
+    # randomized, q = 8, niter 2: 6 products 2*M*N*q (12,582,912), 3 QRs of 512x8 (130,389 each), 2 of
+    # 256x8 (64,853 each), the SVD of the 8x256 block (98,304 + 10,240) and U = Q U_B (65,536)
+    assert memory.svd_flops(512, 256, 8, niter=2) == 12_582_912 + 3 * 130_389 + 2 * 64_853 + 108_544 + 65_536
+    assert memory.qr_flops(512, 8) == 130_389  # 4*512*64 - 4*512/3, rounded down
+
+
+def test_pissa_plan_counts_every_svd():
+    p = plan(TINY, rank=8, targets="all-linear", init="pissa", dtype="float32", recommend=False)
+    # 3 layers; (out, in, count), largest first
+    assert p.init_svds == ((512, 256, 6), (256, 512, 3), (256, 256, 6), (128, 256, 6))
+    # per layer: gate, up, down 536,870,912 each, q, o 436,207,616, k, v 67,108,864 (full SVDs), plus
+    # the residual W - (s B) A: 2*out*in*r + out*in = 17*out*in
+    svds = 3 * 536_870_912 + 2 * 436_207_616 + 2 * 67_108_864
+    residual = 17 * (3 * 131_072 + 2 * 65_536 + 2 * 32_768)
+    assert p.init_flops == 3 * (svds + residual) == 7_881_818_112
+    # the largest weight's working memory, 512x256 in float32 here (bfloat16: + the float32 copy of W)
+    assert p.init_bytes == 8 * 131_072 + 4 * 256**2 + 4 * 256
+    bf16 = plan(TINY, rank=8, targets="all-linear", init="pissa", dtype="bfloat16", recommend=False)
+    assert bf16.init_bytes == p.init_bytes + 4 * 131_072
+    fast = plan(TINY, rank=8, targets="all-linear", init="pissa", pissa_niter=2, dtype="float32", recommend=False)
+    assert fast.init_bytes == 8 * 131_072 + 4 * 8 * (512 + 256)
+    assert fast.init_flops < p.init_flops / 30
+    plain = plan(TINY, rank=8, targets="all-linear", recommend=False)
+    assert (plain.init_svds, plain.init_flops, plain.init_bytes) == ((), 0, 0)
+    with pytest.raises(ValueError, match=r"init 'svd' is not one of default, gaussian, random, pissa, olora, loftq"):
+        plan(TINY, init="svd")
+    with pytest.raises(ValueError, match=r"pissa_niter must be an integer >= 0 .* got -1"):
+        plan(TINY, init="pissa", pissa_niter=-1)
+
+
+def allocator_peak_above_now(fn) -> int:
+    """The CPU allocator's peak during fn() above what was allocated when it started (torch.profiler's
+    memory accounting, as bench/common.py measures steps)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.empty(16)  # an event at the start: the running total before fn
+        fn()
+    stack, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
+    while stack:
+        event = stack.pop()
+        if getattr(event.extra_fields, "total_allocated", None) is not None:
+            events.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    start = min(events)
+    return max(total for _, total, _ in events) - (start[1] - start[2])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("niter", [None, 2])
+def test_pissa_working_memory_is_measured(dtype, niter):
+    # the largest adapted weight of this arch is 96x48 (gate, up; down is 48x96): initialisation.pissa
+    # on it, measured on the CPU allocator, against pissa_init_bytes
+    import torch
+
+    from lorakit import initialisation
+
+    arch = Architecture("small", 48, 96, 2, 4, 2, 12, 100, False)
+    planned = plan(arch, rank=4, targets="all-linear", init="pissa", pissa_niter=niter, dtype=dtype,
+                   recommend=False).init_bytes
+    for shape in ((96, 48), (48, 96)):
+        w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
+        measured = allocator_peak_above_now(lambda: initialisation.pissa(w, 4, 2.0, niter))
+        if niter is None:  # LAPACK's own small buffers on top (4 bytes here; 14,404 on 576x576)
+            assert 0 <= measured - planned <= 16 * 1024, (shape, measured, planned)
+        else:
+            assert measured == planned, (shape, measured, planned)
+
+
+def test_pissa_from_the_run_config():
+    run = RunConfig.from_dict({"lora": {"init": "pissa", "pissa_niter": 2}, "train": {"batch_size": 2}})
+    plain = RunConfig.from_dict({"train": {"batch_size": 2}})
+    cpu, cuda = plan_run(run, TINY, "cpu"), plan_run(run, TINY, "cuda")
+    assert (cpu.config.init, cpu.config.pissa_niter) == ("pissa", 2)
+    # on the CPU the SVDs share the step's memory: a moment before the first step, weights + working memory
+    assert cpu.phases[memory.PISSA_PHASE] == (cpu.components["base_weights"] + cpu.components["adapter_weights"]
+                                              + cpu.init_bytes)
+    # lorakit train initialises before moving the model to the GPU: no GPU moment, the same GPU peak
+    assert memory.PISSA_PHASE not in cuda.phases and cuda.init_bytes == cpu.init_bytes > 0
+    assert cuda.peak == plan_run(plain, TINY, "cuda").peak
+    assert memory.PISSA_PHASE not in plan_run(plain, TINY, "cpu").phases
+    # full fine-tuning has no adapters to initialise
+    assert plan_run(RunConfig.from_dict({"method": "full", "lora": {"init": "pissa"}}), TINY, "cpu").init_svds == ()

@@ -41,3 +41,28 @@ def test_memory_plan_line():
     assert memory_plan_line(sharded, 3 * GiB // 2, "cuda") == (
         f"memory plan: predicted peak {sharded.peak / GiB:.2f} GiB (batch 1 x 2048 tokens, sharded over 4 ranks) "
         "of 1.5 GiB available on cuda")
+
+
+def test_render_pissa_startup_line():
+    # 3 layers of 7 linears: 21 SVDs; 7,881,818,112 FLOPs and 1,311,744 working bytes
+    # (tests/test_planner_adapters.py::test_pissa_plan_counts_every_svd)
+    from lorakit.planner import Architecture
+
+    tiny = Architecture("one", 256, 512, 3, 4, 2, 64, 1000, False)
+    kw = {"rank": 8, "targets": "all-linear", "dtype": "float32", "init": "pissa", "recommend": False}
+    lines = render_plan(plan(tiny, **kw)).splitlines()
+    peak = next(i for i, line in enumerate(lines) if line.startswith("predicted peak per GPU"))
+    assert lines[peak + 1] == (
+        "PiSSA init: 21 SVDs (full) of W (out x in): 6 x 512x256, 3 x 256x512, 6 x 256x256, 6 x 128x256; "
+        "about 7.9 GFLOP (lora.pissa_niter=4, a randomized SVD: about 0.3); 1.3 MiB of float32 working memory "
+        "(on the CPU in lorakit train, before the model moves to the device)")
+    cpu = plan(tiny, device="cpu", pissa_niter=4, **kw)
+    text = render_plan(cpu)
+    assert f"  start-up: PiSSA init      {cpu.phases['start-up: PiSSA init'] / GiB:9.2f} GiB" in text.splitlines()
+    assert ("PiSSA init: 21 SVDs (randomized, niter 4) of W (out x in): 6 x 512x256, 3 x 256x512, 6 x 256x256, "
+            "6 x 128x256; about 0.3 GFLOP; 1.0 MiB of float32 working memory (the start-up moment above)") in text
+    d = json.loads(json.dumps(cpu.to_dict()))
+    assert d["startup"] == {"init": "pissa", "svds": [[512, 256, 6], [256, 512, 3], [256, 256, 6], [128, 256, 6]],
+                            "flops": cpu.init_flops, "working_bytes": 8 * 131_072 + 4 * 8 * (512 + 256)}
+    assert "PiSSA" not in render_plan(plan(tiny, rank=8, recommend=False))
+    assert plan(tiny, rank=8, recommend=False).to_dict()["startup"] is None

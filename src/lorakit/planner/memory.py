@@ -21,6 +21,7 @@ Each part of the step has its function below, with its formula in the docstring:
   fsdp_gathered_bytes                                               FSDP's unsharded layers
   phase_bytes                                                       the four moments of the step
   runtime_overhead_bytes                                            what the allocator does not count
+  pissa_svd_shapes, svd_flops, pissa_init_flops, pissa_init_bytes   PiSSA's SVDs at start-up (init "pissa")
 
 The peak is the largest of four moments of a steady-state step (optimizer states already exist):
   backward start   weights + states + all activations + logits/loss
@@ -43,7 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from ..config import METHODS, OBJECTIVES, PREFERENCE_OBJECTIVES
+from ..config import INIT_MODES, METHODS, OBJECTIVES, PREFERENCE_OBJECTIVES
 from ..dtypes import ALIASES as DTYPE_ALIASES
 from ..dtypes import BYTES, NAMES
 from ..loss import DEFAULT_CHUNK_SIZE
@@ -65,6 +66,7 @@ CUDA_CONTEXT_BYTES = GiB // 2
 FRAGMENTATION = 0.05
 NCCL_BYTES = GiB // 2
 FSDP_MAX_GPUS = 1 << 16
+PISSA_PHASE = "start-up: PiSSA init"  # phase_bytes's moment before the first step (device cpu, init pissa)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class PlanConfig:
     answer_tokens: int | None = None  # preference: n_a scored tokens per micro-batch; None: the bound 2*b*s
     dora: bool = False  # DoRA on the targeted linears: a magnitude per output (dora_* terms below)
     target_parameters: tuple[str, ...] | None = None  # parameters adapted directly (expert LoRA), e.g. experts.down_proj
+    init: str = "default"  # the adapters' initialisation (config.INIT_MODES); "pissa": SVDs at start-up (pissa_*)
+    pissa_niter: int | None = None  # init "pissa": None, the full SVD; N, a randomized SVD with N iterations
 
     def __post_init__(self) -> None:
         # one vocabulary inside: "bf16" is stored as "bfloat16"; unknown names are left for validate()
@@ -150,6 +154,12 @@ class PlanConfig:
                             f"['experts.gate_up_proj']) or None, got {self.target_parameters!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.init not in INIT_MODES:
+            problems.append(f"init {self.init!r} is not one of {', '.join(INIT_MODES)}")
+        if self.pissa_niter is not None and (not isinstance(self.pissa_niter, int) or isinstance(self.pissa_niter, bool)
+                                             or self.pissa_niter < 0):
+            problems.append(f"pissa_niter must be an integer >= 0 (subspace iterations of the randomized SVD) or "
+                            f"None (the full SVD), got {self.pissa_niter!r}")
         if problems:
             raise ValueError("invalid plan configuration: " + "; ".join(problems))
 
@@ -211,6 +221,11 @@ class Plan:
     peak: int  # peak_allocated + runtime_overhead: what must fit on one GPU
     recommendation: Recommendation | None = None
     notes: tuple[str, ...] = ()  # what the reader should know about the plan (render_plan prints them)
+    # init "pissa": the SVDs at start-up, ((out, in, count), ...), their FLOPs, and the working memory
+    # of the largest on top of the weights (pissa_init_bytes); empty / 0 for other initialisations
+    init_svds: tuple[tuple[int, int, int], ...] = ()
+    init_flops: int = 0
+    init_bytes: int = 0
 
     def to_dict(self) -> dict:
         """JSON-ready summary; byte counts are integers, sizes in GiB are rounded to 0.01."""
@@ -243,6 +258,12 @@ class Plan:
             "peak_gib": round(self.peak / GiB, 2),
             "fits": fits_table,
             "recommendation": None if self.recommendation is None else asdict(self.recommendation),
+            "startup": None if not self.init_svds else {
+                "init": self.config.init,
+                "svds": [list(s) for s in self.init_svds],
+                "flops": self.init_flops,
+                "working_bytes": self.init_bytes,
+            },
         }
 
 
@@ -563,6 +584,83 @@ def transient_bytes(arch: Architecture, config: PlanConfig) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Start-up: PiSSA's SVDs (initialisation.pissa, once per adapted linear, before the first step)
+
+
+def pissa_svd_shapes(arch: Architecture, config: PlanConfig) -> tuple[tuple[int, int, int], ...]:
+    """((out, in, count), ...): the weights init "pissa" decomposes, each adapted linear of every
+    layer (count = L per linear of a layer with that shape), largest first; () for other inits."""
+    if config.init != "pissa" or config.method == "full":
+        return ()
+    counts: dict[tuple[int, int], int] = {}
+    for _, n_in, n_out in adapted_modules(arch, config):
+        counts[(n_out, n_in)] = counts.get((n_out, n_in), 0) + arch.num_layers
+    return tuple(sorted(((o, i, c) for (o, i), c in counts.items()), key=lambda s: (-s[0] * s[1], -s[0])))
+
+
+def qr_flops(rows: int, cols: int) -> int:
+    """Householder QR of a tall rows x cols matrix with its thin Q: 2c²(m - c/3) for R and as much
+    again to form Q (Golub & Van Loan, "Matrix Computations", 5.2): 4mc² - 4c³/3."""
+    return (12 * rows * cols**2 - 4 * cols**3) // 3
+
+
+def svd_flops(rows: int, cols: int, rank: int, niter: int | None = None) -> int:
+    """Floating-point operations of the top-`rank` singular triplets of a rows x cols matrix, as
+    initialisation.top_singular computes them. With M = max(rows, cols), N = min(rows, cols) (the SVD
+    of the transpose costs the same):
+
+    full SVD (torch.linalg.svd, thin U and V): the R-SVD's count (Golub & Van Loan, 8.6):
+        6 M N² + 20 N³
+    randomized (torch.svd_lowrank, q = rank, `niter` subspace iterations; Halko et al. 2011, as torch
+    runs it on the tall orientation): 2 + 2·niter products of the matrix with an N x q or M x q
+    block, 1 + niter QRs of M x q and niter of N x q, the full SVD of the q x N block, U = Q U_B:
+        (2 + 2·niter) · 2MNq + (1 + niter) qr(M, q) + niter qr(N, q) + 6Nq² + 20q³ + 2Mq²
+    An operation count, not a time: LAPACK's divide and conquer (gesdd) and the machine's BLAS set
+    the seconds."""
+    m, n = max(rows, cols), min(rows, cols)
+    if niter is None:
+        return 6 * m * n**2 + 20 * n**3
+    q = rank
+    return ((2 + 2 * niter) * 2 * m * n * q + (1 + niter) * qr_flops(m, q) + niter * qr_flops(n, q)
+            + 6 * n * q**2 + 20 * q**3 + 2 * m * q**2)
+
+
+def pissa_init_flops(arch: Architecture, config: PlanConfig) -> int:
+    """Σ over pissa_svd_shapes of count · (svd_flops(out, in, r, pissa_niter) + 2·out·in·r + out·in):
+    the SVD, then the residual W - (scale·B) A (a product and a subtraction); 0 for other inits."""
+    return sum(c * (svd_flops(o, i, config.rank, config.pissa_niter) + 2 * o * i * config.rank + o * i)
+               for o, i, c in pissa_svd_shapes(arch, config))
+
+
+def pissa_init_bytes(arch: Architecture, config: PlanConfig) -> int:
+    """Memory initialisation.pissa allocates on top of the weights for the largest weight it
+    decomposes (out x in = m x n, k = min(m, n), r the rank), all float32 (4 bytes):
+
+      full SVD     torch.linalg.svd copies W for LAPACK (4mn), returns U (m x k), S and Vᵀ (k x n):
+                   k(m + n) = mn + k² elements, so  8mn + 4k² + 4k  (measured on the CPU allocator
+                   within 14 KiB, LAPACK's own small buffers: tests/test_planner_adapters.py);
+                   the residual afterwards (below) is smaller
+      randomized   its blocks are m x r and n x r; the peak is the residual W - (scale·B) A: the
+                   product and the difference (8mn) while A and B are alive: 8mn + 4r(m + n)
+      + 4mn        the float32 copy of W taken first, when the base is not float32
+
+    These are CPU bytes in `lorakit train`: the adapters are initialised before the model moves to
+    the device (training.setup.prepare_model, then loop). 0 for other inits."""
+    shapes = pissa_svd_shapes(arch, config)
+    if not shapes:
+        return 0
+    copy = 4 if config.p != 4 else 0
+
+    def one(m: int, n: int) -> int:
+        k, r = min(m, n), config.rank
+        residual = 8 * m * n + 4 * r * (m + n)
+        working = residual if config.pissa_niter is not None else max(8 * m * n + 4 * k * k + 4 * k, residual)
+        return working + copy * m * n
+
+    return max(one(o, i) for o, i, _ in shapes)
+
+
+# ----------------------------------------------------------------------------------------------
 # Sharding, the four moments, the runtime
 
 
@@ -597,6 +695,8 @@ def phase_bytes(arch: Architecture, config: PlanConfig) -> dict[str, int]:
                        recomputed layer) + transient + k*g
       backward end     W + G (+ ceil(V*h*p / N) for the tied embedding's second gradient, full)
       optimizer step   W + G + ceil(optimizer_step / N)
+    and, on the CPU with init "pissa", the moment before the first step (PISSA_PHASE):
+      start-up         base + adapters + pissa_init_bytes   (whole weights: PiSSA needs them loaded)
     """
     p, n, t = config.p, config.n_gpus, config.tokens
     full = config.method == "full"
@@ -626,6 +726,11 @@ def phase_bytes(arch: Architecture, config: PlanConfig) -> dict[str, int]:
     tied_extra = math.ceil(arch.vocab_size * arch.hidden_size * p / n) if full and arch.tie_embeddings else 0
     phases["backward end"] = persistent + grads_shard + tied_extra
     phases["optimizer step"] = persistent + grads_shard + math.ceil(optimizer_step_bytes(arch, config) / n)
+    if config.device == "cpu" and config.init == "pissa" and not full:
+        # lorakit train runs PiSSA's SVDs where the weights are, before the first step: on the CPU
+        # the same memory as the step (on CUDA, host memory: Plan.init_bytes, not a GPU moment)
+        phases[PISSA_PHASE] = (base_weight_bytes(arch, config) + adapter_weight_bytes(arch, config)
+                               + pissa_init_bytes(arch, config))
     return phases
 
 
@@ -671,7 +776,9 @@ def predict(arch: Architecture, config: PlanConfig) -> Plan:
                 quantized_params=quantized_parameters(arch, config), components=components,
                 activations_without_checkpointing=acts_no_ckpt, activations_with_checkpointing=acts_ckpt,
                 phases=phases, peak_phase=peak_phase, peak_allocated=peak_allocated,
-                runtime_overhead=overhead, peak=peak_allocated + overhead)
+                runtime_overhead=overhead, peak=peak_allocated + overhead,
+                init_svds=pissa_svd_shapes(arch, config), init_flops=pissa_init_flops(arch, config),
+                init_bytes=pissa_init_bytes(arch, config))
 
 
 def fits(plan_: Plan, gpu_gb: float, n_gpus: int = 1) -> bool:

@@ -40,6 +40,7 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
         method                          -> method
         lora.r, lora.targets, lora.dropout -> rank, targets, lora_dropout
         lora.dora, lora.target_parameters  -> dora, target_parameters
+        lora.init, lora.pissa_niter     -> init, pissa_niter (PiSSA's SVDs at start-up)
         train.batch_size                -> batch_size (the micro-batch per rank)
         data.max_length                 -> seq_len ("auto": MAX_LENGTH_AUTO_CAP, the most it can be)
         train.gradient_checkpointing    -> grad_checkpointing
@@ -57,7 +58,8 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
                       grad_checkpointing=config.train.gradient_checkpointing, dtype=config.model.dtype,
                       lora_dropout=config.lora.dropout, device=device, n_gpus=n_gpus, optimizer=optimizer,
                       objective=config.objective, dora=config.lora.dora,
-                      target_parameters=config.lora.target_parameters)
+                      target_parameters=config.lora.target_parameters, init=config.lora.init,
+                      pissa_niter=config.lora.pissa_niter)
 
 
 def plan_run(config: RunConfig, arch: Architecture | str | dict, device: str = "cuda", n_gpus: int = 1, *,

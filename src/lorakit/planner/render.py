@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from .memory import GPUS, GiB, Plan, fits
+from dataclasses import replace
+
+from .memory import GPUS, GiB, Plan, fits, pissa_init_flops
+
+FAST_NITER = 4  # the pissa_niter the PiSSA line quotes as the cheaper option (peft's docs use 4 to 16)
 
 LABELS = {
     "base_weights": "base weights",
@@ -46,6 +50,7 @@ def render_plan(plan_: Plan) -> str:
     lines += [
         f"predicted peak per GPU: {plan_.peak / GiB:.2f} GiB "
         f"({plan_.peak_allocated / GiB:.2f} allocated + {plan_.runtime_overhead / GiB:.2f} runtime overhead)",
+        *([pissa_line(plan_)] if plan_.init_svds else []),
         "",
         "fits on     1 GPU  2 GPUs  4 GPUs  8 GPUs   (FSDP sharding for >1)",
     ]
@@ -57,6 +62,23 @@ def render_plan(plan_: Plan) -> str:
         r = plan_.recommendation
         lines += ["", f"recommendation: {r.method} ({r.budget_gib:g} GiB per GPU budget): {r.reason}"]
     return "\n".join(lines)
+
+
+def pissa_line(plan_: Plan) -> str:
+    """The start-up line of init "pissa": "PiSSA init: N SVDs (full | randomized, niter K) of W (out x in):
+    c x OxI, ...; about X GFLOP[ (lora.pissa_niter=4: about Z)]; Y MiB of float32 working memory (where)"."""
+    c = plan_.config
+    kind = "full" if c.pissa_niter is None else f"randomized, niter {c.pissa_niter}"
+    count = sum(n for _, _, n in plan_.init_svds)
+    shapes = ", ".join(f"{n} x {o}x{i}" for o, i, n in plan_.init_svds)
+    faster = ""
+    if c.pissa_niter is None:  # the option that makes it cheaper, with its number
+        fast = pissa_init_flops(plan_.arch, replace(c, pissa_niter=FAST_NITER))
+        faster = f" (lora.pissa_niter={FAST_NITER}, a randomized SVD: about {fast / 1e9:.1f})"
+    where = ("on the CPU in lorakit train, before the model moves to the device" if c.device == "cuda"
+             else "the start-up moment above")
+    return (f"PiSSA init: {count} SVDs ({kind}) of W (out x in): {shapes}; about {plan_.init_flops / 1e9:.1f} "
+            f"GFLOP{faster}; {plan_.init_bytes / 2**20:.1f} MiB of float32 working memory ({where})")
 
 
 def memory_plan_line(plan_: Plan, available: int, device: str) -> str:
