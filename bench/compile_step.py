@@ -20,6 +20,9 @@ medians of interleaved repetitions (common.time_alternating) after that. Every c
 with B = 0, so all first losses equal the base model's: printed as a check that compilation did not
 change the computation. No config key is added here; the numbers decide (issue 20, item 4).
 --layers N keeps the first N decoder layers (a smaller model for a smoke run).
+Dynamo breaks the graph in every adapted layer at lorakit's dropout (dropout.sample reads the number
+of dropped positions, a data-dependent size), so each block is several compiled pieces with eager
+code between them; torch prints the break once per site.
 """
 
 from __future__ import annotations

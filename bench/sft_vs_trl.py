@@ -20,6 +20,9 @@ What every contender gets (issue 20, item 1):
 - packed modes (lorakit `data.packing`, trl `packing=True`) batch rows, not examples: the records are
   packed into R rows of max length by each library, and a step takes max(1, R // steps) rows for
   R // that steps, one epoch over the same records (the steps column says how many were taken).
+  Each library shuffles the epoch its own way (lorakit: data.epoch_order of train.seed; trl: its
+  sampler of seed), so the batches differ and so do the losses along the way; after the epoch both
+  have seen every record once, which is what the held-out loss compares.
 
 Contenders (each a fresh subprocess, so that its peak RSS is its own):
     lorakit padded      lorakit's default: right-padded batches
