@@ -257,6 +257,17 @@ def test_llama_cpp_runs_a_sentencepiece_export(tmp_path):
     assert cpp_greedy(llm, ids, 8) == greedy
     llm.close()
 
+    # a second reader: transformers' GGUF loader gives the same ids on plain text (with special
+    # tokens inside the text its GGUF tokenizer differs from its own) and the merge check's logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=path.name, local_files_only=True)
+    reread = AutoTokenizer.from_pretrained(tmp_path, **kwargs)
+    assert [reread(t)["input_ids"] for t in SPM_TEXTS[:-1]] == [tokenizer(t)["input_ids"] for t in SPM_TEXTS[:-1]]
+    with torch.no_grad():  # `model` holds the f16-decoded weights now (the merge check loaded them)
+        got = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kwargs)(torch.tensor([ids])).logits[0]
+        assert torch.allclose(got, model(torch.tensor([ids])).logits[0], atol=1e-5)
+
 
 def rope_llama(vocab, rope: dict):
     """A tiny Llama (head dim 8: frequencies 1, 0.1, 0.01, 0.001) whose rotary embeddings are `rope`,
