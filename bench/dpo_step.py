@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/dpo_step.py            # SmolLM2-135M, 4 pairs of builtin:stardate_pairs, 5 reps
     .venv/bin/python bench/dpo_step.py --quick    # 2 pairs, 2 reps: a smoke run
+    .venv/bin/python bench/dpo_step.py --memory   # peak memory only, no timed steps (load does not change it)
 
 Both train the same base (SmolLM2-135M-Instruct, float32, loaded once and deep-copied) with the same
 LoRA adapter (r=16, alpha=32, dropout 0, every linear layer of the blocks; B = 0 and lorakit's A
@@ -107,6 +108,7 @@ def trl_step(base, ours, tokenizer, batch, pairs: int, out_dir: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 pairs, 2 reps: a smoke run")
+    parser.add_argument("--memory", action="store_true", help="peak memory only: no timed steps")
     args = parser.parse_args()
     pairs, reps = (2, 2) if args.quick else (4, 5)
     C.setup()
@@ -128,15 +130,15 @@ def main() -> None:
         second = {name: step() for name, step in steps.items()}  # after one identical AdamW step
         print(f"second-step DPO losses: lorakit {second['lorakit']:.6f}, trl {second['trl']:.6f}")
         contenders = [C.Contender(name, step) for name, step in steps.items()]
-        C.time_alternating(contenders, reps, warmup=0)
+        if not args.memory:
+            C.time_alternating(contenders, reps, warmup=0)
         resident = {"lorakit": C.resident_bytes(*C.model_tensors(ours), *C.optimizer_tensors(ours_opt)),
                     "trl": C.resident_bytes(*C.model_tensors(theirs), *C.optimizer_tensors(theirs_opt))}
         peaks = {name: C.allocator_peak(step) for name, step in steps.items()}
     print(C.table(["DPO step", "median time", "step peak (above resident)", "resident", "total peak"],
-                  [[c.name, f"{c.median:.3f}s", C.mib(peaks[c.name]), C.mib(resident[c.name]),
+                  [[c.name, f"{c.median:.3f}s" if c.times else "-", C.mib(peaks[c.name]), C.mib(resident[c.name]),
                     C.mib(peaks[c.name] + resident[c.name])] for c in contenders]))
-    median = {c.name: c.median for c in contenders}
-    print(json.dumps({"time_ratio": round(median["lorakit"] / median["trl"], 3),
+    print(json.dumps({"time_ratio": round(contenders[0].median / contenders[1].median, 3) if not args.memory else None,
                       "step_peak_memory_ratio": round(peaks["lorakit"] / peaks["trl"], 3),
                       "total_peak_memory_ratio": round((peaks["lorakit"] + resident["lorakit"])
                                                        / (peaks["trl"] + resident["trl"]), 3),

@@ -77,7 +77,7 @@ def test_dpo_run_starts_at_ln2_logs_trls_metrics_and_lifts_pair_accuracy(tmp_pat
     assert [r["step"] for r in records(tmp_path, "eval")] == [0, 4, 8, 12]
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["after"]["pair_accuracy"] == after["pair_accuracy"]
-    table = lines[-2]
+    (table,) = [line for line in lines if line.split()[:2] == ["before", "after"]]  # the before/after table
     assert "held-out pair accuracy" in table and "held-out reward margin" in table
     assert f"{100 * after['pair_accuracy']:.1f}%" in table.splitlines()[2]
 
@@ -233,3 +233,66 @@ def test_objectives_say_how_their_curve_is_judged():
 
     assert SFT().plateau_progress == monitor.PLATEAU_MIN_PROGRESS == orpo().plateau_progress
     assert dpo().plateau_progress is None and dpo(loss_type="ipo").plateau_progress is None
+
+
+# --- the policy's log-probabilities in chunks (loss.chunked_token_logps): no (n, V) logits kept ---
+
+def full_token_logps(hidden, weight, targets, bias=None):
+    """The definition: log softmax of the full float32 logits at the targets, through autograd."""
+    return torch.nn.functional.linear(hidden, weight, bias).float().log_softmax(-1).gather(1, targets[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 256])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_token_logps_equal_the_full_logits_and_so_do_their_gradients(chunk_size, with_bias):
+    from lorakit.loss import chunked_token_logps
+
+    g = torch.Generator().manual_seed(chunk_size)
+    hidden = torch.randn(13, 8, generator=g, requires_grad=True)
+    weight, bias = torch.randn(40, 8, generator=g), torch.randn(40, generator=g) if with_bias else None
+    targets, upstream = torch.randint(0, 40, (13,), generator=g), torch.randn(13, generator=g)
+    ours = chunked_token_logps(hidden, weight, targets, bias, chunk_size=chunk_size)
+    (grad,) = torch.autograd.grad((ours * upstream).sum(), hidden)
+    expected = full_token_logps(hidden, weight, targets, bias)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), hidden)
+    assert ours.dtype == torch.float32 and torch.allclose(ours, expected, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the reference's forward: values only
+        assert torch.allclose(chunked_token_logps(hidden, weight, targets, bias, chunk_size), expected, atol=1e-6)
+
+
+def test_chunked_token_logps_of_a_trained_head_give_its_gradient_too():
+    from lorakit.loss import chunked_token_logps
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(5, 4, generator=g, requires_grad=True), torch.randn(9, 4, generator=g, requires_grad=True)
+    targets = torch.randint(0, 9, (5,), generator=g)
+    ours = torch.autograd.grad(chunked_token_logps(hidden, weight, targets, chunk_size=2).sum(), (hidden, weight))
+    expected = torch.autograd.grad(full_token_logps(hidden, weight, targets).sum(), (hidden, weight))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(ours, expected))
+    with pytest.raises(ValueError, match="chunk_size=0 must be a positive int"):
+        chunked_token_logps(hidden, weight, targets, chunk_size=0)
+    with pytest.raises(ValueError, match=r"needs hidden \(N, d\), weight \(V, d\), targets \(N,\); got hidden \(5, 4\), "
+                                         r"weight \(9, 4\), targets \(4,\)"):
+        chunked_token_logps(hidden, weight, targets[:4])
+
+
+def test_the_dpo_gradient_equals_the_one_through_the_full_logits():
+    """The adapters' gradients of a DPO step (policy log-probabilities in chunks) equal those of the
+    same loss computed from the model's full logits, the reference held fixed."""
+    from lorakit.training.objectives import dpo, dpo_loss
+
+    config, prepared = tiny_preference_run(["lora.init=random"])
+    model, batch = prepared.model, collate_pairs(prepared.train.examples[:6], prepared.tokenizer.pad_token_id)
+    with torch.no_grad(), disable_adapters(model):
+        ref = sequence_logps(model, **batch).chunk(2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(dpo().loss(model)(**batch), params)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    token = logits.log_softmax(-1).gather(2, targets.clamp(min=0)[..., None])[..., 0] * keep  # (2B, T-1)
+    losses, _ = dpo_loss(*token.sum(1).chunk(2), *ref)
+    expected = torch.autograd.grad(losses.sum(), params)
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, expected)) < 1e-6
+    assert max(float(b.abs().max()) for b in expected) > 1e-3  # a gradient that is not 0

@@ -104,6 +104,62 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                                       want_grads)
 
 
+class _ChunkedTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, want_grad: bool):
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_grad else None  # d logp_t / d h_t, (N, d)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size]                  # (C, d)
+            t = targets[start:start + chunk_size, None]           # (C, 1)
+            z = F.linear(h, weight, bias).float()                 # (C, V) float32, the only large temporary
+            lse = torch.logsumexp(z, dim=1)                       # (C,)
+            logps[start:start + chunk_size] = z.gather(1, t)[:, 0] - lse
+            if want_grad:
+                dz = z.sub_(lse[:, None]).exp_().neg_()           # -softmax, in place: (C, V)
+                dz.scatter_add_(1, t, torch.ones_like(lse)[:, None])  # onehot(y) - p
+                grad_h[start:start + chunk_size] = dz.to(weight.dtype) @ weight
+                del dz
+            del z
+        ctx.save_for_backward(grad_h)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_logps.to(grad_h.dtype)[:, None], None, None, None, None, None
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        bias: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """log softmax(F.linear(hidden, weight, bias).float())[t, targets[t]] of every row t, (N,) float32,
+    without the full logits: the per-token log-probabilities a preference loss sums per sequence.
+
+    hidden: (N, d), weight: (V, d), bias: (V,) or None, targets: (N,) int64 (every one scored).
+    With ℓ_t = z_t[y_t] - logsumexp(z_t), z_t = W h_t (+ b), p_t = softmax(z_t):
+
+        dℓ_t/dh_t = (onehot(y_t) - p_t) W
+
+    is formed chunk by chunk during the forward call, as chunked_cross_entropy forms its gradients,
+    and backward scales row t by dL/dℓ_t: one (chunk_size, V) float32 block exists at a time, never
+    the (N, V) logits with their softmax and gradient. Differentiable in hidden. dL/dW needs dL/dℓ
+    per token before it can be summed, so when the head itself trains (weight or bias requires
+    grad) the log-probabilities come from the full logits through autograd instead.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (tokens per block)")
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1:] != hidden.shape[1:]:
+        raise ValueError(
+            f"chunked_token_logps needs hidden (N, d), weight (V, d), targets (N,); got hidden "
+            f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
+        )
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        logits = F.linear(hidden, weight, bias).float()  # (N, V): the trained head's gradient through autograd
+        return logits.gather(1, targets[:, None])[:, 0] - logits.logsumexp(1)
+    want_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, want_grad)
+
+
 def causal_lm_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                    bias: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
                    ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:

@@ -46,7 +46,7 @@ from .. import distributed
 from ..config import RunConfig
 from ..data import Dataset, batch_at, collate
 from ..inject import disable_adapters
-from ..loss import IGNORE_INDEX, SummedLoss, head_input, supervised_tokens, supports_chunked_loss
+from ..loss import IGNORE_INDEX, SummedLoss, chunked_token_logps, head_input, supervised_tokens, supports_chunked_loss
 from ..monitor import PLATEAU_MIN_PROGRESS
 from ..preference_data import collate_pairs, is_preference
 
@@ -136,17 +136,19 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     """log π(y | x) of each row: Σ_t log softmax(z_t)[y_{t+1}] over the positions whose next label is
     not ignored (the answer's tokens), (N,) float32.
 
-    Only those positions go through the output head where the logits are exactly head(last hidden
-    state) (loss.supports_chunked_loss): (n_answer_tokens, V) logits instead of (N, T, V). Logits
-    are computed in the weight's dtype and upcast, as the training loss does."""
+    Where the logits are exactly head(last hidden state) (loss.supports_chunked_loss), only those
+    positions go through the output head, in chunks (loss.chunked_token_logps): no (n, V) logits,
+    softmax or gradient is kept for backward, the largest part of a step's peak above the model's
+    activations. Otherwise the model's logits are used. Logits are computed in the weight's dtype
+    and upcast, as the training loss does."""
     targets = labels[:, 1:]                                             # (N, T-1): position t predicts t + 1
     keep = targets != IGNORE_INDEX
     if supports_chunked_loss(model):
         hidden, head = head_input(model, input_ids=input_ids, attention_mask=attention_mask)
-        logits = head(hidden[:, :-1][keep]).float()                     # (n, V)
+        token_logps = chunked_token_logps(hidden[:, :-1][keep], head.weight, targets[keep], head.bias)  # (n,)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep].float()
-    token_logps = logits.gather(1, targets[keep][:, None])[:, 0] - logits.logsumexp(1)  # (n,)
+        token_logps = logits.gather(1, targets[keep][:, None])[:, 0] - logits.logsumexp(1)  # (n,)
     rows = keep.nonzero()[:, 0]                                         # the row of each answer token
     return torch.zeros(len(input_ids), dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
 
