@@ -269,17 +269,17 @@ def test_llama_cpp_runs_a_sentencepiece_export(tmp_path):
         assert torch.allclose(got, model(torch.tensor([ids])).logits[0], atol=1e-5)
 
 
-def rope_llama(vocab, rope: dict):
-    """A tiny Llama (head dim 8: frequencies 1, 0.1, 0.01, 0.001) whose rotary embeddings are `rope`,
-    for 256 positions; the same weights for any `rope`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def rope_llama(vocab, rope: dict, kind: str = "llama"):
+    """A tiny Llama (or Qwen2; head dim 8: frequencies 1, 0.1, 0.01, 0.001) whose rotary embeddings
+    are `rope`, for 256 positions; the same weights for any `rope`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         rope_parameters={"rope_theta": 10000.0, **rope})
-    return LlamaForCausalLM(config).eval()
+    config, model = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    return model(config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                        rope_parameters={"rope_theta": 10000.0, **rope})).eval()
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -299,20 +299,24 @@ def test_llama3_rope_factors_divide_the_frequencies_as_transformers():
     torch.testing.assert_close(omega / model.model.rotary_emb.inv_freq, factors)
 
 
-@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"rope_type": "linear", "factor": 4.0}], ids=["llama3", "linear"])
-def test_llama_cpp_runs_rope_scaled_exports(tmp_path, rope):
+LINEAR_ROPE = {"rope_type": "linear", "factor": 4.0}
+
+
+@pytest.mark.parametrize("kind,rope", [("llama", LLAMA3_ROPE), ("llama", LINEAR_ROPE), ("qwen2", LINEAR_ROPE)],
+                         ids=["llama3", "linear", "qwen2-linear"])
+def test_llama_cpp_runs_rope_scaled_exports(tmp_path, kind, rope):
     """Llama 3.1's rope scaling (a rope_freqs tensor) and linear scaling (llama.cpp's rope scaling
-    keys): llama.cpp's logits equal the adapted model's over 200 positions, where the scaling
+    keys, on Llama and Qwen2): llama.cpp's logits equal the adapted model's over 200 positions, where the scaling
     changes the logits by more than 5."""
     import gguf
 
     tokenizer = bpe_tokenizer()
     ids = ids_of(tokenizer, " ".join([TEXT] * 12))[:200]
     assert len(ids) == 200
-    model = adapted(rope_llama(len(tokenizer), rope))
+    model = adapted(rope_llama(len(tokenizer), rope, kind))
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0]
-        unscaled = adapted(rope_llama(len(tokenizer), {"rope_type": "default"}))(torch.tensor([ids])).logits[0]
+        unscaled = adapted(rope_llama(len(tokenizer), {"rope_type": "default"}, kind))(torch.tensor([ids])).logits[0]
     assert (unscaled - expected).abs().max().item() > 5.0  # the scaling matters on this prompt (measured ~10)
     path, _ = export_merged(model, tokenizer, tmp_path / "m.gguf", "f32")
     names = [t.name for t in gguf.GGUFReader(path).tensors]
