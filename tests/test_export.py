@@ -306,8 +306,8 @@ LINEAR_ROPE = {"rope_type": "linear", "factor": 4.0}
                          ids=["llama3", "linear", "qwen2-linear"])
 def test_llama_cpp_runs_rope_scaled_exports(tmp_path, kind, rope):
     """Llama 3.1's rope scaling (a rope_freqs tensor) and linear scaling (llama.cpp's rope scaling
-    keys, on Llama and Qwen2): llama.cpp's logits equal the adapted model's over 200 positions, where the scaling
-    changes the logits by more than 5."""
+    keys, on Llama and Qwen2): llama.cpp's logits equal the adapted model's over 200 positions,
+    where the scaling changes the logits by more than 5."""
     import gguf
 
     tokenizer = bpe_tokenizer()
