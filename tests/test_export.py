@@ -217,9 +217,9 @@ def test_merge_scores_fall_with_the_merge_rank():
 
 
 def test_llama_cpp_runs_a_sentencepiece_export(tmp_path):
-    """Llama 2 / Mistral 7B vocabularies (Mistral is llama.cpp's "llama" architecture: tested above): llama.cpp's "llama" tokenizer model on the file's scores,
-    byte tokens and space prefix gives SentencePiece's and transformers' ids, and the model its logits
-    and greedy tokens."""
+    """Llama 2 / Mistral 7B vocabularies (Mistral is llama.cpp's "llama" architecture: tested
+    above): llama.cpp's "llama" tokenizer model on the file's scores, byte tokens and space prefix
+    gives SentencePiece's and transformers' ids, and the model its logits and greedy tokens."""
     import gguf
     import sentencepiece
 
@@ -265,8 +265,8 @@ def test_llama_cpp_runs_a_sentencepiece_export(tmp_path):
     reread = AutoTokenizer.from_pretrained(tmp_path, **kwargs)
     assert [reread(t)["input_ids"] for t in SPM_TEXTS[:-1]] == [tokenizer(t)["input_ids"] for t in SPM_TEXTS[:-1]]
     with torch.no_grad():  # `model` holds the f16-decoded weights now (the merge check loaded them)
-        got = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kwargs)(torch.tensor([ids])).logits[0]
-        assert torch.allclose(got, model(torch.tensor([ids])).logits[0], atol=1e-5)
+        reread = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kwargs)
+        assert torch.allclose(reread(torch.tensor([ids])).logits[0], model(torch.tensor([ids])).logits[0], atol=1e-5)
 
 
 def rope_llama(vocab, rope: dict, kind: str = "llama"):
