@@ -261,9 +261,13 @@ PROFILER_NOISE = ("profiler_start", "profiler_stop", "allocated before the profi
 @contextlib.contextmanager
 def _stderr_without(noise: tuple[str, ...]):
     """File descriptor 2 into a temporary file while the block runs; lines that contain none of
-    `noise` are written back to stderr afterwards."""
+    `noise` are written back to stderr afterwards. Without a descriptor 2 (a daemon), nothing to hide."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
