@@ -66,7 +66,8 @@ def render_plan(plan_: Plan) -> str:
 
 def pissa_line(plan_: Plan) -> str:
     """The start-up line of init "pissa": "PiSSA init: N SVDs (full | randomized, niter K) of W (out x in):
-    c x OxI, ...; about X GFLOP[ (lora.pissa_niter=4: about Z)]; Y MiB of float32 working memory (where)"."""
+    c x OxI, ...; about X GFLOP[ (lora.pissa_niter=4, a randomized SVD: about Z)]; Y MiB of float32 working
+    memory (where)", the randomized option quoted when the full SVD is planned (memory.pissa_init_*)."""
     c = plan_.config
     kind = "full" if c.pissa_niter is None else f"randomized, niter {c.pissa_niter}"
     count = sum(n for _, _, n in plan_.init_svds)
