@@ -150,6 +150,27 @@ def test_pre_tokenizer_names():
         pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}})
 
 
+def test_tokenizer_kinds_and_their_refusals():
+    from lorakit.gguf_export import space_prefix, tokenizer_kind
+
+    sentencepiece = {"model": {"type": "BPE", "byte_fallback": True},
+                     "decoder": {"type": "Sequence", "decoders": [
+                         {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"}]}}
+    assert tokenizer_kind(json.loads(bpe_tokenizer().backend_tokenizer.to_str())) == "gpt2"
+    assert tokenizer_kind(sentencepiece) == "llama"
+    with pytest.raises(ValueError) as e:
+        tokenizer_kind({"model": {"type": "Unigram"}, "decoder": {"type": "Metaspace"}})
+    assert str(e.value) == ("tokenizer model 'Unigram' with decoder 'Metaspace' cannot be written to GGUF: supported "
+                            "are byte-level BPE (SmolLM2, Llama 3, Qwen2) and SentencePiece BPE with byte fallback "
+                            "(Llama 2, Mistral 7B)")
+    # Llama 2's own tokenizer.json: a Prepend normalizer; transformers' converter: a Metaspace pre-tokenizer
+    assert space_prefix({"normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}})
+    assert not space_prefix({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "never", "split": False}})
+    with pytest.raises(ValueError, match="split=true cuts the text at every space"):
+        space_prefix({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "always", "split": True}})
+
+
 # --- llama.cpp runs the export ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind,tie", [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False)])
