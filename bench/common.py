@@ -119,20 +119,17 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def allocator_peak(step: Callable[[], object]) -> int:
     """Peak bytes allocated by PyTorch's CPU allocator during `step()`, above what was allocated
-    before it (see the module docstring)."""
+    before it (see the module docstring): monitor.profiled_peak, the one reading of the profiler's
+    running total (which is the process's, counted since its first profile, so its start value is
+    subtracted: without that, a later contender paid for blocks an earlier one left behind)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from lorakit.monitor import profiled_peak
 
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        total = getattr(event.extra_fields, "total_allocated", None)
-        if total is not None:
-            peak = max(peak, total)
-        stack.extend(event.children)
-    return peak
+    return profiled_peak(prof)
 
 
 def mib(n: float) -> str:
