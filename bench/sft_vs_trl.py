@@ -54,6 +54,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -283,6 +284,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for every contender")
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help=f"comma-separated subset of: {', '.join(CONTENDERS)}")
+    parser.add_argument("--keep", action="store_true", help="keep the data, runs and adapters (temporary directory)")
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -362,6 +364,8 @@ def main(argv=None) -> int:
         summary[f"{key}_tokens_per_s_ratio"] = round(med[n]["tokens_per_s"] / med[ref]["tokens_per_s"], 3)
         summary[f"{key}_peak_rss_ratio"] = round(med[n]["peak_rss_bytes"] / med[ref]["peak_rss_bytes"], 3)
         summary[f"{key}_heldout_loss_diff"] = round(med[n]["heldout_loss"] - med[ref]["heldout_loss"], 4)
+    if not args.keep:
+        shutil.rmtree(work)
     print(json.dumps(summary))
     return 0
 
