@@ -167,6 +167,8 @@ def test_clean_pairs_have_no_finding_and_their_statistics_count_both_sequences()
     assert [(s["source"], s["text"], s["label_tokens"]) for s in report.samples] == [
         ("p:0 chosen", "Q0: what?[A0<|im_end|>]", 3), ("p:0 rejected", "Q0: what?[B0<|im_end|>]", 3),
         ("p:1 chosen", "Q1: what?[A1<|im_end|>]", 3), ("p:1 rejected", "Q1: what?[B1<|im_end|>]", 3)]
+    assert datacheck.summary(report) == ["data check: train tokens per sequence (prompt + chosen, prompt + rejected) "
+                                         "min 12 / median 12 / p95 12 / max 12; 0 error(s), 0 warning(s)"]
     text = datacheck.render_report(report)
     assert "train              6     12      12     12     12         36         0" in text
     assert "preference pairs: tokens per sequence (prompt + chosen, prompt + rejected)" in text

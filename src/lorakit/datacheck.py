@@ -392,7 +392,8 @@ def finding_line(f: Finding) -> str:
 def summary(report: DataReport) -> list[str]:
     """A few lines for the start of `lorakit train`: the lengths and every finding."""
     t = report.splits["train"]["tokens"]
-    return [f"data check: train tokens per example min {t['min']} / median {t['median']:g} / p95 {t['p95']} / max "
+    unit = "sequence (prompt + chosen, prompt + rejected)" if "sequences" in report.splits["train"] else "example"
+    return [f"data check: train tokens per {unit} min {t['min']} / median {t['median']:g} / p95 {t['p95']} / max "
             f"{t['max']}; {len(report.errors)} error(s), {len(report.warnings)} warning(s)"
             + (" (lorakit data CONFIG shows them in full)" if report.findings else "")] + \
         [finding_line(f) for f in report.findings]
