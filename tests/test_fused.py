@@ -243,4 +243,86 @@ def test_nf4_base(tokens):
     model = quantize_linears(tiny_llama(hidden=64), torch.float32, skip={"lm_head"})
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, targets="all-linear"))
     randomize_adapters(model)
-    assert_paths_agree(model, tokens, rtol=1e-5, atol=1e-5)
+    assert_paths_agree(model, tokens, rtol=1e-6, atol=1e-6)
+
+
+# ---- a 4-bit base: the base and the first adapter in one function ---------------------------------
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_nf4_base_and_adapter_in_one_function(monkeypatch, dropout_p, bias):
+    """lora_linear on a 4-bit state equals NF4Linear followed by lora_update (the path before the
+    fusion): bit for bit without a bias (the same products, summed as autograd summed them), within
+    1e-6 with one (addmm adds it inside the product). It keeps for backward what that path keeps
+    (x, the dropped positions, A x and the 4-bit buffers: no dequantized weight) and dequantizes
+    once in forward and once in backward, not at all in backward when x needs no gradient."""
+    import lorakit.fused as fused_module
+    from lorakit.fused import lora_linear, lora_update
+    from lorakit.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    n, d_in, d_out, r = 40, 64, 96, 4
+    base = NF4Linear.from_linear(nn.Linear(d_in, d_out, bias=bias))
+    a, b = torch.randn(r, d_in, requires_grad=True), torch.randn(d_out, r, requires_grad=True)
+    x0, weights = torch.randn(2, n // 2, d_in), torch.linspace(-1, 1, d_out)
+    kept = {t.untyped_storage().data_ptr() for t in [*base.buffers(), *base.parameters(), a, b]}
+    calls = []
+    counting = fused_module.dequantize
+    monkeypatch.setattr(fused_module, "dequantize", lambda *args: calls.append(1) or counting(*args))
+
+    def run(fused: bool, x_grad: bool = True):
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in kept:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = x0.clone().requires_grad_(x_grad)
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = lora_linear(x, base.quant_state, base.bias, a, b, 2.0, dropout_p) if fused else \
+                lora_update(base(x), x, a, b, 2.0, dropout_p)
+        calls_forward = len(calls)
+        (y * weights).sum().backward()
+        grads = [x.grad if x_grad else torch.zeros(()), a.grad, b.grad, base.bias.grad if bias else torch.zeros(())]
+        a.grad = b.grad = None
+        if bias:
+            base.bias.grad = None
+        return y.detach(), grads, sum(saved.values()), calls_forward
+
+    y_f, grads_f, saved_f, forward_calls = run(True)
+    assert (forward_calls, len(calls)) == (1, 2)
+    y_p, grads_p, saved_p, _ = run(False)
+    torch.manual_seed(1)
+    dropped = dropout.sample(n * d_in, dropout_p, torch.device("cpu")).numel() if dropout_p else 0
+    assert saved_f == saved_p == n * d_in * 4 + 8 * dropped + n * r * 4  # x, the dropped positions, A x
+    for fused_t, plain_t in zip([y_f, *grads_f], [y_p, *grads_p]):
+        if bias:
+            torch.testing.assert_close(fused_t, plain_t, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(fused_t, plain_t)
+    calls.clear()
+    run(True, x_grad=False)
+    assert len(calls) == 1  # dL/dx not needed: W is not dequantized again
+
+
+def test_nf4_base_in_another_dtype_takes_the_layer_as_written():
+    """x in another dtype than the 4-bit layer's compute dtype: NF4Linear casts it, so the base
+    runs as its own module and the adapter through lora_update; the result is NF4Linear's plus the
+    update, as with fused = False."""
+    from lorakit.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    model[0] = NF4Linear.from_linear(model[0], compute_dtype=torch.bfloat16)
+    add_lora(model, LoraConfig(r=4, alpha=8, targets=["0"], init="random"))
+    assert model[0]._frozen_weight(torch.randn(1, 64)) is None
+    assert model[0]._frozen_weight(torch.randn(1, 64, dtype=torch.bfloat16)) is None  # float32 bias
+    x = torch.randn(3, 64)
+    outs = []
+    for fused in (True, False):
+        set_fused(model, fused)
+        outs.append(model(x))
+    assert outs[0].dtype == torch.float32
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 bitsandbytes (0.50.x, CPU) is the reference; tests that need it skip cleanly without it.
 """
 
+import dataclasses
 import json
 import math
 
@@ -213,6 +214,39 @@ def test_dequantize_equal_bnb(dtype):
                 with torch.compiler.set_stance("force_eager"):
                     expected = F.dequantize_4bit(packed, qs)
                 assert bits_equal(dequantize(ours, out_dtype), expected), (rows, cols, blocksize, quant_type)
+
+
+def reference_dequantize(state: NF4State) -> torch.Tensor:
+    """code[c_i] * absmax[i // blocksize] by advanced indexing, float32, with the double-quantized
+    absmax as its formula: nested_code[q_b] * nested_absmax[b // 256] + offset."""
+    codes = torch.stack([state.packed.view(-1) >> 4, state.packed.view(-1) & 15], 1).view(-1).long()
+    blocks = torch.arange(state.numel) // state.blocksize
+    absmax = state.absmax
+    if state.double_quant:
+        absmax = state.nested_code[state.absmax.long()] * state.nested_absmax[torch.arange(absmax.numel()) // 256]
+        absmax = absmax + state.offset
+    return (state.code[codes[: state.numel]] * absmax[blocks]).view(state.shape)
+
+
+@pytest.mark.parametrize("shape", [(6, 64), (4, 3), (5, 66), (3, 7), (130, 130)])
+def test_dequantize_is_the_formula_with_either_lookup(shape):
+    """dequantize looks up two packed bytes at a time when their count is even ((6, 64), (4, 3),
+    (130, 130): 265 blocks, two DQ blocks), one byte at a time otherwise ((5, 66), (3, 7)); either
+    way it is code[c_i] * absmax[i // blocksize] bit for bit, in float32, and in a 16-bit dtype that
+    product rounded once. A code table holding -0.0 (a loaded one may) gets its own lookup table."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+    w.view(-1)[::5] = 0  # code 0.0
+    for double_quant in (False, True):
+        state = quantize_nf4(w, 64, double_quant)
+        expected = reference_dequantize(state)
+        assert bits_equal(dequantize(state, torch.float32), expected), (shape, double_quant)
+        for dtype in (torch.bfloat16, torch.float16):
+            assert bits_equal(dequantize(state, dtype), expected.to(dtype))
+    negative_zero = dataclasses.replace(state, code=torch.where(state.code == 0, -0.0, state.code))
+    assert bits_equal(dequantize(negative_zero), reference_dequantize(negative_zero))
+    assert bits_equal(dequantize(state), reference_dequantize(state))  # the +0.0 table still its own
+    zeros = w == 0
+    assert torch.signbit(dequantize(negative_zero)[zeros]).all() and not torch.signbit(dequantize(state)[zeros]).any()
 
 
 def test_bnb_cpu_dequantize_differs_when_rows_split_blocks():

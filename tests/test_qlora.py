@@ -331,3 +331,28 @@ def test_gpt2_4bit_checkpoints_are_laid_out_as_transformers_bitsandbytes_write_t
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", device_map="cpu")
     assert type(back.transformer.h[1].mlp.c_proj).__name__ == "Linear4bit"
     assert torch.equal(logits(back, tokens), logits(theirs, tokens))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_step_dequantizes_each_4bit_weight_once_in_forward_once_in_backward(tokens, monkeypatch, fused):
+    """Each of the 14 4-bit weights is dequantized once in forward and once in backward for dL/dx
+    (the dequantized weight is never kept), except layer 0's q, k and v, whose input (the normed
+    embeddings) needs no gradient: 14 + 11 per step, with the base and the adapter in one function
+    (fused) as with the modules as written."""
+    import lorakit.fused
+    import lorakit.nf4
+    from lorakit.layer import LoraLinear
+
+    q, _ = quantized_and_dequantized()
+    add_lora(q, LoraConfig(r=4, alpha=8, dropout=0.1, targets="all-linear"))
+    for module in q.modules():
+        if isinstance(module, LoraLinear):
+            module.fused = fused
+    q.train()
+    calls = []
+    for module in (lorakit.fused, lorakit.nf4):
+        monkeypatch.setattr(module, "dequantize", lambda *args, f=module.dequantize: calls.append(1) or f(*args))
+    loss = q(tokens, labels=tokens).loss
+    assert len(calls) == 14
+    loss.backward()
+    assert len(calls) == 14 + 11

@@ -20,6 +20,11 @@ The gradients, with u = (x ⊙ m) Aᵀ / (1 - p)  (N, r) and g = dL/dout  (N, ou
     dL/dx = scale / (1 - p) · ((g B) A) ⊙ m  [+ g W]   (N, in)
     dL/db = Σ_N g                                      (out,), a trainable bias of the base
 
+A 4-bit base (`lora_linear` given an nf4.NF4State): W is dequantized in forward for x Wᵀ and freed
+when forward returns; backward dequantizes it again only for g W (skipped when x needs no
+gradient), so what is kept between them is the 4-bit state (the layer's buffers), as
+nf4.NF4Linear keeps it, and the base's and the adapter's input gradients still share one addmm.
+
 The sample is drawn as the plain path's dropout.Dropout draws it (the same function, from the
 global generator, in the same order), so under the same seed both paths drop the same elements and
 give the same loss and gradients (tests/test_fused.py).
@@ -30,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from .dropout import dropped_copy, inverse_keep, sample, zero_dropped
+from .nf4 import NF4State, dequantize
 
 
 def _dropped_input(x2: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor | None) -> torch.Tensor:
@@ -38,16 +44,19 @@ def _dropped_input(x2: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor |
 
 
 class _LoraUpdate(torch.autograd.Function):
-    """out = y + scale · B A dropout(x), where y is given, or (weight given) y = x Wᵀ + b of a
-    frozen linear layer computed here too."""
+    """out = y + scale · B A dropout(x), where y is given, or (a frozen weight given) y = x Wᵀ + b
+    computed here too; W is a tensor (weight), or a 4-bit state (layout and state_tensors, see
+    nf4.NF4State.without_tensors) dequantized when needed."""
 
     @staticmethod
-    def forward(ctx, y, x, a, b, scale: float, p: float, weight, bias):
+    def forward(ctx, y, x, a, b, scale: float, p: float, weight, bias, layout: NF4State | None, *state_tensors):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        if weight is not None:  # y = x Wᵀ + b (..., out), written into a tensor of that shape (see below)
-            y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
-            y2 = y.view(-1, weight.shape[0])
-            torch.mm(x2, weight.t(), out=y2) if bias is None else torch.addmm(bias, x2, weight.t(), out=y2)
+        w = weight if layout is None else dequantize(layout.with_tensors(state_tensors), x.dtype)  # (out, in)
+        if w is not None:  # y = x Wᵀ + b (..., out), written into a tensor of that shape (see below)
+            y = torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
+            y2 = y.view(-1, w.shape[0])
+            torch.mm(x2, w.t(), out=y2) if bias is None else torch.addmm(bias, x2, w.t(), out=y2)
+        del w  # a dequantized weight is freed here; backward rebuilds it from the 4-bit state
         dropped = sample(x2.numel(), p, x.device) if p > 0 else None
         h = _dropped_input(x2, a.dtype, dropped)  # adapters may be float32 on a 16-bit base: compute in theirs
         u = h @ a.t()  # (N, r)
@@ -56,22 +65,24 @@ class _LoraUpdate(torch.autograd.Function):
         # The output is a tensor of its own, never a view (F.linear's 3-D output and any reshape of
         # a 2-D result are views): models add onto it in place (Falcon's mlp_output +=
         # attention_output), which autograd forbids on a view made inside a custom Function.
+        frozen = weight is not None or layout is not None
         if y.dtype != a.dtype:  # as the plain path: the update is rounded to the base's dtype, then added
             out = y + (scale * (u @ b.t())).to(y.dtype).view(y.shape)
-        elif weight is not None:  # y is ours: add the update into it
+        elif frozen:  # y is ours: add the update into it
             out = y
             y2.addmm_(u, b.t(), alpha=scale)
         else:
             out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
             torch.addmm(y.reshape(-1, y.shape[-1]), u, b.t(), alpha=scale, out=out.view(-1, y.shape[-1]))
-        ctx.save_for_backward(x, dropped, u, a, b, weight)
-        ctx.scale, ctx.p = scale, p
+        # Saved once, read once in backward (non-reentrant checkpointing allows one unpack each).
+        ctx.save_for_backward(x, dropped, u, a, b, weight, *state_tensors)
+        ctx.scale, ctx.p, ctx.layout = scale, p, layout
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, dropped, u, a, b, weight = ctx.saved_tensors
-        need_y, need_x, need_a, need_b, _, _, _, need_bias = ctx.needs_input_grad
+        x, dropped, u, a, b, weight, *state_tensors = ctx.saved_tensors
+        need_y, need_x, need_a, need_b, _, _, _, need_bias = ctx.needs_input_grad[:8]
         g_out = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         g = g_out.to(a.dtype)
         grad_a = grad_b = grad_x = grad_bias = None
@@ -86,6 +97,8 @@ class _LoraUpdate(torch.autograd.Function):
                 gx = gu @ a  # (N, in), contiguous
                 if dropped is not None:
                     zero_dropped(gx, dropped)
+                if ctx.layout is not None:  # the 4-bit weight, dequantized again for g W only
+                    weight = dequantize(ctx.layout.with_tensors(state_tensors), x.dtype)  # (out, in)
                 if weight is not None and gx.dtype == weight.dtype:
                     gx.addmm_(g_out, weight)  # + g W: the base's input gradient, into the same buffer
                 elif weight is not None:
@@ -93,7 +106,8 @@ class _LoraUpdate(torch.autograd.Function):
                 grad_x = gx.to(x.dtype).view(x.shape)
         if need_bias:
             grad_bias = g_out.sum(0)
-        return grad_out if need_y else None, grad_x, grad_a, grad_b, None, None, None, grad_bias
+        no_grads = (None,) * (1 + len(state_tensors))  # the layout and the 4-bit state: frozen
+        return grad_out if need_y else None, grad_x, grad_a, grad_b, None, None, None, grad_bias, *no_grads
 
 
 def lora_update(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
@@ -102,16 +116,20 @@ def lora_update(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tens
 
     p is the dropout probability to apply now (0 outside training). See the module docstring.
     """
-    return _LoraUpdate.apply(y, x, a, b, float(scale), float(p), None, None)
+    return _LoraUpdate.apply(y, x, a, b, float(scale), float(p), None, None, None)
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4State, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
-    """F.linear(x, weight, bias) + scale · dropout_p(x) @ a.T @ b.T for a frozen weight (out, in).
+    """F.linear(x, W, bias) + scale · dropout_p(x) @ a.T @ b.T for a frozen weight W (out, in):
+    a tensor, or a 4-bit NF4State (W = nf4.dequantize(state, x.dtype), as nf4.NF4Linear computes).
 
-    The same as lora_update(F.linear(x, weight, bias), ...), but backward writes the base's input
+    The same as lora_update(F.linear(x, W, bias), ...), but backward writes the base's input
     gradient g W into the adapter's, in one addmm, instead of autograd adding two (N, in) tensors.
     """
+    if isinstance(weight, NF4State):
+        return _LoraUpdate.apply(None, x, a, b, float(scale), float(p), None, bias, weight.without_tensors(),
+                                 *weight.tensors())
     if weight.requires_grad:
         raise ValueError("lora_linear needs a frozen weight (requires_grad=False); use lora_update")
-    return _LoraUpdate.apply(None, x, a, b, float(scale), float(p), weight, bias)
+    return _LoraUpdate.apply(None, x, a, b, float(scale), float(p), weight, bias, None)

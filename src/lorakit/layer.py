@@ -32,7 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from . import initialisation
 from .dropout import Dropout
 from .fused import lora_linear, lora_update
-from .nf4 import NF4Linear
+from .nf4 import NF4Linear, NF4State
 
 
 class LoraLayer(nn.Module):
@@ -266,15 +266,17 @@ class LoraLinear(LoraLayer):
     def fused_forward(self, x: torch.Tensor, live: list[str]) -> torch.Tensor:
         """forward's sum computed by fused.py (same loss and gradients, less memory): each update
         keeps x and the dropout sample for backward instead of dropout(x); on a frozen nn.Linear
-        the base and the first adapter are one function, whose backward adds both input
-        gradients in one matrix multiply."""
+        or a 4-bit base (_frozen_weight) the base and the first adapter are one function, whose
+        backward adds both input gradients in one matrix multiply (a 4-bit weight is dequantized
+        once in forward and once in backward, as NF4Linear alone does)."""
         base = self.base_layer
         dora = [n for n in live if n in self.lora_magnitude_vector]
+        frozen = self._frozen_weight(x)
         if dora:
-            y = self._fused_dora(x, dora[0])
+            y = self._fused_dora(x, dora[0], frozen)
             live = [n for n in live if n != dora[0]]
-        elif live and type(base) is nn.Linear and not base.weight.requires_grad:
-            y = lora_linear(x, base.weight, base.bias, *self._fused_args(live[0]))
+        elif live and frozen is not None:
+            y = lora_linear(x, frozen, base.bias, *self._fused_args(live[0]))
             live = live[1:]
         else:
             y = base(x)
@@ -282,15 +284,28 @@ class LoraLinear(LoraLayer):
             y = lora_update(y, x, *self._fused_args(name))
         return y
 
-    def _fused_dora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _frozen_weight(self, x: torch.Tensor) -> torch.Tensor | NF4State | None:
+        """The base weight for fused.lora_linear, which computes the base and an adapter in one
+        function: a frozen nn.Linear's weight, or a 4-bit layer's state when x and the bias are in
+        its compute dtype (else NF4Linear casts them); None for any other base."""
+        base = self.base_layer
+        if type(base) is nn.Linear and not base.weight.requires_grad:
+            return base.weight
+        if isinstance(base, NF4Linear) and x.dtype == base.compute_dtype and (
+                base.bias is None or base.bias.dtype == x.dtype):
+            return base.quant_state
+        return None
+
+    def _fused_dora(self, x: torch.Tensor, name: str, frozen: torch.Tensor | NF4State | None) -> torch.Tensor:
         """g ⊙ (W x + scale · B A x) + b without dropout, the fused update rescaled: equal to the
         base plus DoRA's update, keeping for backward x, A x (r per token) and the (..., out)
         product g multiplies (for m's gradient): one tensor of the output's size, where the
-        modules as written keep two (W x and B A x) and build W + ΔW through an identity matrix."""
+        modules as written keep two (W x and B A x) and build W + ΔW through an identity matrix.
+        frozen: the base weight lora_linear can take (_frozen_weight), or None."""
         base = self.base_layer
         bias = getattr(base, "bias", None)
-        if type(base) is nn.Linear and not base.weight.requires_grad:
-            z = lora_linear(x, base.weight, None, *self._fused_args(name))
+        if frozen is not None:
+            z = lora_linear(x, frozen, None, *self._fused_args(name))
         else:
             wx = base(x)
             z = lora_update(wx if bias is None else wx - bias, x, *self._fused_args(name))

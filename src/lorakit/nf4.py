@@ -213,6 +213,9 @@ _BOUNDS = {quant_type: _sorted_code(quant_type) for quant_type in QUANT_TYPES}
 # ----------------------------------------------------------------------------------------------
 
 
+_TENSOR_FIELDS = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
+
+
 @dataclass(frozen=True)
 class NF4State:
     """A quantized weight: everything needed to rebuild it, in bitsandbytes' layout.
@@ -254,6 +257,20 @@ class NF4State:
         """The state's tensors (no Nones), e.g. to count bytes or to save for backward."""
         fields = (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset)
         return [t for t in fields if t is not None]
+
+    def without_tensors(self) -> NF4State:
+        """The layout alone (shape, dtypes, blocksize, ...), every tensor field None: what an
+        autograd Function keeps on its ctx while the tensors go through save_for_backward."""
+        return replace(self, **dict.fromkeys(_TENSOR_FIELDS))
+
+    def with_tensors(self, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> NF4State:
+        """The inverse of (without_tensors, tensors): this layout holding the tensors of tensors()."""
+        packed, absmax, code, *nested = tensors
+        state = replace(self, packed=packed, absmax=absmax, code=code)
+        if nested:
+            nested_absmax, nested_code, offset = nested
+            state = replace(state, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset)
+        return state
 
     def to(self, device: torch.device | str) -> NF4State:
         """The same state on another device; dtypes never change."""
@@ -400,29 +417,74 @@ def dequantize_absmax(state: NF4State) -> torch.Tensor:
     """The float32 block absmaxes (n_blocks,): absmax = code[q] * nested_absmax[b // 256] + offset."""
     if not state.double_quant:
         return state.absmax
-    scale = state.nested_absmax.repeat_interleave(state.nested_blocksize)[: state.absmax.numel()]
+    m, nested = state.absmax.numel(), state.nested_blocksize
+    codes = torch.index_select(state.nested_code, 0, state.absmax.int())  # (m,); int32 index: see dequantize
+    if m % nested:
+        codes = F.pad(codes, (0, -m % nested))  # whole 256-blocks, the padding dropped below
     # Two separately rounded float32 ops (no fused multiply-add), like bnb.
-    return state.nested_code[state.absmax.long()] * scale + state.offset
+    scaled = codes.view(-1, nested).mul_(state.nested_absmax[:, None])  # (ceil(m / 256), 256)
+    return scaled.add_(state.offset).view(-1)[:m]
+
+
+# Byte b holds two 4-bit codes, b >> 4 first: row b of this (256, 2) index table is (b >> 4, b & 15).
+_BYTE_NIBBLES = torch.stack([torch.arange(16).repeat_interleave(16), torch.arange(16).repeat(16)], dim=1)
+_BYTE_NIBBLES_ON: dict[torch.device, torch.Tensor] = {}
+# Every pair of consecutive bytes, as they lie in memory, in the order of their uint16 view's value.
+_BYTE_PAIRS = torch.arange(65536, dtype=torch.int32).to(torch.uint16).view(torch.uint8).reshape(-1).int()
+# The 65536-entry tables (1 MiB each) dequantize builds on the CPU, by the code table's bytes.
+_WIDE_TABLES: dict[bytes, torch.Tensor] = {}
+
+
+def _byte_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64: entry b holds the float32 pair (code[b >> 4], code[b & 15]), its bytes in memory
+    order, so that looking up a packed byte writes both of its values with one 8-byte copy."""
+    if code.device not in _BYTE_NIBBLES_ON:
+        _BYTE_NIBBLES_ON[code.device] = _BYTE_NIBBLES.reshape(-1).to(code.device, torch.int32)
+    pairs = torch.index_select(code, 0, _BYTE_NIBBLES_ON[code.device])  # (512,) float32: 256 rows of 2
+    return pairs.view(torch.int64)
+
+
+def _wide_table(code: torch.Tensor) -> torch.Tensor:
+    """(65536,) complex128 (16 bytes: a container, never arithmetic): entry v holds the four float32
+    code values of the two bytes whose uint16 view is v, so one lookup writes four values. Built
+    once per code table (by its bytes: -0.0 and 0.0 differ) on the CPU and kept."""
+    key = code.numpy().tobytes()
+    if key not in _WIDE_TABLES:
+        _WIDE_TABLES[key] = torch.index_select(_byte_table(code), 0, _BYTE_PAIRS).view(torch.complex128)
+    return _WIDE_TABLES[key]
+
+
+def _code_values(state: NF4State) -> torch.Tensor:
+    """The code value of every packed nibble, float32 (2 * bytes,): n values, and a pad nibble when
+    n is odd. A lookup per pair of bytes on the CPU (an even byte count: every real layer), per
+    byte otherwise. index_select, 1-D: PyTorch's tight copy loop (a 2-D table takes its row-copy
+    path, a memcpy call per row), with int32 indices (~70x faster than int64 advanced indexing)."""
+    packed = state.packed.view(-1)
+    if packed.device.type == "cpu" and packed.numel() % 2 == 0:
+        return torch.index_select(_wide_table(state.code), 0, packed.view(torch.uint16).int()).view(torch.float32)
+    return torch.index_select(_byte_table(state.code), 0, packed.int()).view(torch.float32)
 
 
 def dequantize(state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rebuild the weight: w'_i = code[c_i] * absmax[i // blocksize], in float32, cast to ``dtype``.
 
     ``dtype`` defaults to the original weight's. Equal to bnb's ``dequantize_4bit``.
+
+    Two passes over the weight: a table lookup that writes several code values per packed byte
+    (_code_values), then one blockwise multiply by the absmaxes that writes the result in ``dtype``
+    directly (computed in float32 and rounded once, as a float32 product cast afterwards would be).
     """
     dtype = state.dtype if dtype is None else dtype
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dequantize: dtype={dtype!r} must be a floating-point torch.dtype")
     n, blocksize = state.numel, state.blocksize
-    # Byte b decodes to the pair (code[b >> 4], code[b & 15]): one gather per byte, not per nibble.
-    # index_select with int32 indices: ~70x faster on CPU than advanced indexing with int64 ones.
-    pairs = torch.stack([state.code.repeat_interleave(16), state.code.repeat(16)], dim=1)  # (256, 2)
-    values = torch.index_select(pairs, 0, state.packed.view(-1).int()).view(-1)  # (2 * bytes,) float32
+    values = _code_values(state)
     absmax = dequantize_absmax(state)  # (n_blocks,)
     padded = absmax.numel() * blocksize  # a partial last block is padded to a whole one
     values = F.pad(values, (0, padded - values.numel())) if padded > values.numel() else values[:padded]
-    w = values.view(-1, blocksize).mul_(absmax[:, None])  # (n_blocks, blocksize) float32
-    return w.view(-1)[:n].to(dtype).view(state.shape)
+    w = torch.empty(padded, dtype=dtype, device=values.device)
+    torch.mul(values.view(-1, blocksize), absmax[:, None], out=w.view(-1, blocksize))  # (n_blocks, blocksize)
+    return (w if padded == n else w[:n]).view(state.shape)
 
 
 def storage_bits_per_parameter(obj: NF4State | NF4Linear) -> float:
@@ -557,9 +619,6 @@ def from_bnb_tensors(
 # ----------------------------------------------------------------------------------------------
 
 
-_TENSOR_FIELDS = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
-
-
 class _DequantizeLinear(torch.autograd.Function):
     """y = x @ dequantize(state).T, keeping only the 4-bit state alive for backward.
 
@@ -573,7 +632,7 @@ class _DequantizeLinear(torch.autograd.Function):
         # state_tensors are state.tensors(), passed separately so save_for_backward tracks them.
         # Non-tensor fields (shape, dtype, blocksize, ...) ride on ctx; tensors go through
         # save_for_backward, so saved-tensor hooks (offloading, checks) see exactly these.
-        ctx.skeleton = replace(state, **dict.fromkeys(_TENSOR_FIELDS))
+        ctx.layout = state.without_tensors()
         ctx.save_for_backward(*state_tensors)
         ctx.n_state = len(state_tensors)  # backward's count of None gradients, without unpacking
         w = dequantize(state, x.dtype)  # (out, in), freed when forward returns
@@ -587,20 +646,10 @@ class _DequantizeLinear(torch.autograd.Function):
         # ctx.saved_tensors is read exactly once: each read unpacks every saved tensor, and
         # non-reentrant activation checkpointing (torch.utils.checkpoint, use_reentrant=False)
         # recomputes a tensor for its first unpack and refuses a second one (CheckpointError).
-        state = _rebuild_state(ctx.skeleton, ctx.saved_tensors)
+        state = ctx.layout.with_tensors(ctx.saved_tensors)
         w = dequantize(state, grad_out.dtype)  # (out, in)
         grad_x = grad_out @ w  # (..., out) @ (out, in) -> (..., in)
         return (grad_x, None, *no_grads)
-
-
-def _rebuild_state(skeleton: NF4State, tensors: tuple[torch.Tensor, ...]) -> NF4State:
-    """Put the tensors of NF4State.tensors() back into a state whose tensor fields are None."""
-    packed, absmax, code, *nested = tensors
-    state = replace(skeleton, packed=packed, absmax=absmax, code=code)
-    if nested:
-        nested_absmax, nested_code, offset = nested
-        state = replace(state, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset)
-    return state
 
 
 def _placeholder_state(
