@@ -21,7 +21,8 @@ directory under /tmp:
 The same seed, data, batches and number of steps for all; eval.every=0 (no held-out loss during
 training: it changes nothing in the training, and costs time). Reported: the held-out loss (the
 validation split, val_loss) and the exact match on the test split (200 examples, or the first
---limit; greedy), before and after training, from each run's summary.json. Wall time is not reported: the machine is shared.
+--limit; greedy), before and after training, from each run's summary.json. Wall time is not
+reported: the machine is shared.
 One JSON line per row is printed as each row finishes (a partial run keeps its rows), then the table.
 """
 

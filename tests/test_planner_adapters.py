@@ -170,7 +170,7 @@ def test_pissa_working_memory_is_measured(dtype, niter):
                    recommend=False).init_bytes
     for shape in ((96, 48), (48, 96)):
         w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
-        measured = allocator_peak_above_now(lambda: initialisation.pissa(w, 4, 2.0, niter))
+        measured = allocator_peak_above_now(lambda w=w: initialisation.pissa(w, 4, 2.0, niter))
         if niter is None:  # LAPACK's own small buffers on top (4 bytes here; 14,404 on 576x576)
             assert 0 <= measured - planned <= 16 * 1024, (shape, measured, planned)
         else:

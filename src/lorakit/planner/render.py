@@ -48,8 +48,8 @@ def render_plan(plan_: Plan) -> str:
         mark = "  <- peak" if key == plan_.peak_phase else ""
         lines.append(f"  {key:26s}{_gib(value)}{mark}")
     lines += [
-        f"predicted peak per GPU: {plan_.peak / GiB:.2f} GiB "
-        f"({plan_.peak_allocated / GiB:.2f} allocated + {plan_.runtime_overhead / GiB:.2f} runtime overhead)",
+        (f"predicted peak per GPU: {plan_.peak / GiB:.2f} GiB "
+         f"({plan_.peak_allocated / GiB:.2f} allocated + {plan_.runtime_overhead / GiB:.2f} runtime overhead)"),
         *([pissa_line(plan_)] if plan_.init_svds else []),
         "",
         "fits on     1 GPU  2 GPUs  4 GPUs  8 GPUs   (FSDP sharding for >1)",
