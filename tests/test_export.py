@@ -722,4 +722,4 @@ def test_inspect_serving_lists_what_vllm_refuses(tmp_path, capsys):
         "adapter trained"]
     save_adapter(adapted(tiny("llama", len(tokenizer), seed=2), r=8), tmp_path / "b")
     assert main(["inspect", str(tmp_path / "b"), "--serving"]) == 0
-    assert capsys.readouterr().out.rstrip().endswith("serving (vLLM): nothing known to stop it")
+    assert capsys.readouterr().out.rstrip().endswith("serving (vLLM, SGLang, LoRAX): nothing known to stop it")

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("directory", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--serving", action="store_true",
-                   help="also list what would stop the adapter from loading in vLLM (see lorakit/serving.py)")
+                   help="also list what would stop the adapter from loading in vLLM, SGLang or LoRAX "
+                        "(see lorakit/serving.py)")
     p.set_defaults(run=run)
 
 
@@ -44,7 +45,9 @@ def run(args) -> int:
         print(f"  {m['module']:<56} {m['r']:>4} {m['scale']:>8.3g} {m['norm_A']:>9.4f} "
               f"{m['norm_B']:>9.4f} {m['norm_delta']:>9.4f}")
     if args.serving:
-        print("\n  serving (vLLM): " + ("nothing known to stop it" if not report["serving"] else ""))
+        from lorakit.serving import SERVERS
+
+        print(f"\n  serving ({', '.join(SERVERS)}): " + ("nothing known to stop it" if not report["serving"] else ""))
         for line in report["serving"]:
             print(f"    {line}")
     return 0

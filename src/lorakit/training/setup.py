@@ -144,13 +144,12 @@ def load_data(config: RunConfig, tokenizer, log=None) -> tuple[Dataset, Dataset 
     log = log or _rank0_print
     d = config.data
     train, validation, test = read_datasets(config, tokenizer)
-    if isinstance(train, Dataset):  # not yet for preference pairs (preference_data)
-        report = datacheck.check(tokenizer, train, validation, test, max_leakage(config), samples=0)
-        for line in datacheck.summary(report):
-            log(line)
-        if report.errors:
-            raise ConfigError("training data (the data check)", [datacheck.finding_line(f) for f in report.errors]
-                              + ["lorakit data CONFIG shows the examples as the model sees them"])
+    report = datacheck.check(tokenizer, train, validation, test, max_leakage(config), samples=0)
+    for line in datacheck.summary(report):
+        log(line)
+    if report.errors:
+        raise ConfigError("training data (the data check)", [datacheck.finding_line(f) for f in report.errors]
+                          + ["lorakit data CONFIG shows the examples as the model sees them"])
     if d.max_length == "auto":
         d.max_length = longest(train)
         log(f"data.max_length=auto: {d.max_length} tokens (the longest training example, at most "
