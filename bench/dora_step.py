@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/dora_step.py            # hidden 512, 4 layers, batch 4 x 128, 5 reps
     .venv/bin/python bench/dora_step.py --quick    # a smoke run (tiny sizes, 2 reps): numbers mean nothing
+    .venv/bin/python bench/dora_step.py --memory-only   # peak memory alone (load-independent, no timing)
 
 Both get the same seeded Llama-shaped model built from a config (float32, no download), the same
 DoRA adapter (r=16, alpha=32, dropout 0, every linear layer but the head; lorakit's adapter is
@@ -70,6 +71,8 @@ def stepper(model, tokens):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 reps: a smoke run")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the peak memory (the allocator's accounting does not depend on load; no timing)")
     args = parser.parse_args()
     hidden, layers, batch, seq, reps = (64, 2, 2, 32, 2) if args.quick else (512, 4, 4, 128, 5)
     C.setup()
@@ -78,6 +81,12 @@ def main() -> None:
     steps = {"lorakit": stepper(ours, tokens), "peft": stepper(theirs, tokens)}
     first = {name: step() for name, step in steps.items()}  # also the warm-up
     print(f"first-step losses: lorakit {first['lorakit']:.6f}, peft {first['peft']:.6f}")
+    if args.memory_only:
+        peaks = {name: C.allocator_peak(step) for name, step in steps.items()}
+        print(C.table(["DoRA step", "peak memory"], [[name, C.mib(p)] for name, p in peaks.items()]))
+        print(json.dumps({"peak_memory_ratio": round(peaks["lorakit"] / peaks["peft"], 3), "hidden": hidden,
+                          "layers": layers, "tokens": batch * seq}))
+        return
     contenders = [C.Contender(name, step) for name, step in steps.items()]
     C.time_alternating(contenders, reps, warmup=0)
     peaks = {name: C.allocator_peak(step) for name, step in steps.items()}

@@ -4,6 +4,7 @@
     .venv/bin/python bench/lora_step.py --suite qlora   # lorakit QLoRA vs peft + bitsandbytes QLoRA
     .venv/bin/python bench/lora_step.py --suite levers  # each lorakit lever on its own (+ nn.Dropout masks)
     .venv/bin/python bench/lora_step.py --suite adamw   # AdamW foreach vs fused, optimizer step only
+    .venv/bin/python bench/lora_step.py --suite qlora --memory-only   # peak memory alone (no timing)
 
 Same model (SmolLM2-135M-Instruct, float32), data (seeded random tokens, batch 8 x 128), adapter
 config (r=16, alpha=32, dropout 0.05, all linear layers but the head) and optimizer (AdamW,
@@ -20,6 +21,7 @@ are what their users run: `model(input_ids, labels=...).loss`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -115,12 +117,25 @@ def contenders(suite: str, ids) -> list[Trainer]:
     raise ValueError(f"unknown suite {suite!r}")
 
 
-def run_steps(suite: str, reps: int, memory: bool) -> None:
+def run_memory(trainers: list[Trainer]) -> None:
+    """Peak memory only (no timing: the allocator's accounting does not depend on the machine's load)."""
+    peaks = {t.name: t.peak_memory() for t in trainers}
+    ref = trainers[1] if len(trainers) > 1 else trainers[0]
+    print(C.table(["step", "peak memory", f"memory / {ref.name}"],
+                  [[n, C.mib(p), f"{p / peaks[ref.name]:.3f}"] for n, p in peaks.items()]))
+    print(json.dumps({"peak_memory_ratio": round(peaks[trainers[0].name] / peaks[ref.name], 3),
+                      "peak_memory_mib": {n: round(p / 2**20, 1) for n, p in peaks.items()}}))
+
+
+def run_steps(suite: str, reps: int, memory: bool, memory_only: bool = False) -> None:
     vocab = C.base_model().config.vocab_size
     ids = C.token_batch(vocab)
     trainers = contenders(suite, ids)
     losses = {t.name: t.step().item() for t in trainers}  # also the warm-up step (optimizer states exist)
     print("first-step loss: " + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()))
+    if memory_only:
+        run_memory(trainers)
+        return
     timed = [C.Contender(t.name, t.step) for t in trainers]
     C.time_alternating(timed, reps=reps, warmup=0)
     peaks = {t.name: t.peak_memory() for t in trainers} if memory else {}
@@ -169,12 +184,14 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled peak-memory step")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the profiled peak-memory step (load-independent; no timing)")
     args = parser.parse_args(argv)
     C.setup(args.threads)
     if args.suite == "adamw":
         run_adamw(args.reps * 4)
     else:
-        run_steps(args.suite, args.reps, not args.no_memory)
+        run_steps(args.suite, args.reps, not args.no_memory, args.memory_only)
     return 0
 
 
