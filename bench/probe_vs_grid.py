@@ -114,15 +114,15 @@ def run_task(name: str, steps: int, ranks: list[int], sets: list[str], out: Path
 
     # the probe's sweep runs at the configured rank are grid cells already (alpha = 2r there too)
     configured = config.lora.r
-    assert config.lora.alpha == 2 * configured, "the configured run's alpha / r is the grid's 2"
+    reuse = config.lora.alpha == 2 * configured  # else (--set lora.alpha=...) the grid runs that rank too
     swept = sorted(run["lr"] for key, run in report["curves"].items() if key != "full")
     lrs = grid_lrs(swept, lr) if lr is not None else [config.train.lr / 3, config.train.lr, config.train.lr * 3]
     cells = [{"r": configured, "lr": run["lr"], "val_loss": run["val_loss"],
               "stopped": ["diverged"] if run["diverged"] else [], "source": "probe sweep"}
-             for key, run in report["curves"].items() if key != "full" and run["lr"] in lrs]
+             for key, run in report["curves"].items() if reuse and key != "full" and run["lr"] in lrs]
     for r in sorted(set(ranks) | {configured} | ({rank} if rank else set())):
         for x in lrs:
-            if r == configured and x in swept:
+            if reuse and r == configured and x in swept:
                 continue  # run by the probe
             cell = grid_run(config, steps, r, x, base, tokenizer, data, workdir / name)
             log(f"[{name}] r={r:<4} lr {x:<9.3g} held-out loss {cell['val_loss']}")
@@ -166,11 +166,17 @@ def table(result: dict) -> str:
         lines.append(f"| {r} | " + " | ".join(row) + " |")
     p, b = result["probe"], result["best"]
     lines.append("")
-    lines.append(f"probe: {result['verdict']}; recommended r={p['r']}, lr {p['lr']:.3g} -> held-out "
-                 f"{p['val_loss']:.4f}, place {p['place']} of {p['of']}, {p['above_best']:+.4f} above the best "
+    held = "stopped" if p["val_loss"] is None else f"{p['val_loss']:.4f}"
+    above = "n/a" if p["above_best"] is None else f"{p['above_best']:+.4f}"
+    lines.append(f"probe: {result['verdict']}; recommended r={p['r']}, lr {_lr(p['lr'])} -> held-out "
+                 f"{held}, place {p['place'] or '-'} of {p['of']}, {above} above the best "
                  f"(r={b['r']}, lr {b['lr']:.3g}: {b['val_loss']:.4f}); full fine-tuning reference "
                  f"(lr {result['full_lr']:.3g}): {result['full_val_loss']:.4f}")
     return "\n".join(lines)
+
+
+def _lr(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
 
 
 def main() -> None:
