@@ -27,6 +27,24 @@ from types import SimpleNamespace
 import numpy as np
 
 
+def greedy(llm, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """llama.cpp's greedy continuation of each prompt (argmax of its own logits, stopping at its EOS),
+    decoded with special tokens kept, as lorakit's evaluation decodes before it strips them."""
+    eos, predictions = llm.token_eos(), []
+    for prompt in prompts:
+        llm.reset()
+        llm.eval(llm.tokenize(prompt.encode(), add_bos=False, special=True))
+        out = []
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(token)
+            if token == eos:
+                break
+            llm.eval([token])
+        predictions.append(llm.detokenize(out, special=True).decode("utf-8", errors="replace"))
+    return predictions
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
@@ -69,20 +87,8 @@ def main() -> int:
               f"{time.perf_counter() - t0:.1f} s; {check.line()}")
         llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512, n_batch=512,
                               n_threads=2, logits_all=True, verbose=False)
-        eos = llm.token_eos()
-        predictions = []
         t0 = time.perf_counter()
-        for e in examples:
-            llm.reset()
-            llm.eval(llm.tokenize(e.prompt.encode(), add_bos=False, special=True))
-            out = []
-            for _ in range(args.max_new_tokens):  # greedy, on llama.cpp's logits
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                out.append(token)
-                if token == eos:
-                    break
-                llm.eval([token])
-            predictions.append(llm.detokenize(out, special=True).decode("utf-8", errors="replace"))
+        predictions = greedy(llm, [e.prompt for e in examples], args.max_new_tokens)
         llm.close()
     seconds = time.perf_counter() - t0
     correct = [exact_match(p, e.reference) for p, e in zip(predictions, examples)]
