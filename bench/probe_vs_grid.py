@@ -33,7 +33,6 @@ object with every result. No wall time is reported: the machine is shared.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -44,9 +43,9 @@ import torch
 from lorakit import monitor
 from lorakit.config import RunConfig
 from lorakit.models import load_tokenizer, resolve_model_dir
-from lorakit.probe import probe, variant
+from lorakit.probe import cached_base, probe, variant
 from lorakit.training import Prepared, train
-from lorakit.training.setup import load_base, load_data, prepare_model
+from lorakit.training.setup import load_data, prepare_model
 
 TASKS: dict[str, list[str]] = {
     "stardate": [],                                # the default run
@@ -58,18 +57,6 @@ DEFAULT_STEPS = 10
 
 def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def cached_base():
-    """base(config): the task's base model, read once, a fresh copy for every run."""
-    loaded: dict[str | None, torch.nn.Module] = {}
-
-    def base(config: RunConfig) -> torch.nn.Module:
-        if config.quantize not in loaded:
-            loaded[config.quantize] = load_base(config)[0]
-        return copy.deepcopy(loaded[config.quantize])
-
-    return base
 
 
 def at_rank(config: RunConfig, r: int) -> RunConfig:
@@ -99,7 +86,8 @@ def grid_run(config: RunConfig, steps: int, r: int, lr: float, base, tokenizer, 
     return {"r": r, "lr": lr, "val_loss": after.get("val_loss"), "stopped": stopped, "source": "grid"}
 
 
-def run_task(name: str, steps: int, ranks: list[int], sets: list[str], out: Path | None, workdir: Path) -> dict:
+def run_task(name: str, steps: int, ranks: list[int], sets: list[str], out: Path | None, workdir: Path,
+             probe_only: bool = False) -> dict:
     overrides = [*TASKS[name], "train.seed=0", *sets]
     config = RunConfig.from_dict({}, overrides).validate()
     tokenizer = load_tokenizer(resolve_model_dir(config.model.path))
@@ -111,6 +99,13 @@ def run_task(name: str, steps: int, ranks: list[int], sets: list[str], out: Path
                    tokenizer=tokenizer, data=data)
     rank, lr = report["recommended_rank"], report["recommended_lr"]
     log(f"[{name}] probe: {report['verdict']}; recommended rank {rank}, lr {lr}")
+    if probe_only:  # the pick's held-out loss is one of the probe's own runs
+        runs = [{**s, "r": config.lora.r} for s in report["lr_sweep"]] + report["rank_lr_sweep"]
+        pick = next((s for s in runs if s["r"] == rank and s["lr"] == lr), {})
+        return {"task": name, "steps": steps, "set": sets, "verdict": report["verdict"],
+                "probe": {"r": rank, "alpha": report["recommended_alpha"], "lr": lr, "val_loss": pick.get("val_loss"),
+                          "basis": report["advice_basis"]},
+                "lr_sweep": report["lr_sweep"], "rank_lr_sweep": report["rank_lr_sweep"]}
 
     # the probe's sweep runs at the configured rank are grid cells already (alpha = 2r there too)
     configured = config.lora.r
@@ -141,7 +136,8 @@ def run_task(name: str, steps: int, ranks: list[int], sets: list[str], out: Path
                            for k, v in report["effective_rank"]["per_type"].items()},
         "probe": {"r": rank, "lr": lr, "val_loss": None if pick is None else pick["val_loss"],
                   "place": place, "of": len(scored),
-                  "above_best": None if pick is None or pick["val_loss"] is None else pick["val_loss"] - best["val_loss"]},
+                  "above_best": None if pick is None or pick["val_loss"] is None
+                  else pick["val_loss"] - best["val_loss"]},
         "best": {"r": best["r"], "lr": best["lr"], "val_loss": best["val_loss"]},
         "lr_sweep": report["lr_sweep"], "grid": cells,
     }
@@ -190,6 +186,9 @@ def main() -> None:
                         help="a run setting for every task and run, e.g. --set train.batch_size=4 (repeatable)")
     parser.add_argument("--out", default=None, help="keep each task's probe.json and probe.png under OUT/TASK")
     parser.add_argument("--quick", action="store_true", help="2 steps, ranks 1 and 4, stardate only")
+    parser.add_argument("--probe-only", action="store_true",
+                        help="run the probe alone: its pick and that run's held-out loss (to place against a grid "
+                             "measured before with the same settings)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.ranks, args.tasks = 2, "1,4", "stardate"
@@ -202,9 +201,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="probe-vs-grid-", dir="/tmp") as workdir:
         for name in tasks:
             result = run_task(name, args.steps, ranks, args.sets, Path(args.out) if args.out else None,
-                              Path(workdir))
+                              Path(workdir), args.probe_only)
             results.append(result)
             print(json.dumps(result), flush=True)
+    if args.probe_only:
+        print(json.dumps({"steps": args.steps, "set": args.sets,
+                          "tasks": {r["task"]: {"verdict": r["verdict"], "probe": r["probe"]} for r in results}}))
+        return
     for result in results:
         print(f"\n### {result['task']} ({result['steps']} steps)\n\n{table(result)}")
     print(json.dumps({"steps": args.steps, "set": args.sets, "tasks": {r["task"]: {

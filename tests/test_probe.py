@@ -141,7 +141,16 @@ def test_rank_1_lags_rank_too_low():
     assert report["progress_share"] < 0.6  # 0.50: 1.06 nats against full fine-tuning's 0.15, from 7.43
     # the lr sweep: 0.01x, 0.03x, 0.1x, 0.3x and 3x the configured 0.03; none closes half the gap
     assert [s["lr"] for s in report["lr_sweep"]] == pytest.approx([0.0003, 0.0009, 0.003, 0.009, 0.03, 0.09])
-    assert report["recommended_lr"] == pytest.approx(0.03)
+    assert report["advice_basis"] == "held-out loss"  # the data has a validation split
+    assert report["best_swept_lr"] == pytest.approx(0.03)  # held-out 1.205, at the configured r=1
+    # the effective rank suggests 16, so r=16 (alpha 32: the configured scale 2) runs at 0.03 x 0.1, 0.3, 1:
+    # 0.009 is best there (held-out 0.088), 0.03 diverges at that rank; the advice is that measured pair
+    assert report["effective_rank"]["rank"] == 16
+    assert [(s["r"], s["alpha"], s["lr"]) for s in report["rank_lr_sweep"]] == [
+        (16, 32, pytest.approx(0.003)), (16, 32, pytest.approx(0.009)), (16, 32, pytest.approx(0.03))]
+    assert report["rank_lr_sweep"][2]["diverged"] and report["rank_lr_sweep"][1]["val_loss"] < 0.1
+    assert (report["recommended_rank"], report["recommended_alpha"]) == (16, 32)
+    assert report["recommended_lr"] == pytest.approx(0.009)
     # the full fine-tuning update needs more than one direction in every module type
     per_type = report["effective_rank"]["per_type"]
     assert set(per_type) == {"v_proj", "o_proj", "down_proj"}
@@ -171,6 +180,7 @@ def test_learning_rate_100x_too_high():
     assert "learning rate too high" in report["verdict"], report["reason"]
     assert [s["lr"] for s in report["lr_sweep"]] == pytest.approx([0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     assert report["recommended_lr"] == pytest.approx(0.01)
+    assert report["rank_lr_sweep"] == [] and report["recommended_rank"] == report["effective_rank"]["rank"] == 16
 
 
 def test_reference_that_does_not_learn_is_inconclusive():
@@ -288,7 +298,8 @@ def test_cli_probe_json(probe_dir, capsys):
     assert [s["lr"] for s in report["lr_sweep"]] == pytest.approx([1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03])
     assert report["capacity"]["supervised_tokens"] == 256  # 128 examples x (the letter + end of turn)
     assert report["memory"]["device"] == "cpu" and 0 < report["memory"]["full_peak_gib"] < 1
-    assert report["recommended_rank"] >= 1 and report["recommended_lr"] in [s["lr"] for s in report["lr_sweep"]]
+    assert report["recommended_rank"] >= 1 and report["recommended_lr"] in [
+        s["lr"] for s in report["lr_sweep"] + report["rank_lr_sweep"]]
 
 
 def test_cli_probe_bad_input(probe_dir, capsys):
@@ -332,9 +343,11 @@ def test_train_summary_holds_the_verdict_of_a_probe_of_the_same_config(probe_dir
         report["verdict"], report["verdict_kind"], report["cause"])
     assert (probed["recommended_rank"], probed["recommended_lr"], probed["probe_steps"], probed["step"]) == (
         report["recommended_rank"], report["recommended_lr"], 3, 0)
+    assert probed["recommended_alpha"] == report["recommended_alpha"] == 8 * report["recommended_rank"] / 4
     assert probed["message"] == (
         f"lorakit probe of this config (3 steps per run): {report['verdict']}; recommended "
-        f"lora.r={report['recommended_rank']:g} (configured 4); recommended train.lr={report['recommended_lr']:g} "
+        f"lora.r={report['recommended_rank']:g} (configured 4); recommended lora.alpha="
+        f"{report['recommended_alpha']:g} (configured 8); recommended train.lr={report['recommended_lr']:g} "
         f"(configured 0.01) ({record})")
     assert probed["message"] in capsys.readouterr().out
     # another rank is another config: no verdict for it

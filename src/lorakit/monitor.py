@@ -435,7 +435,7 @@ def memory_summary(device, planned: int | None, peak: StepPeak | None) -> dict:
     peak_memory_allocated_bytes  the allocator's peak during training steps: the planner's basis (StepPeak)
     peak_memory_allocated_basis  how it was measured (which step, on CPU)
     peak_memory_allocated_step   the step it was measured at (None: not measured)
-    planned_peak_bytes           the planner's predicted peak (None when the planner was skipped)"""
+    planned_peak_bytes           the planner's predicted allocator peak, the same basis (None when skipped)"""
     legacy = peak_memory_bytes(device)
     if peak is not None and peak.cuda:
         legacy = max(legacy, peak.process_cuda_peak)  # the per-step resets hid what came before

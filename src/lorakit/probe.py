@@ -23,8 +23,14 @@ loop itself (training.train, in temporary run directories). Then:
                   the number of singular values holding ENERGY of ||ΔW||_F² (effective_rank),
                   summarised per module type (median, max over layers); the recommended rank is
                   the next power of two at or above the largest per-type median (recommended_rank)
-  learning rate   the LoRA run at the configured lr x SWEEP_FACTORS; the best is the lowest smoothed
-                  final loss.
+  learning rate   the LoRA run at the configured lr x SWEEP_FACTORS. The advice ranks runs by their
+                  held-out loss after training when the data has a validation split (else by the
+                  smoothed final training loss, which lags the last steps): `score`. When the
+                  recommended rank differs from the configured one, the best swept lr was found at the
+                  wrong rank (with alpha / r fixed, the best lr falls as the rank rises: 3-10x from r=8
+                  to r=128 in bench/probe_vs_grid.py), so the recommended rank is run at the best swept
+                  lr x RANK_LR_FACTORS, alpha scaled to keep the configured scale; the recommendation is
+                  the best scored (rank, alpha, lr) of every run made, at either rank.
                   It is set against the rule of thumb that LoRA's best learning rate is about
                   LORA_LR_RATIO x full fine-tuning's, whatever the rank (with alpha / r scaling)
   capacity        the adapters hold about CAPACITY_BITS_PER_PARAMETER bits per trainable parameter;
@@ -78,6 +84,7 @@ MIN_REFERENCE_PROGRESS = 0.05       # the reference must lower the loss by this 
 # a few rates just below would not tell), half a decade above
 SWEEP_FACTORS = (0.01, 0.03, 0.1, 0.3, 3.0)
 FULL_LR_FACTOR = 0.1                # the reference's learning rate when not given: lr x this
+RANK_LR_FACTORS = (0.1, 0.3, 1.0)   # x the best swept lr, run at the recommended rank (the best lr falls with rank)
 LORA_LR_RATIO = 10.0                # rule of thumb: LoRA's best lr ~ this x full fine-tuning's
 MAX_RECOMMENDED_RANK = 256
 CAPACITY_BITS_PER_PARAMETER = 2.0   # what a trained parameter stores, as measured for language models
@@ -194,6 +201,26 @@ class Verdict:
         if self.kind == "inconclusive":
             return "inconclusive: the full fine-tuning reference did not learn"
         return self.kind + (f": {self.cause}" if self.cause else "")
+
+
+def score(run: Run, held_out: bool) -> float:
+    """What the advice ranks runs by: the held-out loss after training (held_out) or the smoothed
+    final training loss; inf for a run that diverged or has no finite value."""
+    value = run.val_loss if held_out else run.final
+    return value if not run.diverged and value is not None and math.isfinite(value) else math.inf
+
+
+def held_out_basis(runs: list[Run]) -> bool:
+    """Whether the advice can rank `runs` by held-out loss: every run that trained to the end has one
+    (a diverged run has none, and scores inf on either basis)."""
+    finished = [r for r in runs if not r.diverged]
+    return bool(finished) and all(r.val_loss is not None for r in finished)
+
+
+def scaled_alpha(config: RunConfig, r: int) -> float:
+    """lora.alpha for rank r that keeps the configured scale (alpha / r, or alpha / sqrt(r) with rslora)."""
+    ratio = r / config.lora.r
+    return config.lora.alpha * (math.sqrt(ratio) if config.lora.rslora else ratio)
 
 
 def verdict(full: Run, lora: Run, sweep: list[Run]) -> Verdict:
@@ -328,7 +355,7 @@ def probe(config: RunConfig, steps: int = DEFAULT_STEPS, *, full_lr: float | Non
         tokenizer = load_tokenizer(resolve_model_dir(config.model.path))
         data = load_data(config, tokenizer, log)  # resolves data.max_length "auto", which the plan needs
         memory = _memory(variant(config, "full", full_lr, steps), None)  # before any weight is read
-        base = _cached_base()
+        base = cached_base()
     elif tokenizer is None or data is None:
         raise ValueError("probe(base=...) needs the tokenizer and the data (train, validation, test) too")
     else:
@@ -356,7 +383,9 @@ def probe(config: RunConfig, steps: int = DEFAULT_STEPS, *, full_lr: float | Non
         lora = p.run(config.method, lora_config, lora_model)
         del lora_model
         sweep = _sweep(p, lora)
-    report = _report(config, steps, full, lora, sweep, ranks, adapter_parameters, memory, data[0], out, layers)
+        at_rank = _rank_sweep(p, sweep, recommended_rank(ranks))
+    report = _report(config, steps, full, lora, sweep, ranks, adapter_parameters, memory, data[0], out, layers,
+                     at_rank)
     if recorded:  # the model and data are the config's: `lorakit train` of it shows the verdict
         path = probe_record_path(config)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -382,7 +411,7 @@ def _checked(config: RunConfig, steps: int) -> RunConfig:
     return config
 
 
-def _cached_base() -> Callable[[RunConfig], torch.nn.Module]:
+def cached_base() -> Callable[[RunConfig], torch.nn.Module]:
     """base(config) for the probe's runs: the model read once per storage (full precision, or NF4
     for QLoRA) and copied for every run."""
     loaded: dict[str | None, torch.nn.Module] = {}
@@ -473,13 +502,33 @@ def _sweep(p: Probe, lora: Run) -> list[Run]:
     return sorted(runs, key=lambda r: r.lr)
 
 
+def _rank_sweep(p: Probe, sweep: list[Run], rank: int) -> list[Run]:
+    """The recommended rank at the best swept lr x RANK_LR_FACTORS, alpha scaled with it (scaled_alpha);
+    none when it is the configured rank or every swept run diverged."""
+    held_out = held_out_basis(sweep)
+    best = min(sweep, key=lambda r: score(r, held_out))
+    if rank == p.config.lora.r or math.isinf(score(best, held_out)):
+        return []
+    runs = []
+    for factor in RANK_LR_FACTORS:
+        config = RunConfig.from_dict(p.variant(p.config.method, best.lr * factor).to_dict(),
+                                     [f"lora.r={rank}", f"lora.alpha={scaled_alpha(p.config, rank)!r}"])
+        runs.append(p.run(f"{p.config.method} r{rank} x{factor:g}", config, p.model(config)))
+    return runs
+
+
 def _report(config: RunConfig, steps: int, full: Run, lora: Run, sweep: list[Run], ranks: dict,
-            adapter_parameters: int, memory: dict, train_set, out, layers: list[int] | None = None) -> dict:
+            adapter_parameters: int, memory: dict, train_set, out, layers: list[int] | None = None,
+            at_rank: list[Run] = ()) -> dict:
     v = verdict(full, lora, sweep)
     start = lora.losses[0] if lora.losses else math.nan
-    trained = [r for r in sweep if not r.diverged]
-    best = min(trained, key=lambda r: r.final) if trained else None
-    identical = all(same_batches(full.batches, r.batches) for r in sweep)
+    held_out = held_out_basis([*sweep, *at_rank])
+    candidates = [(r, config.lora.r) for r in sweep] + [(r, recommended_rank(ranks)) for r in at_rank]
+    best, best_r = min(candidates, key=lambda c: score(c[0], held_out))
+    if math.isinf(score(best, held_out)):
+        best, best_r = None, None
+    best_swept = min(sweep, key=lambda r: score(r, held_out))
+    identical = all(same_batches(full.batches, r.batches) for r in [*sweep, *at_rank])
     rule_lr = LORA_LR_RATIO * full.lr
     report = {
         "verdict": v.text, "verdict_kind": v.kind, "cause": v.cause, "reason": v.reason,
@@ -492,15 +541,24 @@ def _report(config: RunConfig, steps: int, full: Run, lora: Run, sweep: list[Run
         "progress_share": _finite(progress_share(start, full.final, lora.final)) if v.kind in ("converges", "lags")
         else None, "val_loss": {"full": full.val_loss, config.method: lora.val_loss},
         "batches": {"identical": identical, "steps": len(full.batches), "digest": batches_digest(full.batches)},
-        "effective_rank": {"energy": ENERGY, "per_type": ranks}, "recommended_rank": recommended_rank(ranks),
-        "lr_sweep": [{"lr": r.lr, "final_loss": _finite(r.final), "diverged": r.diverged} for r in sweep],
+        "effective_rank": {"energy": ENERGY, "per_type": ranks, "rank": recommended_rank(ranks)},
+        "lr_sweep": [{"lr": r.lr, "final_loss": _finite(r.final), "val_loss": r.val_loss, "diverged": r.diverged}
+                     for r in sweep],
+        "best_swept_lr": best_swept.lr if not math.isinf(score(best_swept, held_out)) else None,
+        "rank_lr_sweep": [{"r": recommended_rank(ranks), "alpha": scaled_alpha(config, recommended_rank(ranks)),
+                           "lr": r.lr, "final_loss": _finite(r.final), "val_loss": r.val_loss,
+                           "diverged": r.diverged} for r in at_rank],
+        "advice_basis": "held-out loss" if held_out else "smoothed final training loss",
+        # the best scored run of all: the swept ones at the configured rank, those at the effective rank
+        "recommended_rank": best_r if best else recommended_rank(ranks),
+        "recommended_alpha": scaled_alpha(config, best_r) if best else None,
         "recommended_lr": best.lr if best else None,
         "rule_of_thumb": {"rule": f"LoRA's best learning rate is about {LORA_LR_RATIO:g}x full fine-tuning's",
                           "lr": rule_lr,
                           "confirmed": bool(best) and 1 / 3 <= best.lr / rule_lr <= 3},
         "capacity": capacity(adapter_parameters, train_set.supervised_tokens, start, full.final),
         "memory": memory,
-        "curves": {"full": full.to_dict(), **{r.name: r.to_dict() for r in sweep}},
+        "curves": {"full": full.to_dict(), **{r.name: r.to_dict() for r in [*sweep, *at_rank]}},
     }
     if out is not None:
         out = Path(out)
@@ -527,10 +585,21 @@ def render(report: dict) -> str:
                  "its energy), per module type: median / max over layers (of at most)")
     for name, e in report["effective_rank"]["per_type"].items():
         lines.append(f"  {name:<12} {e['median']:g} / {e['max']} (of {e['limit']})")
-    lines.append(f"recommended rank: {report['recommended_rank']} (configured: {report['r']})")
-    sweep = ", ".join(f"{s['lr']:.3g}: {'diverged' if s['diverged'] else _num(s['final_loss'])}"
-                      for s in report["lr_sweep"])
-    lines.append(f"learning-rate sweep ({m}, final loss): {sweep}")
+    lines.append(f"effective rank suggests r={report['effective_rank']['rank']} (configured: {report['r']})")
+    held_out = report["advice_basis"] == "held-out loss"
+
+    def runs(entries) -> str:
+        key = "val_loss" if held_out else "final_loss"
+        return ", ".join(f"{s['lr']:.3g}: {'diverged' if s['diverged'] else _num(s[key])}" for s in entries)
+
+    lines.append(f"learning-rate sweep ({m}, r={report['r']}, {report['advice_basis']}): {runs(report['lr_sweep'])}")
+    if report["rank_lr_sweep"]:
+        at = report["rank_lr_sweep"][0]
+        lines.append(f"at r={at['r']}, alpha={at['alpha']:g} ({report['advice_basis']}): "
+                     f"{runs(report['rank_lr_sweep'])}")
+    if report["recommended_lr"] is not None:
+        lines.append(f"recommended: lora.r={report['recommended_rank']}, lora.alpha={report['recommended_alpha']:g}, "
+                     f"train.lr={report['recommended_lr']:.3g} (the best {report['advice_basis']} of the runs above)")
     rule = report["rule_of_thumb"]
     lines.append(f"recommended lr: {_num(report['recommended_lr'])} (configured: {report['lr']:.3g}); rule of "
                  f"thumb ({rule['rule']}: {rule['lr']:.3g} for the reference's {report['full_lr']:.3g}) "

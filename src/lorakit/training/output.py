@@ -41,7 +41,7 @@ class Report:
     world: int
     device: object                     # torch.device: where peak memory is measured
     counts: object                     # inject.TrainableReport: trainable and total parameters
-    planned_peak: int | None           # the memory planner's predicted peak (bytes), None when skipped
+    planned_peak: int | None           # the planner's predicted allocator peak (bytes), None when skipped
     wall_start: float                  # time.perf_counter() when the run started
     steps: int = 0                     # optimizer steps the result holds
     after: dict | None = None          # the trained model's evaluation (None when there is no result)
@@ -394,9 +394,10 @@ def probe_diagnostic(config: RunConfig) -> dict | None:
         return None
     if not isinstance(report, dict) or report.get("config_key") != probe_key(config) or "verdict" not in report:
         return None
-    rank, lr = report.get("recommended_rank"), report.get("recommended_lr")
-    advice = "; ".join(f"recommended {name}={value:g} (configured {now:g})"
-                       for name, value, now in (("lora.r", rank, config.lora.r), ("train.lr", lr, config.train.lr))
+    rank, lr, alpha = report.get("recommended_rank"), report.get("recommended_lr"), report.get("recommended_alpha")
+    pairs = (("lora.r", rank, config.lora.r), ("lora.alpha", alpha, config.lora.alpha),
+             ("train.lr", lr, config.train.lr))
+    advice = "; ".join(f"recommended {name}={value:g} (configured {now:g})" for name, value, now in pairs
                        if isinstance(value, (int, float)) and isinstance(now, (int, float)))
     subset = report.get("layers")
     return {"kind": "probe", "step": 0,
@@ -404,8 +405,8 @@ def probe_diagnostic(config: RunConfig) -> dict | None:
                        + (f", layers {subset}" if subset else "") + f"): {report['verdict']}"
                        + (f"; {advice}" if advice else "") + f" ({path})",
             "verdict": report["verdict"], "verdict_kind": report.get("verdict_kind"), "cause": report.get("cause"),
-            "recommended_rank": rank, "recommended_lr": lr, "probe_steps": report.get("steps"),
-            "layers": subset, "record": str(path)}
+            "recommended_rank": rank, "recommended_alpha": alpha, "recommended_lr": lr,
+            "probe_steps": report.get("steps"), "layers": subset, "record": str(path)}
 
 
 def sink(main: bool, run_dir: Path, log=print, progress: bool = True) -> Output | Silent:

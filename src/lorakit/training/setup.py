@@ -321,8 +321,10 @@ def optimizer_and_schedule(model: torch.nn.Module, config: RunConfig):
 
 def memory_check(model, config: RunConfig, log, device: torch.device, n_gpus: int = 1) -> int | None:
     """Run the planner for this run and warn when the step will not fit the device; returns the
-    predicted peak in bytes (None when the planner does not know the architecture). n_gpus > 1:
-    FSDP sharding over that many ranks (DDP replicates: plan it with n_gpus=1)."""
+    predicted allocator peak in bytes (None when the planner does not know the architecture): what
+    the run measures (torch.cuda.max_memory_allocated, or the CPU profiler's peak), without the CUDA
+    context and fragmentation the fit check adds. n_gpus > 1: FSDP sharding over that many ranks
+    (DDP replicates: plan it with n_gpus=1)."""
     from ..planner import GiB, arch_from_config, available_memory, device_warning, memory_plan_line, plan_run
 
     try:
@@ -336,5 +338,5 @@ def memory_check(model, config: RunConfig, log, device: torch.device, n_gpus: in
     warning = device_warning(p, available / GiB)
     if warning:
         log(warning)
-    return p.peak
+    return p.peak_allocated
 
