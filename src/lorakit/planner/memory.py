@@ -532,7 +532,13 @@ def preference_logits_bytes(arch: Architecture, config: PlanConfig) -> int:
     sequence_logps), for n_a scored answer tokens of the 2B rows.
 
     Where the logits are the head's output (loss.supports_chunked_loss) only the n_a answer positions
-    go through the head: (n_a, V) logits in p bytes, upcast to float32 (the same tensor when p = 4).
+    go through the head. A frozen head (LoRA, QLoRA): loss.chunked_token_logps, one chunk of
+    C = min(DEFAULT_CHUNK_SIZE, n_a) rows at a time, its float32 logits and softmax (8 * C * V, plus
+    the chunk's p-byte logits before the upcast when p < 4), and the gradient it forms for the
+    hidden states, kept for backward (n_a * h * p):
+        n_a * h * p + 8 * C * V [+ p * C * V]
+    A trained head (full fine-tuning, ORPO) takes the full logits through autograd instead:
+    (n_a, V) logits in p bytes, upcast to float32 (the same tensor when p = 4).
     The peak is in backward, before the gradient reaches the head: logsumexp's saved float32 logits,
     the gather's gradient, and logsumexp's backward, which forms exp(z - lse) before scaling it by the
     incoming gradient (a temporary and its result), all float32 and (n_a, V):
@@ -546,9 +552,11 @@ def preference_logits_bytes(arch: Architecture, config: PlanConfig) -> int:
     policy's) holds at most p + 8 bytes per (token, entry) while nothing of the policy is saved yet."""
     if not arch.chunked_loss:
         return logits_bytes(arch, config)
-    n, v = config.scored_tokens, arch.vocab_size
-    head_input = n * arch.hidden_size * config.p if config.method == "full" else 0
-    return 16 * n * v + head_input
+    n, v, p = config.scored_tokens, arch.vocab_size, config.p
+    if config.method != "full":  # a frozen head: chunked_token_logps
+        c = min(DEFAULT_CHUNK_SIZE, n)
+        return n * arch.hidden_size * p + 8 * c * v + (p * c * v if p < 4 else 0)
+    return 16 * n * v + n * arch.hidden_size * p  # the trained head also keeps its input, n_a*h*p
 
 
 def layer_backward_transient_bytes(arch: Architecture, config: PlanConfig) -> int:
