@@ -9,9 +9,9 @@ match next to lorakit's own evaluation of the same adapter (transformers, the ru
 and the number of predictions that differ between the two. --adapter-only: the base model and the
 adapter as two files, the adapter applied by llama.cpp at load time (its --lora).
 
-Not a test: it needs the default run's trained adapter, and that run trains 30 steps of
-SmolLM2-135M (100 s of training on 2 cores, README) before reaching 100% exact match; tests get
-seconds. tests/test_export.py checks the same export path on SmolLM2 with a random adapter.
+tests/test_export_stardate.py runs the same check on the first 50 examples of a default run it
+trains (f16); this script checks any run directory, every example, any quantization, and the
+--adapter-only path.
 """
 
 from __future__ import annotations
