@@ -13,7 +13,8 @@ the run lasts; files are never written through a symbolic link):
     loss.png           training and held-out loss curves (and the retention KL with eval.retention)
     retention.pt       eval.retention's texts and the base model's distributions on them
     tensorboard/       event files, with train.report_to: [tensorboard]
-    summary.json       before/after metrics, wall times, tokens, peak memory, diagnostics
+    mlflow.db, mlartifacts/  the MLflow run, with train.report_to: [mlflow]
+    summary.json       before/after metrics, wall times, tokens, peak memory (planned and measured), diagnostics
 
 The parts live in modules named after them: setup (model, data, checks), objectives (what a step
 minimises), evaluate, checkpoint (and RunState), output (rank 0's sink), run_dir (the lock).
