@@ -40,7 +40,6 @@ import importlib.metadata
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
