@@ -94,12 +94,11 @@ def time_alternating(contenders: list[Contender], reps: int, warmup: int = 1, ve
 
 
 def resident_bytes(*objs) -> int:
-    """Bytes of the distinct storages behind the given tensors (shared storage counted once)."""
-    seen = {}
-    for t in objs:
-        if t is not None and t.device.type != "meta":
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
+    """Bytes of the distinct storages behind the given tensors (shared storage counted once):
+    monitor.resident_tensor_bytes, the count every lorakit run adds to its measured peak."""
+    from lorakit.monitor import resident_tensor_bytes
+
+    return resident_tensor_bytes(objs)
 
 
 def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -132,13 +132,6 @@ def model_under_training(c: Case, dtype: torch.dtype, device: str):
     return model
 
 
-def _resident_bytes(*objs) -> int:
-    seen = {}
-    for t in objs:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
 def preference_batch(c: Case, device: str) -> dict[str, torch.Tensor]:
     """c.batch pairs as 2*c.batch rows; the first c.prompt tokens of each row carry no loss."""
     ids = torch.randint(3, c.vocab, (2 * c.batch, c.seq), device=device)
@@ -184,8 +177,9 @@ def measure(c: Case, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    resident = _resident_bytes(*model.parameters(), *model.buffers(), *states, ids)
-    from common import allocator_peak  # bench/common.py, beside this script
+    from common import allocator_peak, resident_bytes  # bench/common.py, beside this script
+
+    resident = resident_bytes(*model.parameters(), *model.buffers(), *states, ids)
 
     return resident + allocator_peak(step)
 
