@@ -80,6 +80,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
+def _check_chunked(name: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   chunk_size) -> None:
+    """The arguments both chunked functions take: a positive int chunk_size, hidden (N, d), weight (V, d),
+    targets (N,); a ValueError naming `name` and the shapes otherwise."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (tokens per block)")
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1:] != hidden.shape[1:]:
+        raise ValueError(
+            f"{name} needs hidden (N, d), weight (V, d), targets (N,); got hidden "
+            f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
+        )
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                           reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
@@ -91,13 +104,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: chunked_cross_entropy supports 'mean' and 'sum'")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (tokens per block)")
-    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1:] != hidden.shape[1:]:
-        raise ValueError(
-            f"chunked_cross_entropy needs hidden (N, d), weight (V, d), targets (N,); got hidden "
-            f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
-        )
+    _check_chunked("chunked_cross_entropy", hidden, weight, targets, chunk_size)
     want_grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _ChunkedCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, reduction, chunk_size,
@@ -146,13 +153,7 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     per token before it can be summed, so when the head itself trains (weight or bias requires
     grad) the log-probabilities come from the full logits through autograd instead.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (tokens per block)")
-    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1:] != hidden.shape[1:]:
-        raise ValueError(
-            f"chunked_token_logps needs hidden (N, d), weight (V, d), targets (N,); got hidden "
-            f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
-        )
+    _check_chunked("chunked_token_logps", hidden, weight, targets, chunk_size)
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         logits = F.linear(hidden, weight, bias).float()  # (N, V): the trained head's gradient through autograd
         return logits.gather(1, targets[:, None])[:, 0] - logits.logsumexp(1)
