@@ -45,6 +45,7 @@ class Measured:
     norms:           normalisation modules in a block
     parameters:      (name inside a block, shape) of the first block's 2-D and 3-D parameters: what
                      lora.target_parameters can adapt (mixture-of-experts weights (E, out, in))
+    gated_mlp:       its MLP is one gated_mlp recognises (down(act(gate(x)) ⊙ up(x)))
     """
 
     layers_prefix: str
@@ -55,6 +56,7 @@ class Measured:
     total: int
     norms: int
     parameters: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    gated_mlp: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,15 @@ class Architecture:
     @property
     def layers_prefix(self) -> str:
         return self.measured.layers_prefix if self.measured else "model.layers"
+
+    @property
+    def lean_mlp(self) -> bool:
+        """Do adapters make its MLP keep gate(x) and up(x) only for backward (gated_mlp, switched
+        on by add_lora)? A measured model: as transformers builds it; a preset: every dense MLP
+        with separate gate and up projections (all the presets are gated)."""
+        if self.measured:
+            return self.measured.gated_mlp
+        return not self.num_experts and not self.fused_projections
 
     @property
     def q_dim(self) -> int:
@@ -339,6 +350,7 @@ def _measure(config) -> Measured:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ..gated_mlp import is_gated_mlp
     from ..nf4 import is_full_precision_linear
     from ..surgery import expert_parameters, layer_index
 
@@ -364,6 +376,7 @@ def _measure(config) -> Measured:
         total=sum(p.numel() for p in model.parameters()),
         norms=sum(1 for m in block.modules() if "norm" in type(m).__name__.lower()),
         parameters=tuple((n, tuple(p.shape)) for n, p in block.named_parameters() if p.dim() in (2, 3)),
+        gated_mlp=any(is_gated_mlp(m) for m in block.modules()),
     )
 
 

@@ -404,6 +404,13 @@ def optimizer_step_bytes(arch: Architecture, config: PlanConfig) -> int:
 # Activations and the loss
 
 
+def lean_mlp(arch: Architecture, config: PlanConfig) -> bool:
+    """Does the MLP keep gate(x) and up(x) only (gated_mlp)? With adapters (add_lora switches it on)
+    on a gated MLP, without checkpointing (torch's non-reentrant checkpoint, as lorakit train runs
+    it, recomputes a layer under its own saved-tensor hooks, where gated_mlp steps aside)."""
+    return config.method != "full" and arch.lean_mlp and not config.grad_checkpointing
+
+
 def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
     """Bytes one decoder layer saves for backward, for T = batch*seq tokens (no checkpointing).
 
@@ -417,7 +424,9 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
       attention (eager): q, repeated k and v (p*dq each, or p*dkv without GQA), the fp32 softmax and
         its p-byte copy (4 + p)*nh*s [+ p*nh*s for soft-capping's tanh]; o_proj's contiguous input p*dq
         when o_proj trains.
-      gated MLP: gate, up and act(gate): 3*p*I; x (+ k experts: times top-k, plus p*h routing product).
+      gated MLP: gate, up and act(gate): 3*p*I; x (+ k experts: times top-k, plus p*h routing product);
+        with adapters on a dense gated MLP (gated_mlp, Architecture.lean_mlp): gate and up, 2*p*I,
+        and down's input is recomputed in backward, not kept.
       linear inputs kept for weight gradients, full fine-tuning: p*h (q/k/v), p*h (gate/up), p*I (down).
       LoRA on a linear with input width n (lorakit's fused update, fused.py): the input once per group
         of adapters reading it, in the base's dtype; per adapter A's output a*r and, with dropout, the
@@ -444,7 +453,8 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
         per_token += a.num_heads * config.seq_len * (4 + (p if p != 4 else 0) + (p if a.attn_softcap else 0))
 
     experts = a.experts_per_token if a.num_experts else 1
-    mlp = 3 * p * inter
+    lean = lean_mlp(a, config)
+    mlp = (2 if lean else 3) * p * inter
     if a.num_experts:
         mlp += p * h  # routed output times its routing weight
         if full:
@@ -462,7 +472,7 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
                   "mlp.down_proj": "mlp_act"}
         # Bytes per token of each group's input when saved as is (0: already saved by another op).
         shared = {"attn_in": p * h, "attn_out": p * dq if a.attention == "eager" else 0,
-                  "mlp_in": p * h, "mlp_act": p * inter}
+                  "mlp_in": p * h, "mlp_act": 0 if lean else p * inter}
         used_groups = set()
         drop = config.lora_dropout
         sample = 8 * drop if config.device == "cpu" and drop <= 0.5 else 1  # bytes per input element
@@ -499,6 +509,7 @@ def activation_bytes(arch: Architecture, config: PlanConfig, checkpointing: bool
                               model.gradient_checkpointing_enable() does with torch.utils.checkpoint:
                               the layer inputs, plus one layer's activations while it is recomputed)
     """
+    config = replace(config, grad_checkpointing=checkpointing)  # it decides the MLP's (lean_mlp)
     layer = layer_activation_bytes(arch, config)
     head = head_activation_bytes(arch, config)
     if checkpointing:
@@ -561,11 +572,14 @@ def preference_logits_bytes(arch: Architecture, config: PlanConfig) -> int:
 
 def layer_backward_transient_bytes(arch: Architecture, config: PlanConfig) -> int:
     """Gradients alive inside one layer's backward on top of its saved tensors: ~p*T*(3I + 2h)
-    (the MLP's grad of down's input, of act and of up; the residual gradient and one more of width h)."""
+    (the MLP's grad of down's input, of act and of up; the residual gradient and one more of width h);
+    p*T*(4I + 2h) where the MLP recomputes act(gate) in backward (gated_mlp: the grad of down's
+    input, act(gate), the grad of the product times up, the grad of gate)."""
     t = config.tokens
     p = config.p
     k = arch.experts_per_token if arch.num_experts else 1
-    return t * p * (3 * arch.intermediate_size * k + 2 * arch.hidden_size)
+    mlp = 4 if lean_mlp(arch, config) else 3
+    return t * p * (mlp * arch.intermediate_size * k + 2 * arch.hidden_size)
 
 
 def dora_norm_bytes(arch: Architecture, config: PlanConfig) -> int:

@@ -1,0 +1,139 @@
+"""Gated MLPs that keep two intermediate-size tensors for backward instead of four.
+
+The MLP of Llama and of most decoders transformers ships (Mistral, Qwen2/3, Gemma, ...) is
+
+    out = down(act(gate(x)) ⊙ up(x))                           gate(x), up(x): (N, I), I ~ 2.7-4 h
+
+and autograd keeps four (N, I) tensors of it per layer for backward: gate(x) (act's input),
+act(gate(x)) and up(x) (the product's), and the product h = act(gate(x)) ⊙ up(x) (down's input, for
+its adapter's or weight's gradient). With I ≈ 3h these four are about half of what a decoder layer
+keeps. Here the product is one autograd function that keeps gate(x) and up(x) only, and
+recomputes act(gate(x)) in its backward; down's copy of h is replaced, while down saves it, by a
+note to recompute it from the same two tensors (torch.autograd.graph.saved_tensors_hooks). The
+recomputations are the forward's own elementwise operations on the same tensors, so the loss and
+every gradient are bit-identical; the cost is one act and one product more per layer in backward.
+
+    dL/dup   = g ⊙ act(gate)              g = dL/dh
+    dL/dgate = act'(gate) ⊙ (g ⊙ up)      (act's own backward, run on the recomputed act)
+
+`keep_less(model)` switches this on for every MLP of the model whose forward is exactly that
+expression (its source is compared, so a model that computes anything else is left as it is);
+`restore(model)` switches it off. The leaner forward steps aside, computing the original, wherever
+its bookkeeping would be wrong or useless: no gradient (inference), under torch.compile, and inside
+another saved-tensor hook (non-reentrant activation checkpointing recomputes the layer anyway,
+and activation offloading moves what is saved: both must see what autograd saves).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import textwrap
+import types
+
+import torch
+from torch import nn
+
+# The body of the MLP forward this module replaces, whitespace removed (transformers' LlamaMLP and
+# the ~140 modules copied from it).
+_GATED_FORWARDS = ("returnself.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))",
+                   "down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj")
+
+
+class _GatedProduct(torch.autograd.Function):
+    """h = act(gate) ⊙ up, keeping gate and up; act(gate) is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        ctx.act = act
+        ctx.save_for_backward(gate, up)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad[:2]
+        with torch.enable_grad():
+            leaf = gate.detach().requires_grad_(need_gate)
+            activated = ctx.act(leaf)
+        # dL/dgate first: g ⊙ up is freed before dL/dup exists (four (N, I) tensors at most, not five)
+        grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if need_gate else None
+        grad_up = grad * activated.detach() if need_up else None
+        return grad_gate, grad_up, None
+
+
+def gated_product(gate: torch.Tensor, up: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """act(gate) ⊙ up, keeping gate and up for backward (not act(gate))."""
+    return _GatedProduct.apply(gate, up, act)
+
+
+def _other_hooks_active() -> bool:
+    """Is another saved-tensor hook (checkpointing, offloading) in force here?"""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """down(act(gate(x)) ⊙ up(x)), keeping gate(x) and up(x) only (see the module docstring)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _other_hooks_active():
+        return type(self).forward(self, x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if not (gate.requires_grad or up.requires_grad):
+        return type(self).forward(self, x)
+    h = gated_product(gate, up, self.act_fn)
+    product, act = id(h), self.act_fn  # not h itself: each tensor saved below keeps these hooks alive
+
+    def pack(t: torch.Tensor):
+        return _Recompute(gate, up, act) if id(t) == product else t
+
+    def unpack(saved):
+        return saved.tensor() if isinstance(saved, _Recompute) else saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return self.down_proj(h)
+
+
+class _Recompute:
+    """A saved act(gate) ⊙ up, computed again when backward asks for it."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, act: nn.Module):
+        self.gate, self.up, self.act = gate, up, act
+
+    def tensor(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.act(self.gate) * self.up
+
+
+def is_gated_mlp(module: nn.Module) -> bool:
+    """Does `module`'s class compute exactly down(act(gate(x)) ⊙ up(x)) in its forward (its source
+    read, the docstring and the input's name aside)?"""
+    if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return False
+    try:
+        function = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return False
+    if not isinstance(function, ast.FunctionDef) or len(function.args.args) != 2:
+        return False
+    body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    code = "".join(ast.unparse(s) for s in body).replace(" ", "")
+    return re.sub(rf"\b{function.args.args[1].arg}\b", "x", code) in _GATED_FORWARDS
+
+
+def keep_less(model: nn.Module) -> int:
+    """Make every gated MLP of `model` keep gate(x) and up(x) only for backward; returns how many."""
+    count = 0
+    for module in model.modules():
+        if is_gated_mlp(module):
+            module.forward = types.MethodType(_lean_forward, module)
+            count += 1
+    return count
+
+
+def restore(model: nn.Module) -> None:
+    """Undo keep_less: every MLP computes with its class's forward again."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, types.MethodType) and forward.__func__ is _lean_forward:
+            del module.forward

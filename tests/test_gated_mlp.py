@@ -1,0 +1,164 @@
+"""gated_mlp: the MLP down(act(gate(x)) ⊙ up(x)) keeping gate(x) and up(x) for backward.
+
+Bit-identical loss and gradients with and without it (LoRA with dropout, DoRA, a trained base);
+exactly two (N, I) tensors fewer alive after forward per layer (the allocator's count); which of
+transformers' MLPs it recognises; where it steps aside (no gradient, other saved-tensor hooks:
+activation checkpointing); add_lora switching it on and merge_and_unload off.
+"""
+
+import copy
+import gc
+import types
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+from lorakit import LoraConfig, add_lora, gated_mlp
+from lorakit.inject import merge_and_unload
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lean_forwards(model) -> int:
+    return sum(isinstance(m.__dict__.get("forward"), types.MethodType) for m in model.modules())
+
+
+def loss_and_grads(model, tokens, seed=1):
+    torch.manual_seed(seed)  # the same dropout sample in both
+    loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def plain_and_lean(model):
+    """(model without the lean MLP, a copy with it)."""
+    gated_mlp.restore(model)
+    lean = copy.deepcopy(model)
+    assert gated_mlp.keep_less(lean) == 2  # tiny_llama has two layers
+    return model, lean
+
+
+@pytest.mark.parametrize("setup", ["lora dropout", "dora", "trained base"])
+def test_loss_and_gradients_are_bit_identical(setup):
+    model = tiny_llama().train()
+    if setup == "lora dropout":
+        add_lora(model, LoraConfig(r=4, alpha=8, targets=ALL, dropout=0.1, init="random"))
+    elif setup == "dora":
+        add_lora(model, LoraConfig(r=4, alpha=8, targets=ALL, dora=True, init="random"))
+    plain, lean = plain_and_lean(model)
+    tokens = torch.randint(3, 96, (2, 16))
+    loss, grads = loss_and_grads(plain, tokens)
+    lean_loss, lean_grads = loss_and_grads(lean, tokens)
+    assert lean_loss.equal(loss)
+    assert grads.keys() == lean_grads.keys() and len(grads) > 0
+    assert all(lean_grads[n].equal(g) for n, g in grads.items())
+    assert any("mlp" in n for n in grads)
+
+
+def live_bytes_after(fn) -> int:
+    """Bytes the CPU allocator holds after fn() above what it held before (profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kept = fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        total = getattr(event.extra_fields, "total_allocated", None)
+        if total is not None:
+            events.append((event.start_time_ns, total - event.extra_fields.alloc_size, total))
+        stack.extend(event.children)
+    events.sort()
+    del kept
+    return events[-1][2] - events[0][1]
+
+
+def test_two_intermediate_tensors_fewer_per_layer():
+    model = add_lora(tiny_llama(hidden=64).train(), LoraConfig(r=4, alpha=8, targets=ALL, init="random"))
+    plain, lean = plain_and_lean(model)
+    tokens = torch.randint(3, 96, (2, 16))
+    kept = {name: live_bytes_after(lambda m=m: m(tokens).logits) for name, m in (("plain", plain), ("lean", lean))}
+    n, inter, layers = 2 * 16, 2 * 64, 2
+    assert kept["plain"] - kept["lean"] == 2 * n * inter * 4 * layers  # act(gate) and the product, float32
+
+
+def test_recognises_transformers_gated_mlps_only():
+    from transformers import GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.mistral.modeling_mistral import MistralMLP
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    small = dict(hidden_size=16, intermediate_size=32, hidden_act="silu", num_attention_heads=2, num_key_value_heads=2)
+    assert gated_mlp.is_gated_mlp(LlamaMLP(LlamaConfig(**small)))
+    assert gated_mlp.is_gated_mlp(MistralMLP(MistralConfig(**small)))
+    assert gated_mlp.is_gated_mlp(Qwen2MLP(Qwen2Config(**small)))
+    assert gated_mlp.is_gated_mlp(GemmaMLP(GemmaConfig(**small)))
+    assert not gated_mlp.is_gated_mlp(Phi3MLP(Phi3Config(**small)))  # one fused gate_up_proj
+    assert not gated_mlp.is_gated_mlp(GPT2MLP(64, GPT2Config(n_embd=16)))  # not gated
+
+    class Scaled(LlamaMLP):  # the same attributes, another computation
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * 2
+
+    assert not gated_mlp.is_gated_mlp(Scaled(LlamaConfig(**small)))
+
+
+def test_steps_aside_without_gradient_and_under_checkpointing():
+    model = add_lora(tiny_llama().train(), LoraConfig(r=4, alpha=8, targets=ALL, init="random"))
+    assert lean_forwards(model) == 2
+    tokens = torch.randint(3, 96, (2, 16))
+    packed = []
+
+    def count(t):
+        packed.append(t)
+        return t
+
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        mlp(x)  # inside another hook: the class's forward, every tensor through that hook
+    assert sum(t.shape == (2, 16, 64) for t in packed) == 4  # gate, act(gate), up, the product
+    with torch.no_grad():
+        assert mlp(x).equal(type(mlp).forward(mlp, x))
+
+    plain, lean = plain_and_lean(model)
+    for m in (plain, lean):
+        m.activation_checkpointing_enable({"use_reentrant": False})
+    loss, grads = loss_and_grads(plain, tokens)
+    lean_loss, lean_grads = loss_and_grads(lean, tokens)
+    assert lean_loss.equal(loss) and all(lean_grads[n].equal(g) for n, g in grads.items())
+
+
+def test_add_lora_switches_it_on_and_merge_and_unload_off():
+    model = tiny_llama()
+    assert lean_forwards(model) == 0
+    add_lora(model, LoraConfig(r=4, targets=["q_proj"]))
+    add_lora(model, LoraConfig(r=4, targets=["q_proj"]), name="second")
+    assert lean_forwards(model) == 2
+    merge_and_unload(model)
+    assert lean_forwards(model) == 0
+    assert all(isinstance(m, nn.Module) and "forward" not in m.__dict__ for m in model.modules())
+
+
+def test_the_planner_knows_which_models_keep_less():
+    from transformers import GPT2Config, LlamaConfig, Phi3Config
+
+    from lorakit.planner import arch_from_config, plan
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    assert arch_from_config(LlamaConfig(**small).to_dict()).lean_mlp
+    assert not arch_from_config(Phi3Config(**small).to_dict()).lean_mlp
+    assert not arch_from_config(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128).to_dict()).lean_mlp
+    assert plan("llama-3.1-8b", recommend=False).arch.lean_mlp
+    assert not plan("mixtral-8x7b", recommend=False).arch.lean_mlp
+    # per token and layer, bf16: LoRA keeps 2*2*I of the MLP, full fine-tuning 3*2*I + down's input 2*I
+    i, t = 14336, 2048
+    lora, full = (plan("llama-3.1-8b", method=m, recommend=False) for m in ("lora", "full"))
+    mlp_difference = (full.activations_without_checkpointing - lora.activations_without_checkpointing) // 32
+    assert mlp_difference >= t * 2 * 2 * i
