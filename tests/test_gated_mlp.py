@@ -8,7 +8,7 @@ activation checkpointing); add_lora switching it on and merge_and_unload off.
 
 import copy
 import gc
-import types
+import io
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def lean_forwards(model) -> int:
-    return sum(isinstance(m.__dict__.get("forward"), types.MethodType) for m in model.modules())
+    return sum(gated_mlp.is_lean(m) for m in model.modules())
 
 
 def loss_and_grads(model, tokens, seed=1):
@@ -141,6 +141,8 @@ def test_add_lora_switches_it_on_and_merge_and_unload_off():
     add_lora(model, LoraConfig(r=4, targets=["q_proj"]))
     add_lora(model, LoraConfig(r=4, targets=["q_proj"]), name="second")
     assert lean_forwards(model) == 2
+    for copied in (copy.deepcopy(model), torch.load(io.BytesIO(pickled(model)), weights_only=False)):
+        assert lean_forwards(copied) == 2 and all(m.forward.args[0] is m for m in copied.modules() if gated_mlp.is_lean(m))
     merge_and_unload(model)
     assert lean_forwards(model) == 0
     assert all(isinstance(m, nn.Module) and "forward" not in m.__dict__ for m in model.modules())
@@ -162,3 +164,9 @@ def test_the_planner_knows_which_models_keep_less():
     lora, full = (plan("llama-3.1-8b", method=m, recommend=False) for m in ("lora", "full"))
     mlp_difference = (full.activations_without_checkpointing - lora.activations_without_checkpointing) // 32
     assert mlp_difference >= t * 2 * 2 * i
+
+
+def pickled(model) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()

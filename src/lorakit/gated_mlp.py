@@ -27,10 +27,10 @@ and activation offloading moves what is saved: both must see what autograd saves
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import re
 import textwrap
-import types
 
 import torch
 from torch import nn
@@ -126,14 +126,20 @@ def keep_less(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if is_gated_mlp(module):
-            module.forward = types.MethodType(_lean_forward, module)
+            # a partial of a module-level function: deepcopy and pickle keep it (a bound method would not pickle)
+            module.forward = functools.partial(_lean_forward, module)
             count += 1
     return count
+
+
+def is_lean(module: nn.Module) -> bool:
+    """Does keep_less's forward run this module?"""
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _lean_forward
 
 
 def restore(model: nn.Module) -> None:
     """Undo keep_less: every MLP computes with its class's forward again."""
     for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__func__ is _lean_forward:
+        if is_lean(module):
             del module.forward
