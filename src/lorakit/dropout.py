@@ -14,6 +14,13 @@ would synchronise with the host) and for p > 0.5 the mask is a bool tensor, as n
 A sample is either form; `zero_dropped` applies it to any tensor of x's shape (the input in
 forward, the input gradient in backward), so what is kept for backward is the sample itself:
 8·p bytes per element as positions (0.4 at p = 0.05), or 1 as a mask.
+
+Under torch.compile, Dynamo cannot trace the draw (the loop reads a tensor's value, and the number
+of drops, the result's size, is known only once drawn), so `sample` puts it in the graph as one
+opaque operator, lorakit::dropout_mask: the same draw, from the same global generator, returned as
+the bool mask of the kept elements (a fixed shape). A compiled model thus drops the same elements
+as the eager one under the same seed, and compiles without a graph break at each adapter; the price
+is the mask's 1 byte per element kept for backward instead of the positions' 8·p.
 """
 
 from __future__ import annotations
@@ -26,7 +33,14 @@ from torch import nn
 
 def sample(n: int, p: float, device: torch.device) -> torch.Tensor:
     """Which of n elements dropout zeroes, each independently with probability p: their flat
-    indices (int64, ascending) on the CPU for p <= 0.5, else a bool mask of the kept ones."""
+    indices (int64, ascending) on the CPU for p <= 0.5, else (or under torch.compile) a bool mask
+    of the kept ones."""
+    if torch.compiler.is_compiling():  # one opaque operator in the graph instead of a graph break
+        return _dropout_mask(n, p, device, _compiled_draws)
+    return _eager_sample(n, p, device)
+
+
+def _eager_sample(n: int, p: float, device: torch.device) -> torch.Tensor:
     if device.type != "cpu" or p > 0.5:
         return torch.empty(n, dtype=torch.bool, device=device).bernoulli_(1 - p)
     parts, last = [], -1  # last: the position of the latest drop drawn
@@ -39,6 +53,28 @@ def sample(n: int, p: float, device: torch.device) -> torch.Tensor:
         last = int(positions[-1])
     positions = torch.cat(parts) if len(parts) > 1 else parts[0]
     return positions[positions < n]
+
+
+# Every compiled draw writes this counter, so each one depends on the one before: the compiler can
+# neither merge two draws with equal arguments (q, k and v's adapters read one x) nor reorder them,
+# which would drop other elements than eager does. nondeterministic_seeded: a draw is kept for
+# backward, never recomputed there (a second draw would drop other elements).
+_compiled_draws = torch.zeros((), dtype=torch.int64)
+
+
+@torch.library.custom_op("lorakit::dropout_mask", mutates_args=("draws",), tags=(torch.Tag.nondeterministic_seeded,))
+def _dropout_mask(n: int, p: float, device: torch.device, draws: torch.Tensor) -> torch.Tensor:
+    """sample's draw as the bool mask of the kept elements (n,); counts itself in `draws`."""
+    draws.add_(1)
+    dropped = _eager_sample(n, p, device)
+    if dropped.dtype == torch.bool:
+        return dropped
+    return torch.ones(n, dtype=torch.bool, device=device).index_fill_(0, dropped, False)
+
+
+@_dropout_mask.register_fake
+def _(n: int, p: float, device: torch.device, draws: torch.Tensor) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.bool, device=device)
 
 
 def zero_dropped(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
