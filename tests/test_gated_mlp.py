@@ -108,6 +108,11 @@ def test_recognises_transformers_gated_mlps_only():
 
     assert not gated_mlp.is_gated_mlp(Scaled(LlamaConfig(**small)))
 
+    hooked = nn.Sequential(LlamaMLP(LlamaConfig(**small)), LlamaMLP(LlamaConfig(**small)))
+    hooked[0].forward = lambda x: x  # e.g. accelerate's device hook: not replaced
+    assert gated_mlp.keep_less(hooked) == 1 and not gated_mlp.is_lean(hooked[0]) and gated_mlp.is_lean(hooked[1])
+    assert gated_mlp.keep_less(hooked) == 1  # again: the same
+
 
 def test_steps_aside_without_gradient_and_under_checkpointing():
     model = add_lora(tiny_llama().train(), LoraConfig(r=4, alpha=8, targets=ALL, init="random"))

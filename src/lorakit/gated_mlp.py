@@ -108,10 +108,14 @@ class _Recompute:
 def is_gated_mlp(module: nn.Module) -> bool:
     """Does `module`'s class compute exactly down(act(gate(x)) ⊙ up(x)) in its forward (its source
     read, the docstring and the input's name aside)?"""
-    if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        return False
+    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) and \
+        _computes_gated_product(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _computes_gated_product(cls: type) -> bool:
     try:
-        function = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward))).body[0]
+        function = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
     except (OSError, TypeError, SyntaxError, IndexError):
         return False
     if not isinstance(function, ast.FunctionDef) or len(function.args.args) != 2:
@@ -122,10 +126,12 @@ def is_gated_mlp(module: nn.Module) -> bool:
 
 
 def keep_less(model: nn.Module) -> int:
-    """Make every gated MLP of `model` keep gate(x) and up(x) only for backward; returns how many."""
+    """Make every gated MLP of `model` keep gate(x) and up(x) only for backward; returns how many.
+    A module whose forward is already replaced on the instance (accelerate's device hooks) is left
+    as it is."""
     count = 0
     for module in model.modules():
-        if is_gated_mlp(module):
+        if is_gated_mlp(module) and ("forward" not in module.__dict__ or is_lean(module)):
             # a partial of a module-level function: deepcopy and pickle keep it (a bound method would not pickle)
             module.forward = functools.partial(_lean_forward, module)
             count += 1
