@@ -122,6 +122,20 @@ PLAIN_NF4_ERROR = 8.383069
 LOFTQ_ERRORS = [7.031251, 6.519903, 6.281137, 6.146400]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loftq_on_cuda_gives_the_cpu_errors():
+    # LoftQ where the weights are (peft's needs CUDA, lorakit's runs on both): the same NF4 bytes of
+    # the first quantization and the same errors, to the SVD's rounding on the GPU
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(quantize_nf4(w.cuda()).packed.cpu(), quantize_nf4(w).packed)
+    errors = []
+    for iters in (1, 2, 3, 5):
+        a, b, q = loftq(w.cuda(), 8, 2.0, iters)
+        assert a.is_cuda and b.is_cuda
+        errors.append(approximation_error(w.cuda(), q, a, b, 2.0))
+    assert errors == pytest.approx(LOFTQ_ERRORS, rel=1e-3)
+
+
 def test_loftq_starts_closer_to_the_float_model_than_qlora(tokens, tmp_path):
     float_model = tiny_llama(hidden=64, init_range=0.2)
     reference = logits(float_model, tokens)
