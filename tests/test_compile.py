@@ -53,8 +53,9 @@ def test_the_compiled_draw_is_the_eager_draw_as_a_mask():
     torch.manual_seed(3)
     positions = sample(n, P, torch.device("cpu"))
     torch.manual_seed(3)
-    kept = torch.ops.lorakit.dropout_mask(n, P, torch.device("cpu"), torch.zeros((), dtype=torch.int64))
-    assert kept.dtype == torch.bool and kept.shape == (n,)
+    draws = torch.zeros((), dtype=torch.int64)
+    kept = torch.ops.lorakit.dropout_mask(n, P, torch.device("cpu"), draws)
+    assert kept.dtype == torch.bool and kept.shape == (n,) and int(draws) == 1
     assert torch.equal(torch.nonzero(~kept).flatten(), positions)
     assert 200 < positions.numel() < 400  # ~P·n dropped: the draw is not empty
 
