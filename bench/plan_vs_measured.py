@@ -60,6 +60,7 @@ class Case:
     objective: str = "sft"  # sft | dpo | orpo (batch: pairs)
     prompt: int = 0  # preference: tokens of each row before the answer (no loss)
     dora: bool = False  # DoRA (lora.dora) on the targeted linears
+    rows: str = "full"  # "padded": the last row half padding (an attention mask); "packed": 4 examples per row
 
 
 CASES = [
@@ -94,6 +95,10 @@ CASES = [
     # DoRA: a magnitude per output, the (T, out) product it scales saved, the weight norm's fp32 buffers
     Case("llama-30M dora all", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 2, 256, targets="all-linear",
          dora=True),
+    Case("llama-30M lora all padded", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 4, 256, targets="all-linear",
+         rows="padded"),
+    Case("smollm2-135m lora all fp32 packed", "llama", 576, 1536, 30, 9, 3, 49152, "lora", 1, 1024, dtype="fp32",
+         targets="all-linear", rank=16, tied=True, dropout=0.05, rows="packed"),
 ]
 
 
@@ -140,6 +145,20 @@ def preference_batch(c: Case, device: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def sft_rows(c: Case, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The SFT batch: full rows; the last row half padding (attention_mask, no loss there); or rows of
+    four packed examples (position_ids restarting at each, as data.pack makes them)."""
+    if c.rows == "padded":
+        mask = torch.ones_like(ids)
+        mask[-1, c.seq // 2:] = 0
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    if c.rows == "packed":
+        lengths = [c.seq // 8, c.seq // 4, c.seq // 8, c.seq - c.seq // 2]
+        positions = torch.cat([torch.arange(n) for n in lengths]).repeat(c.batch, 1).to(ids.device)
+        return {"input_ids": ids, "labels": ids, "position_ids": positions, "use_cache": False}
+    return {"input_ids": ids, "labels": ids}
+
+
 def answer_tokens(c: Case) -> int | None:
     """n_a: the positions whose next label is scored (sequence_logps), None for SFT."""
     return 2 * c.batch * (c.seq - max(c.prompt, 1)) if c.objective != "sft" else None
@@ -158,10 +177,12 @@ def measure(c: Case, device: str) -> int:
         ids = batch["input_ids"]
         preference_loss = (dpo() if c.objective == "dpo" else orpo()).loss(model)
 
+    rows = sft_rows(c, ids)
+
     def loss_of_step():
         if c.objective != "sft":
             return preference_loss(**batch) / c.batch  # the mean loss per pair, as the loop divides
-        return model_loss(model, input_ids=ids, labels=ids)  # lorakit's loss: chunked where supported
+        return model_loss(model, **rows)  # lorakit's loss: chunked where supported
 
     def step():
         loss = loss_of_step()
@@ -188,7 +209,8 @@ def predict(c: Case, device: str) -> int:
     arch = arch_from_config(build_config(c).to_dict(), name=c.name)
     result = plan(arch, method=c.method, rank=c.rank, targets=c.targets, batch_size=c.batch, seq_len=c.seq,
                   grad_checkpointing=c.ckpt, dtype=c.dtype, device=device, recommend=False,
-                  objective=c.objective, answer_tokens=answer_tokens(c), dora=c.dora)
+                  objective=c.objective, answer_tokens=answer_tokens(c), dora=c.dora,
+                  masked_attention=c.rows != "full")
     return result.peak_allocated, result.peak_phase
 
 

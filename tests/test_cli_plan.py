@@ -91,8 +91,12 @@ def test_plan_run_is_the_plan_train_logs():
                                   "data": {"max_length": 32}, "train": {"batch_size": 3}})
     hand = plan(arch_from_config(SMOL_CONFIG), method="qlora", rank=4, targets=["q_proj", "o_proj"], batch_size=3,
                 seq_len=32, grad_checkpointing=False, dtype="bf16", lora_dropout=0.1, device="cpu", n_gpus=1,
-                recommend=False)
+                masked_attention=True, recommend=False)  # 3 rows padded to the longest: an attention mask
     assert plan_run(config, arch_from_config(SMOL_CONFIG), "cpu") == hand
+    one = RunConfig.from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "batch_size": 1}})
+    assert not plan_run(one, arch_from_config(SMOL_CONFIG), "cpu").config.masked_attention  # one row: no mask
+    packed = RunConfig.from_dict({**one.to_dict(), "data": {**one.to_dict()["data"], "packing": True}})
+    assert plan_run(packed, arch_from_config(SMOL_CONFIG), "cpu").config.masked_attention
     sharded = plan_run(config, arch_from_config(SMOL_CONFIG), "cuda", 4)
     assert (sharded.config.n_gpus, sharded.config.device) == (4, "cuda")
 

@@ -61,10 +61,12 @@ def test_trainable_count_matches_peft(targets):
     assert trainable_parameters(arch, PlanConfig(method="lora", rank=4, targets=targets)) == measured
 
 
-def test_activation_formula_matches_saved_tensors():
+@pytest.mark.parametrize("masked", [False, True], ids=["full rows", "padded rows"])
+def test_activation_formula_matches_saved_tensors(masked):
     # Bytes autograd saves in a forward pass with lorakit's loss (unique storages, parameters
     # excluded) equal the plan's activations + what the chunked loss keeps for backward: the
-    # gradients of the hidden states (T x h, bf16) and of the head (V x h, float32).
+    # gradients of the hidden states (T x h, bf16) and of the head (V x h, float32). Padded rows
+    # (an attention mask): each layer also keeps the (B, 1, T, T) mask and k, v repeated to 4 heads.
     from lorakit.loss import model_loss
 
     cfg, model = _tiny_llama()
@@ -79,9 +81,12 @@ def test_activation_formula_matches_saved_tensors():
         return t
 
     ids = torch.randint(0, 500, (2, 32))
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model_loss(model, input_ids=ids, labels=ids)
-    p = plan(arch_from_config(cfg.to_dict()), method="full", batch_size=2, seq_len=32, recommend=False)
+        model_loss(model, input_ids=ids, labels=ids, **({"attention_mask": mask} if masked else {}))
+    p = plan(arch_from_config(cfg.to_dict()), method="full", batch_size=2, seq_len=32, masked_attention=masked,
+             recommend=False)
     expected = p.activations_without_checkpointing + 2 * 32 * 64 * 2 + 500 * 64 * 4
     assert sum(saved.values()) == pytest.approx(expected, rel=0.005)  # + RoPE cos/sin
 

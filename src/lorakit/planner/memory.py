@@ -96,6 +96,9 @@ class PlanConfig:
     target_parameters: tuple[str, ...] | None = None  # parameters adapted directly (expert LoRA), e.g. experts.down_proj
     init: str = "default"  # the adapters' initialisation (config.INIT_MODES); "pissa": SVDs at start-up (pissa_*)
     pissa_niter: int | None = None  # init "pissa": None, the full SVD; N, a randomized SVD with N iterations
+    # Batches with an attention mask (padded rows, packed rows): transformers hands SDPA a (B, 1, T, T)
+    # mask, which every layer keeps, and repeats k and v for it (GQA goes to SDPA only without a mask)
+    masked_attention: bool = False
 
     def __post_init__(self) -> None:
         # one vocabulary inside: "bf16" is stored as "bfloat16"; unknown names are left for validate()
@@ -147,6 +150,8 @@ class PlanConfig:
                 problems.append(f"{name} must be at most {most:,}, got {value:,}")
         if not isinstance(self.dora, bool):
             problems.append(f"dora must be true or false, got {self.dora!r}")
+        if not isinstance(self.masked_attention, bool):
+            problems.append(f"masked_attention must be true or false, got {self.masked_attention!r}")
         if self.target_parameters is not None and not (
                 isinstance(self.target_parameters, tuple) and self.target_parameters
                 and all(isinstance(n, str) for n in self.target_parameters)):
@@ -421,6 +426,8 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
         weight trains, its normalized input: p*h (Llama) or 4h (Gemma, normalizes in fp32).
       attention (sdpa/flash): p*(dq + dkv + dkv + dq) (q, k, v, output) + 4*nh (logsumexp);
         Phi-3 keeps the whole fused qkv output alive through the v view: p*(3dq + 3dkv).
+        With an attention mask (masked_attention: padded or packed rows) the layer also keeps the
+        (B, 1, T, T) mask, p*T per token, and k and v repeated to dq heads: + 2*p*(dq - dkv).
       attention (eager): q, repeated k and v (p*dq each, or p*dkv without GQA), the fp32 softmax and
         its p-byte copy (4 + p)*nh*s [+ p*nh*s for soft-capping's tanh]; o_proj's contiguous input p*dq
         when o_proj trains.
@@ -447,6 +454,10 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
     if a.attention == "sdpa":
         per_token += p * (3 * dq + 3 * dkv) if a.fused_projections else p * (2 * dq + 2 * dkv)
         per_token += 4 * a.num_heads
+        if config.masked_attention:  # the layer's mask, p*T per token; k and v repeated to dq when GQA
+            per_token += p * config.seq_len
+            if dkv != dq:
+                per_token += 2 * p * (dq if a.fused_projections else dq - dkv)
     else:
         kv = dq if a.num_kv_heads != a.num_heads else dkv
         per_token += p * (dq + 2 * kv)

@@ -47,6 +47,8 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
         model.dtype                     -> dtype
         objective                       -> objective (dpo / orpo: batch_size pairs, 2 * batch_size sequences;
                                            every token of a pair's answers scored: answer_tokens None)
+        data.packing, batch_size > 1, dpo / orpo -> masked_attention (rows padded to the longest, or
+                                           packed: the batch carries an attention mask)
 
     device ("cuda" or "cpu") and n_gpus (ranks sharding the model with FSDP; 1 for one process or
     DDP, which replicates it) are where the run happens; optimizer is the planner's (lorakit train
@@ -59,7 +61,9 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
                       lora_dropout=config.lora.dropout, device=device, n_gpus=n_gpus, optimizer=optimizer,
                       objective=config.objective, dora=config.lora.dora,
                       target_parameters=config.lora.target_parameters, init=config.lora.init,
-                      pissa_niter=config.lora.pissa_niter)
+                      pissa_niter=config.lora.pissa_niter,
+                      masked_attention=config.data.packing or config.train.batch_size > 1
+                      or config.objective != "sft")
 
 
 def plan_run(config: RunConfig, arch: Architecture | str | dict, device: str = "cuda", n_gpus: int = 1, *,
