@@ -3,6 +3,7 @@
     .venv/bin/python bench/sft_vs_trl.py --reps 2            # LoRA; the last line printed is JSON
     .venv/bin/python bench/sft_vs_trl.py --reps 2 --qlora    # QLoRA: lorakit qlora vs trl + peft + bitsandbytes
     .venv/bin/python bench/sft_vs_trl.py --steps 2 --examples 2 --max-length 128 --heldout 4 --reps 1   # smoke
+    .venv/bin/python bench/sft_vs_trl.py --order own     # trl shuffles the examples its own way (issue 15's gap)
 
 What every contender gets (issue 20, item 1):
 - the same model: SmolLM2-135M-Instruct, float32 (lorakit.models.load_model; QLoRA: every linear but
@@ -14,13 +15,20 @@ What every contender gets (issue 20, item 1):
   JSONL to a temporary directory; prompts end with a newline so that tokenizing prompt and completion
   apart (lorakit) or together (trl) gives the same ids;
 - the same work: --steps optimizer steps of --examples examples (one epoch over steps x examples
-  records), r=16 alpha=32 dropout 0.05 on all linear layers but the head, AdamW at a constant
+  records), r=16 alpha=32 dropout 0.05 (--dropout) on all linear layers but the head, AdamW at a constant
   --lr with no warm-up, weight decay 0, gradient clipping at 1.0, seed 0, no gradient checkpointing
   (--gradient-checkpointing turns it on for everyone; trl's own default is on);
+- the same batches (--order lorakit, the default): trl padded and trl padding-free read the records in
+  lorakit's epoch order (data.epoch_order of seed 0) without shuffling, so their 4-example batches
+  are lorakit padded's, step for step. With --order own trl shuffles them with its sampler (seed 0),
+  and the held-out loss then measures the order more than the library: at 10 steps of 5e-4 it moved
+  by 0.31 (issue 15: lorakit padded 3.2793, trl padded 2.9697; trl fed lorakit's order, dropout 0:
+  3.2778 for both, the same to 2e-6). lorakit grouped and the packed modes batch differently
+  whatever the order;
 - packed modes (lorakit `data.packing`, trl `packing=True`) batch rows, not examples: the records are
   packed into R rows of max length by each library, and a step takes max(1, R // steps) rows for
   R // that steps, one epoch over the same records (the steps column says how many were taken).
-  Each library shuffles the epoch its own way (lorakit: data.epoch_order of train.seed; trl: its
+  Each library orders its rows its own way (lorakit: data.epoch_order of train.seed; trl: its
   sampler of seed), so the batches differ and so do the losses along the way; after the epoch both
   have seen every record once, which is what the held-out loss compares.
 
@@ -126,7 +134,7 @@ def run_lorakit(mode: str, args, data: Path, out: Path) -> dict:
 
     config = RunConfig(
         method="qlora" if args.qlora else "lora", model=ModelSection(dtype="float32"),
-        lora=LoraSection(r=C.RANK, alpha=C.ALPHA, dropout=C.DROPOUT, targets="all-linear"),
+        lora=LoraSection(r=C.RANK, alpha=C.ALPHA, dropout=args.dropout, targets="all-linear"),
         data=DataSection(train=str(data / "train.jsonl"), validation_fraction=0.0, max_length=args.max_length,
                          packing=mode == "lorakit packed", group_by_length=mode == "lorakit grouped"),
         train=TrainSection(steps=args.steps, batch_size=args.examples, lr=args.lr, schedule="constant",
@@ -163,9 +171,11 @@ def run_lorakit(mode: str, args, data: Path, out: Path) -> dict:
 def run_trl(mode: str, args, data: Path, out: Path) -> dict:
     from datasets import load_dataset
     from peft import LoraConfig
+    from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from lorakit.data import epoch_order
     from lorakit.models import default_model_dir, load_model, load_tokenizer
 
     if args.qlora:
@@ -186,11 +196,17 @@ def run_trl(mode: str, args, data: Path, out: Path) -> dict:
         gradient_checkpointing=args.gradient_checkpointing, completion_only_loss=True,
         # padding-free without packing does not truncate: the records are within max length already
         max_length=None if padding_free else args.max_length, packing=packed, padding_free=padding_free)
-    peft_config = LoraConfig(r=C.RANK, lora_alpha=C.ALPHA, lora_dropout=C.DROPOUT, target_modules="all-linear",
+    peft_config = LoraConfig(r=C.RANK, lora_alpha=C.ALPHA, lora_dropout=args.dropout, target_modules="all-linear",
                              task_type="CAUSAL_LM")
+    records = load_dataset("json", data_files=str(data / "train.jsonl"), split="train")
+    same_order = args.order == "lorakit" and not packed
+    if same_order:  # lorakit's first epoch (every record once: steps x examples of them), read in order below
+        records = records.select(epoch_order(len(records), 0, 0))
     trainer = SFTTrainer(model=model, args=sft, processing_class=load_tokenizer(default_model_dir()),
-                         train_dataset=load_dataset("json", data_files=str(data / "train.jsonl"), split="train"),
-                         peft_config=peft_config)
+                         train_dataset=records, peft_config=peft_config)
+    if same_order:
+        trainer._get_train_sampler = lambda dataset=None: SequentialSampler(
+            trainer.train_dataset if dataset is None else dataset)
     if packed:
         per_step, steps = packed_batches(len(trainer.train_dataset), args.steps)
         trainer.args.per_device_train_batch_size, trainer.args.max_steps = per_step, steps
@@ -282,6 +298,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for every contender")
+    parser.add_argument("--dropout", type=float, default=C.DROPOUT, help="LoRA dropout, for every contender")
+    parser.add_argument("--order", choices=("lorakit", "own"), default="lorakit",
+                        help="lorakit: trl padded / padding-free get lorakit padded's batches; own: trl's shuffle")
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help=f"comma-separated subset of: {', '.join(CONTENDERS)}")
     parser.add_argument("--keep", action="store_true", help="keep the data, runs and adapters (temporary directory)")
@@ -322,7 +341,8 @@ def main(argv=None) -> int:
             out.mkdir(parents=True)
             cmd = [sys.executable, __file__, "--child", name, "--data", str(work), "--out", str(out),
                    "--steps", str(args.steps), "--examples", str(args.examples), "--max-length", str(args.max_length),
-                   "--lr", str(args.lr), "--threads", str(args.threads)]
+                   "--lr", str(args.lr), "--threads", str(args.threads), "--dropout", str(args.dropout),
+                   "--order", args.order]
             cmd += ["--qlora"] * args.qlora + ["--gradient-checkpointing"] * args.gradient_checkpointing
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -353,12 +373,12 @@ def main(argv=None) -> int:
     method = "QLoRA" if args.qlora else "LoRA"
     print(f"\n{method}: SmolLM2-135M fp32, {args.steps} steps x {args.examples} examples, max length "
           f"{args.max_length}, r={C.RANK} all-linear, lr {args.lr} constant, {args.reps} interleaved reps, "
-          f"{args.threads} threads; reference: {ref}")
+          f"{args.threads} threads, dropout {args.dropout}, order {args.order}; reference: {ref}")
     print(C.table(["contender", "steps x batch", "supervised tokens", "tokens/s", "spread", f"/ {ref}",
                    "peak RSS", f"RSS / {ref}", "held-out loss", "last train loss"], rows))
     lorakit_modes = [n for n in names if n in LORAKIT]
     summary = {"method": method, "reference": ref, "reps": args.reps, "steps": args.steps, "examples": args.examples,
-               "max_length": args.max_length}
+               "max_length": args.max_length, "order": args.order, "dropout": args.dropout}
     for n in lorakit_modes:
         key = n.split()[1]
         summary[f"{key}_tokens_per_s_ratio"] = round(med[n]["tokens_per_s"] / med[ref]["tokens_per_s"], 3)

@@ -49,7 +49,8 @@ def test_lorakit_training_equals_trl_on_the_same_batches(tmp_path, monkeypatch):
     initial = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
     train(config, tmp_path / "lorakit", prepared=Prepared(model, tok, data, None, None), progress=False,
           log=lambda *_: None)
-    ours = [r["loss"] for r in monitor.MetricsLog(tmp_path / "lorakit" / "metrics.jsonl").read() if r["type"] == "train"]
+    logged = monitor.MetricsLog(tmp_path / "lorakit" / "metrics.jsonl").read()
+    ours = [r["loss"] for r in logged if r["type"] == "train"]
 
     # trl: the same examples in lorakit's batch order, read in order (no shuffle)
     ordered = [e for step in range(STEPS) for e in batch_at(data, step, BATCH, config.train.seed)]
@@ -66,7 +67,8 @@ def test_lorakit_training_equals_trl_on_the_same_batches(tmp_path, monkeypatch):
         completion_only_loss=True, max_length=None, activation_checkpointing=False, seed=0)
     trainer = trl.SFTTrainer(model=theirs_model, args=args, train_dataset=rows, processing_class=tok)
     monkeypatch.setattr(trainer, "_get_train_sampler",
-                        lambda dataset=None: torch.utils.data.SequentialSampler(dataset or trainer.train_dataset))
+                        lambda dataset=None: torch.utils.data.SequentialSampler(
+                            trainer.train_dataset if dataset is None else dataset))
     trainer.train()
     theirs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
