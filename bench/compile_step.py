@@ -15,17 +15,19 @@ three ways:
                        compiled graph, so compilation is about one block's
 
 Start-up: each contender's first step (compilation included for the compiled ones, from a cold
-cache; eager's first step for comparison), run one after the other, then the time the compilation costs over eager's
-first step and the number of steps it takes to pay back at the measured saving per step. Step time:
-medians of interleaved repetitions (common.time_alternating) after that. Next to each wall time,
-its CPU time (the process's, all threads, and its C++ compiler runs'): a machine under load stretches the wall times, far less
-the CPU seconds, so these still compare there (a first step is mostly single-threaded compilation). Every contender starts
-with B = 0, so all first losses equal the base model's: printed as a check that compilation did not
-change the computation. No config key is added here; the numbers decide (issue 20, item 4).
+cache; eager's first step for comparison), run one after the other, then the time the compilation
+costs over eager's first step and the number of steps it takes to pay back at the measured saving
+per step. Step time: medians of interleaved repetitions (common.time_alternating) after that. Next
+to each wall time, its CPU time (the process's, all threads, and its C++ compiler runs'): load on
+the machine stretches wall times far more than CPU seconds, so these still compare there
+(compilation is mostly single-threaded). Every contender starts with B = 0, so all first losses
+equal the base model's: printed as a check that compilation did not change the computation. No
+config key is added here; the numbers decide (issue 20, item 4).
 --layers N keeps the first N decoder layers (a smaller model for a smoke run).
 Each compiled region is one graph without a break: lorakit's dropout draw enters it as one opaque
-operator (dropout.py; tests/test_compile.py counts the breaks). Inductor compiles with one thread
-(TORCHINDUCTOR_COMPILE_THREADS=1, unless set): no pool of compile workers outlives the run.
+operator that returns a keep-mask instead of positions (dropout.py; tests/test_compile.py counts the
+breaks). Inductor compiles with one thread (TORCHINDUCTOR_COMPILE_THREADS=1, unless set): no pool
+of compile workers outlives the run.
 """
 
 from __future__ import annotations
