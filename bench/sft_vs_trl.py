@@ -23,7 +23,9 @@ What every contender gets (issue 20, item 1):
   are lorakit padded's, step for step. With --order own trl shuffles them with its sampler (seed 0),
   and the held-out loss then measures the order more than the library: at 10 steps of 5e-4 it moved
   by 0.31 (issue 15: lorakit padded 3.2793, trl padded 2.9697; trl fed lorakit's order, dropout 0:
-  3.2778 for both, the same to 2e-6). lorakit grouped and the packed modes batch differently
+  3.2778 for both, the same to 2e-6). Over orders (trl, the same initial adapter, dropout 0): lorakit's
+  epoch_order of seeds 0-3 gives 3.28, 3.10, 3.01, 3.06, trl's sampler of data seeds 0-3 2.96, 3.05,
+  3.28, 2.99: trl's seed 0 was a lucky order. lorakit grouped and the packed modes batch differently
   whatever the order;
 - packed modes (lorakit `data.packing`, trl `packing=True`) batch rows, not examples: the records are
   packed into R rows of max length by each library, and a step takes max(1, R // steps) rows for
