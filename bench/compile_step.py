@@ -11,8 +11,8 @@ three ways:
     eager              as lorakit train runs it today
     compiled backbone  model.model.compile(): the decoder stack (embedding, blocks, final norm) as
                        one torch.compile region; the chunked loss and the optimizer stay eager
-    compiled blocks    each decoder layer compiled (layer.compile()); identical blocks share one
-                       compiled graph, so compilation is about one block's
+    compiled blocks    each decoder layer compiled (layer.compile()); identical blocks could share
+                       one compiled graph, but today each is compiled (see model() in main)
 
 Start-up: each contender's first step (compilation included for the compiled ones, from a cold
 cache; eager's first step for comparison), run one after the other, then the time the compilation
@@ -83,6 +83,11 @@ def main(argv=None) -> int:
 
     def model():
         m = lorakit_model()
+        # No KV cache in a training step: with one, Dynamo guards on each layer's cache slot and
+        # compiles every block again (8 at most, torch's recompile limit; the rest run eager). Blocks
+        # are still compiled one by one while gated_mlp sets each MLP's forward to its own
+        # functools.partial: Dynamo guards on that object's id.
+        m.config.use_cache = False
         if args.layers:
             m.model.layers = m.model.layers[:args.layers]
             m.config.num_hidden_layers = args.layers
