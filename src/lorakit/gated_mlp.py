@@ -17,11 +17,14 @@ every gradient are bit-identical; the cost is one act and one product more per l
     dL/dgate = act'(gate) ⊙ (g ⊙ up)      (act's own backward, run on the recomputed act)
 
 `keep_less(model)` switches this on for every MLP of the model whose forward is exactly that
-expression (its source is compared, so a model that computes anything else is left as it is);
-`restore(model)` switches it off. The leaner forward steps aside, computing the original, wherever
-its bookkeeping would be wrong or useless: no gradient (inference), under torch.compile, and inside
-another saved-tensor hook (non-reentrant activation checkpointing recomputes the layer anyway,
-and activation offloading moves what is saved: both must see what autograd saves).
+expression (its source is compared, so a model that computes anything else is left as it is): the
+module's class becomes a subclass of its own (one per class, same name) whose forward is the lean
+one, so that all the layers still share one forward (torch.compile compiles a block once);
+`restore(model)` switches it off. A lean module pickles and deep-copies as one of its subclass. The
+leaner forward steps aside, computing the original, wherever its bookkeeping would be wrong or
+useless: no gradient (inference), under torch.compile, and inside another saved-tensor hook
+(non-reentrant activation checkpointing recomputes the layer anyway, and activation offloading
+moves what is saved: both must see what autograd saves).
 """
 
 from __future__ import annotations
@@ -77,10 +80,10 @@ def _other_hooks_active() -> bool:
 def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """down(act(gate(x)) ⊙ up(x)), keeping gate(x) and up(x) only (see the module docstring)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _other_hooks_active():
-        return type(self).forward(self, x)
+        return type(self).plain_forward(self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not (gate.requires_grad or up.requires_grad):
-        return type(self).forward(self, x)
+        return type(self).plain_forward(self, x)
     h = gated_product(gate, up, self.act_fn)
     product, act = id(h), self.act_fn  # not h itself: each tensor saved below keeps these hooks alive
 
@@ -126,26 +129,43 @@ def _computes_gated_product(cls: type) -> bool:
 
 
 def keep_less(model: nn.Module) -> int:
-    """Make every gated MLP of `model` keep gate(x) and up(x) only for backward; returns how many.
-    A module whose forward is already replaced on the instance (accelerate's device hooks) is left
+    """Make every gated MLP of `model` keep gate(x) and up(x) only for backward; returns how many
+    are lean. A module whose forward is replaced on the instance (accelerate's device hooks) is left
     as it is."""
     count = 0
     for module in model.modules():
-        if is_gated_mlp(module) and ("forward" not in module.__dict__ or is_lean(module)):
-            # a partial of a module-level function: deepcopy and pickle keep it (a bound method would not pickle)
-            module.forward = functools.partial(_lean_forward, module)
-            count += 1
+        if not is_lean(module) and is_gated_mlp(module) and "forward" not in module.__dict__:
+            module.__class__ = _lean_class(type(module))
+        count += is_lean(module)
     return count
 
 
 def is_lean(module: nn.Module) -> bool:
     """Does keep_less's forward run this module?"""
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, functools.partial) and forward.func is _lean_forward
+    return type(module).forward is _lean_forward
 
 
 def restore(model: nn.Module) -> None:
     """Undo keep_less: every MLP computes with its class's forward again."""
     for module in model.modules():
         if is_lean(module):
-            del module.forward
+            module.__class__ = type(module).plain_class
+
+
+@functools.lru_cache(maxsize=None)
+def _lean_class(cls: type) -> type:
+    """cls with the lean forward, under cls's own names (repr, isinstance and state dicts unchanged)."""
+    return type(cls.__name__, (cls,), {"forward": _lean_forward, "plain_forward": cls.forward, "plain_class": cls,
+                                       "__reduce_ex__": _reduce_lean, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+def _reduce_lean(module: nn.Module, protocol: int):
+    """Pickle / deepcopy a lean module as object's own reduce would, naming the plain class (the only
+    one an unpickling process can import); _new_lean makes it lean again."""
+    return _new_lean, (type(module).plain_class,), module.__getstate__()
+
+
+def _new_lean(cls: type) -> nn.Module:
+    lean = _lean_class(cls)
+    return lean.__new__(lean)

@@ -219,8 +219,9 @@ class SummedLoss(nn.Module):
         causal mask from the restarts when it gets no attention_mask and no cache), so the padding
         at the end of a row, which restarts them too, is a block of its own."""
         targets = labels[:, 1:]                                    # (B, T-1): position t predicts token t + 1
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask} if position_ids is None else \
-            {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        # no KV cache: a training forward builds one for nothing (and torch.compile recompiles for it)
+        inputs = {"input_ids": input_ids, "use_cache": False}
+        inputs.update({"attention_mask": attention_mask} if position_ids is None else {"position_ids": position_ids})
         if not self.chunked:
             logits = self.model(**inputs).logits
             return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
