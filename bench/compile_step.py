@@ -84,9 +84,7 @@ def main(argv=None) -> int:
     def model():
         m = lorakit_model()
         # No KV cache in a training step: with one, Dynamo guards on each layer's cache slot and
-        # compiles every block again (8 at most, torch's recompile limit; the rest run eager). Blocks
-        # are still compiled one by one while gated_mlp sets each MLP's forward to its own
-        # functools.partial: Dynamo guards on that object's id.
+        # compiles every block again (8 at most, torch's recompile limit; the rest run eager).
         m.config.use_cache = False
         if args.layers:
             m.model.layers = m.model.layers[:args.layers]
