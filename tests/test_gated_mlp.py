@@ -17,6 +17,7 @@ from torch import nn
 
 from lorakit import LoraConfig, add_lora, gated_mlp
 from lorakit.inject import merge_and_unload
+from lorakit.monitor import allocator_totals
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,15 +65,8 @@ def live_bytes_after(fn) -> int:
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         kept = fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        total = getattr(event.extra_fields, "total_allocated", None)
-        if total is not None:
-            events.append((event.start_time_ns, total - event.extra_fields.alloc_size, total))
-        stack.extend(event.children)
-    events.sort()
     del kept
+    events = allocator_totals(prof)
     return events[-1][2] - events[0][1]
 
 

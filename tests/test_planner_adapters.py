@@ -139,21 +139,16 @@ def test_pissa_plan_counts_every_svd():
 
 def allocator_peak_above_now(fn) -> int:
     """The CPU allocator's peak during fn() above what was allocated when it started (torch.profiler's
-    memory accounting, as bench/common.py measures steps)."""
+    memory accounting, as bench/common.py measures steps: monitor.profiled_peak)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+
+    from lorakit.monitor import profiled_peak
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.empty(16)  # an event at the start: the running total before fn
         fn()
-    stack, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
-    while stack:
-        event = stack.pop()
-        if getattr(event.extra_fields, "total_allocated", None) is not None:
-            events.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
-        stack.extend(event.children)
-    start = min(events)
-    return max(total for _, total, _ in events) - (start[1] - start[2])
+    return profiled_peak(prof)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

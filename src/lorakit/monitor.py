@@ -415,6 +415,16 @@ def profiled_peak(prof) -> int:
     its value when profiling began. The total is the process's, counted since the first profile:
     a block allocated while an earlier profile ran and freed after it still counts, so the start
     value (the first event's total minus its own size) is subtracted."""
+    events = allocator_totals(prof)
+    if not events:
+        return 0
+    start = events[0][1]
+    return max(0, max(total for _, _, total in events) - start)
+
+
+def allocator_totals(prof) -> list[tuple[int, int, int]]:
+    """The CPU allocator's running total at each allocation and free of a profile_memory=True
+    profile, in time order: (time in ns, total before the event, total after it)."""
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
@@ -422,10 +432,7 @@ def profiled_peak(prof) -> int:
         if total is not None:
             events.append((event.start_time_ns, total - event.extra_fields.alloc_size, total))
         stack.extend(event.children)
-    if not events:
-        return 0
-    start = min(events)[1]
-    return max(0, max(total for _, _, total in events) - start)
+    return sorted(events)
 
 
 def memory_summary(device, planned: int | None, peak: StepPeak | None) -> dict:
