@@ -163,7 +163,7 @@ def _lean_class(cls: type) -> type:
 def _reduce_lean(module: nn.Module, protocol: int):
     """Pickle / deepcopy a lean module as object's own reduce would, naming the plain class (the only
     one an unpickling process can import); _new_lean makes it lean again."""
-    return _new_lean, (type(module).plain_class,), module.__getstate__()
+    return _new_lean, (type(module).plain_class,), module.__dict__
 
 
 def _new_lean(cls: type) -> nn.Module:
