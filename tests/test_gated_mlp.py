@@ -124,7 +124,11 @@ def test_steps_aside_without_gradient_and_under_checkpointing():
         mlp(x)  # inside another hook: the class's forward, every tensor through that hook
     assert sum(t.shape == (2, 16, 64) for t in packed) == 4  # gate, act(gate), up, the product
     with torch.no_grad():
-        assert mlp(x).equal(type(mlp).forward(mlp, x))
+        assert mlp(x).equal(type(mlp).plain_forward(mlp, x))
+    frozen = x.detach()  # gradients on, but gate(x) and up(x) need none here (no adapter on the MLP)
+    bare = add_lora(tiny_llama().train(), LoraConfig(r=4, targets=["q_proj"])).model.layers[0].mlp
+    assert gated_mlp.is_lean(bare) and not bare(frozen).requires_grad
+    assert bare(frozen).equal(type(bare).plain_forward(bare, frozen))
 
     plain, lean = plain_and_lean(model)
     for m in (plain, lean):

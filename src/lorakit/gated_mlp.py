@@ -82,8 +82,8 @@ def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _other_hooks_active():
         return type(self).plain_forward(self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
-    if not (gate.requires_grad or up.requires_grad):
-        return type(self).plain_forward(self, x)
+    if not (gate.requires_grad or up.requires_grad):  # nothing to keep: the class's expression, on these
+        return self.down_proj(self.act_fn(gate) * up)
     h = gated_product(gate, up, self.act_fn)
     product, act = id(h), self.act_fn  # not h itself: each tensor saved below keeps these hooks alive
 
