@@ -523,7 +523,8 @@ def _report(config: RunConfig, steps: int, full: Run, lora: Run, sweep: list[Run
     v = verdict(full, lora, sweep)
     start = lora.losses[0] if lora.losses else math.nan
     held_out = held_out_basis([*sweep, *at_rank])
-    candidates = [(r, config.lora.r) for r in sweep] + [(r, recommended_rank(ranks)) for r in at_rank]
+    effective = recommended_rank(ranks)  # the rank the adapters' effective ranks suggest (at_rank's)
+    candidates = [(r, config.lora.r) for r in sweep] + [(r, effective) for r in at_rank]
     best, best_r = min(candidates, key=lambda c: score(c[0], held_out))
     if math.isinf(score(best, held_out)):
         best, best_r = None, None
@@ -541,16 +542,16 @@ def _report(config: RunConfig, steps: int, full: Run, lora: Run, sweep: list[Run
         "progress_share": _finite(progress_share(start, full.final, lora.final)) if v.kind in ("converges", "lags")
         else None, "val_loss": {"full": full.val_loss, config.method: lora.val_loss},
         "batches": {"identical": identical, "steps": len(full.batches), "digest": batches_digest(full.batches)},
-        "effective_rank": {"energy": ENERGY, "per_type": ranks, "rank": recommended_rank(ranks)},
+        "effective_rank": {"energy": ENERGY, "per_type": ranks, "rank": effective},
         "lr_sweep": [{"lr": r.lr, "final_loss": _finite(r.final), "val_loss": r.val_loss, "diverged": r.diverged}
                      for r in sweep],
         "best_swept_lr": best_swept.lr if not math.isinf(score(best_swept, held_out)) else None,
-        "rank_lr_sweep": [{"r": recommended_rank(ranks), "alpha": scaled_alpha(config, recommended_rank(ranks)),
+        "rank_lr_sweep": [{"r": effective, "alpha": scaled_alpha(config, effective),
                            "lr": r.lr, "final_loss": _finite(r.final), "val_loss": r.val_loss,
                            "diverged": r.diverged} for r in at_rank],
         "advice_basis": "held-out loss" if held_out else "smoothed final training loss",
         # the best scored run of all: the swept ones at the configured rank, those at the effective rank
-        "recommended_rank": best_r if best else recommended_rank(ranks),
+        "recommended_rank": best_r if best else effective,
         "recommended_alpha": scaled_alpha(config, best_r) if best else None,
         "recommended_lr": best.lr if best else None,
         "rule_of_thumb": {"rule": f"LoRA's best learning rate is about {LORA_LR_RATIO:g}x full fine-tuning's",
