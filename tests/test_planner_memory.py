@@ -220,3 +220,5 @@ def test_plan_config_bounds():
     with pytest.raises(ValueError, match="rank must be at most 65,536, got 100,000,000; seq_len must be at most "
                                          "16,777,216, got 1,000,000,000"):
         plan(LLAMA, rank=10**8, seq_len=10**9)
+    with pytest.raises(ValueError, match=r"masked_attention must be true or false, got 'yes'"):
+        plan(LLAMA, masked_attention="yes")
