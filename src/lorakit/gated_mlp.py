@@ -59,11 +59,18 @@ class _GatedProduct(torch.autograd.Function):
         need_gate, need_up = ctx.needs_input_grad[:2]
         with torch.enable_grad():
             leaf = gate.detach().requires_grad_(need_gate)
-            activated = ctx.act(leaf)
+            activated = _recomputed_act(ctx.act, leaf)
         # dL/dgate first: g ⊙ up is freed before dL/dup exists (four (N, I) tensors at most, not five)
         grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if need_gate else None
         grad_up = grad * activated.detach() if need_up else None
         return grad_gate, grad_up, None
+
+
+def _recomputed_act(act, gate: torch.Tensor) -> torch.Tensor:
+    """act(gate) computed again in backward, without the module's hooks: they observed the forward
+    once already, and a global one (FlopCounterMode's module tracker) would hang a gradient hook on
+    the leaf, which autograd.grad inside backward refuses."""
+    return act.forward(gate) if isinstance(act, nn.Module) else act(gate)
 
 
 def gated_product(gate: torch.Tensor, up: torch.Tensor, act: nn.Module) -> torch.Tensor:
@@ -105,7 +112,7 @@ class _Recompute:
 
     def tensor(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.act(self.gate) * self.up
+            return _recomputed_act(self.act, self.gate) * self.up
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
