@@ -7,7 +7,9 @@ MKL path is taken on Intel CPUs only), and x * mask with a bool mask converts th
 first: together ~8 ms per LoRA layer of SmolLM2 with batch 8 x 128, 14% of a training step here.
 So on the CPU the dropped elements are drawn as the positions of a Bernoulli process: the gaps
 between consecutive drops are i.i.d. Geometric(p), so ~p·n draws replace n (20x fewer at
-p = 0.05), and zeroing them is an index_fill_ of ~p·n elements. The law of the mask is exactly the
+p = 0.05), and zeroing them is an index_fill_ of ~p·n elements. The gaps are drawn by inversion
+from float64 uniforms in a few vectorised operations (geometric_ computes the same inversion one
+element at a time: 3x slower here). The law of the mask is exactly the
 same; the random stream is not nn.Dropout's. On CUDA (fast bernoulli, and filtering positions
 would synchronise with the host) and for p > 0.5 the mask is a bool tensor, as nn.Dropout's.
 
@@ -44,15 +46,19 @@ def _eager_sample(n: int, p: float, device: torch.device) -> torch.Tensor:
     if device.type != "cpu" or p > 0.5:
         return torch.empty(n, dtype=torch.bool, device=device).bernoulli_(1 - p)
     parts, last = [], -1  # last: the position of the latest drop drawn
+    per_log = 1 / math.log1p(-p)
     while last < n - 1:  # until the process has passed the end (rarely more than one round)
         expected = p * (n - 1 - last)
-        gaps = torch.empty(int(expected + 6 * math.sqrt(expected) + 16), dtype=torch.int64)
-        # Geometric(p) >= 1: trials up to the next drop; a draw of u = 0 would give -inf, hence clamp
-        positions = gaps.geometric_(p).clamp_(min=1).cumsum_(0).add_(last)
+        u = torch.empty(int(expected + 6 * math.sqrt(expected) + 16), dtype=torch.float64).uniform_()
+        # Geometric(p) by inversion, ceil(log(1 - u) / log(1 - p)) >= 1: the trials up to the next
+        # drop (u = 0 gives 0, hence the clamp; a gap past the end is held at n + 1, inside int64)
+        gaps = torch.log1p(u.neg_()).mul_(per_log).ceil_().clamp_(1, n + 1)
+        positions = gaps.to(torch.int64).cumsum_(0).add_(last)
         parts.append(positions)
         last = int(positions[-1])
     positions = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return positions[positions < n]
+    # ascending: those below n, copied (what backward keeps is 8 bytes a drop, not the draw's slack)
+    return positions[:int(torch.searchsorted(positions, n))].clone()
 
 
 # Every compiled draw writes this counter, so each one depends on the one before: the compiler can
