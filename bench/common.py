@@ -176,3 +176,52 @@ def counted_flops(step: Callable[[], object]) -> int:
     with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
         step()
     return counter.get_total_flops()
+
+
+_PRODUCTS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm,
+             torch.ops.aten.baddbmm, torch.ops.aten.baddbmm_}
+
+
+def matmul_replay(step: Callable[[], object]) -> tuple[Callable[[], None], int]:
+    """(replay, calls): the matrix products of one `step()` alone, to time as the step's matmul
+    floor, the least time any implementation of the step can take with these products on this BLAS.
+
+    Every mm / addmm / bmm / baddbmm (in-place and out= forms too) that step() dispatches is
+    recorded with its operands' shapes, strides and dtypes; replay() runs them again, in order, on
+    seeded random tensors of those layouts (one set per distinct call, reused). Attention kernels,
+    elementwise work, allocation and Python are left out, and the reused operands are warmer in
+    cache than a step's: the floor errs low. Time it with the step (time_alternating), interleaved."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def spec(v):
+        return ("tensor", tuple(v.shape), v.stride(), v.dtype) if isinstance(v, torch.Tensor) else v
+
+    calls = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket in _PRODUCTS:
+                calls.append((func, tuple(map(spec, args)), {k: spec(v) for k, v in kwargs.items()}))
+            return func(*args, **kwargs)
+
+    with Recorder():
+        step()
+    g = torch.Generator().manual_seed(0)
+    made: dict[tuple, torch.Tensor] = {}
+
+    def operand(v):
+        if not (isinstance(v, tuple) and v and v[0] == "tensor"):
+            return v
+        if v not in made:
+            made[v] = torch.empty_strided(v[1], v[2], dtype=v[3]).copy_(torch.randn(v[1], generator=g).to(v[3]))
+        return made[v]
+
+    ops = [(func, tuple(map(operand, args)), {k: operand(v) for k, v in kwargs.items()})
+           for func, args, kwargs in calls]
+
+    def replay() -> None:
+        for func, args, kwargs in ops:
+            func(*args, **kwargs)
+
+    return replay, len(calls)

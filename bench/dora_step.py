@@ -7,7 +7,9 @@
 Both get the same seeded Llama-shaped model built from a config (float32, no download), the same
 DoRA adapter (r=16, alpha=32, dropout 0, every linear layer but the head; lorakit's adapter is
 copied into peft's so both start equal), the same tokens and SGD. A step is forward, loss,
-backward, optimizer step, zero_grad. Times are medians of interleaved runs (common.py); peak
+backward, optimizer step, zero_grad. Times are medians of interleaved runs (common.py), with each
+step's matmul floor (common.matmul_replay: its matrix products alone; lorakit's floor over peft's
+step is the least time ratio those products allow on this BLAS); peak
 memory is the CPU allocator's peak during one more step. The machine is shared (2 CPU cores, 4
 agents when this was written): only the ratios measured side by side mean anything, and even
 they are noisy. The last line is a JSON object of the ratios lorakit / peft.
@@ -88,12 +90,17 @@ def main() -> None:
                           "layers": layers, "tokens": batch * seq}))
         return
     contenders = [C.Contender(name, step) for name, step in steps.items()]
-    C.time_alternating(contenders, reps, warmup=0)
+    # each step's matrix products alone, interleaved with the steps: the least time it can take
+    replays = [C.Contender(name, C.matmul_replay(step)[0]) for name, step in steps.items()]
+    C.time_alternating(contenders + replays, reps, warmup=0)
+    floors, median_peft = {c.name: c.median for c in replays}, contenders[1].median
     peaks = {name: C.allocator_peak(step) for name, step in steps.items()}
-    print(C.table(["DoRA step", "median time", "peak memory"],
-                  [[c.name, f"{c.median:.3f}s", C.mib(peaks[c.name])] for c in contenders]))
+    print(C.table(["DoRA step", "median time", "matmul floor", "floor / peft's step", "peak memory"],
+                  [[c.name, f"{c.median:.3f}s", f"{floors[c.name]:.3f}s",
+                    f"{floors[c.name] / median_peft:.2f}", C.mib(peaks[c.name])] for c in contenders]))
     median = {c.name: c.median for c in contenders}
     print(json.dumps({"time_ratio": round(median["lorakit"] / median["peft"], 3),
+                      "floor_ratio": round(floors["lorakit"] / median["peft"], 3),
                       "peak_memory_ratio": round(peaks["lorakit"] / peaks["peft"], 3),
                       "hidden": hidden, "layers": layers, "tokens": batch * seq, "reps": reps}))
 

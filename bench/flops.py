@@ -17,6 +17,11 @@ sustained float32 matmul rate, for full fine-tuning and for a lorakit LoRA step.
    and input gradients of the frozen weights, + 6 N_adapter T; neither counts attention's T^2 terms),
    the achieved rate = counted FLOPs / median step time, as a fraction of the matmul rate, and the
    LoRA / full step-time ratio (issue 20's targets: >= 60% of the matmul rate; <= 0.70x).
+4. The matmul floor of each step (common.matmul_replay): its own matrix products, recorded with
+   their shapes and layouts and replayed with nothing else, timed interleaved with the steps (the
+   same medians). A step can be no faster than
+   that on this BLAS; time / floor is what everything else (attention, elementwise work, Python)
+   adds, and the floors' LoRA / full ratio is the least step-time ratio these products allow.
 """
 
 from __future__ import annotations
@@ -65,7 +70,9 @@ def main(argv=None) -> int:
              Trainer("lorakit LoRA", lorakit_model(), ids, chunked_loss=True)]
     flops = {t.name: C.counted_flops(t.step) for t in steps}  # also the warm-up (optimizer states exist)
     timed = [C.Contender(t.name, t.step) for t in steps]
-    C.time_alternating(timed, reps=args.reps, warmup=0)
+    replays = [C.Contender(t.name, C.matmul_replay(t.step)[0]) for t in steps]  # the matmul floors
+    C.time_alternating(timed + replays, reps=args.reps, warmup=0)
+    floors = {c.name: c.median for c in replays}
 
     tokens = ids.numel()
     n, lora_adapter = matmul_parameters(steps[0].model, steps[1].model)
@@ -76,22 +83,26 @@ def main(argv=None) -> int:
         rows.append([c.name, f"{flops[c.name] / 1e9:,.1f}", f"{analytic[c.name] / 1e9:,.1f}",
                      f"{flops[c.name] / analytic[c.name]:.2f}", f"{c.median:.2f} s",
                      f"{min(c.times):.2f}-{max(c.times):.2f} s", f"{flops[c.name] / c.median / 1e9:.1f}",
-                     f"{achieved[c.name]:.0%}"])
+                     f"{achieved[c.name]:.0%}", f"{floors[c.name]:.2f} s", f"{c.median / floors[c.name]:.2f}"])
     print(f"\nSmolLM2-135M fp32, batch {args.batch} x {args.seq} ({tokens} tokens), N = {n / 1e6:.1f}M in "
           f"matmuls, adapters {lora_adapter / 1e6:.2f}M, {args.reps} interleaved reps; matmul rate {peak / 1e9:.1f} "
           "GFLOP/s")
     print(C.table(["step", "counted GFLOP", "analytic GFLOP", "counted / analytic", "median time", "spread",
-                   "GFLOP/s", "of matmul rate"], rows))
+                   "GFLOP/s", "of matmul rate", "matmul floor", "time / floor"], rows))
     ratio = timed[1].median / timed[0].median
     per_rep = [lo / fu for lo, fu in zip(timed[1].times, timed[0].times)]
     print(f"lorakit LoRA / full fine-tuning step time: {ratio:.2f} (per repetition "
           + ", ".join(f"{r:.2f}" for r in per_rep) + f"); counted FLOPs ratio "
-          f"{flops['lorakit LoRA'] / flops['full fine-tuning']:.2f}")
+          f"{flops['lorakit LoRA'] / flops['full fine-tuning']:.2f}; matmul floors ratio "
+          f"{floors['lorakit LoRA'] / floors['full fine-tuning']:.2f}")
     print(json.dumps({"matmul_gflops": round(peak / 1e9, 2),
                       "full_fraction_of_matmul_rate": round(achieved["full fine-tuning"], 3),
                       "lora_fraction_of_matmul_rate": round(achieved["lorakit LoRA"], 3),
                       "lora_over_full_time_ratio": round(ratio, 3),
                       "lora_over_full_flops_ratio": round(flops["lorakit LoRA"] / flops["full fine-tuning"], 3),
+                      "full_time_over_matmul_floor": round(timed[0].median / floors["full fine-tuning"], 3),
+                      "lora_time_over_matmul_floor": round(timed[1].median / floors["lorakit LoRA"], 3),
+                      "lora_over_full_floor_ratio": round(floors["lorakit LoRA"] / floors["full fine-tuning"], 3),
                       "reps": args.reps, "batch": args.batch, "seq": args.seq}))
     return 0
 

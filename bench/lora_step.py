@@ -10,8 +10,10 @@ Same model (SmolLM2-135M-Instruct, float32), data (seeded random tokens, batch 8
 config (r=16, alpha=32, dropout 0.05, all linear layers but the head) and optimizer (AdamW,
 foreach) for every contender. A step is forward, loss, backward, optimizer step, zero_grad.
 The contenders are timed interleaved in one process (see common.py: the machine is shared, so
-only ratios measured side by side mean anything), then each one's peak memory is measured on one
-more step with the profiler's allocator accounting (also common.py).
+only ratios measured side by side mean anything), with each one's matmul floor (suites lora and
+qlora: common.matmul_replay, its matrix products alone; lorakit's floor over the peer's step is the
+least time ratio those products allow on this BLAS), then each one's peak memory is measured on one
+more step with the profiler's allocator accounting (also common.py). The last line is JSON.
 
 lorakit's step is what its training loop runs: LoraLinear's fused update (fused.py) and the loss
 from the last hidden states in chunks (loss.model_loss). peft's and the full fine-tuning step
@@ -137,17 +139,24 @@ def run_steps(suite: str, reps: int, memory: bool, memory_only: bool = False) ->
         run_memory(trainers)
         return
     timed = [C.Contender(t.name, t.step) for t in trainers]
-    C.time_alternating(timed, reps=reps, warmup=0)
+    # lora, qlora: each step's matrix products alone (its matmul floor), interleaved with the steps
+    replays = [C.Contender(t.name, C.matmul_replay(t.step)[0]) for t in trainers] if suite != "levers" else []
+    C.time_alternating(timed + replays, reps=reps, warmup=0)
+    floors = {c.name: c.median for c in replays}
     peaks = {t.name: t.peak_memory() for t in trainers} if memory else {}
     ref = timed[1] if suite in ("lora", "qlora") else timed[0]
     tokens = ids.numel()
     rows = []
     for c in timed:
         row = [c.name, f"{c.median:.2f} s", f"{tokens / c.median:,.0f}", f"{c.median / ref.median:.2f}"]
+        if floors:
+            row += [f"{floors[c.name]:.2f} s", f"{floors[c.name] / ref.median:.2f}"]
         if memory:
             row += [C.mib(peaks[c.name]), f"{peaks[c.name] / peaks[ref.name]:.2f}"]
         rows.append(row)
     header = ["step", "median time", "tokens/s", f"time / {ref.name}"]
+    if floors:
+        header += ["matmul floor", f"floor / {ref.name}"]
     if memory:
         header += ["peak memory", f"memory / {ref.name}"]
     print(f"\n{suite}: SmolLM2-135M fp32, batch {C.BATCH} x {C.SEQ}, r={C.RANK}, dropout {C.DROPOUT}, "
@@ -155,6 +164,14 @@ def run_steps(suite: str, reps: int, memory: bool, memory_only: bool = False) ->
     print(C.table(header, rows))
     if suite == "lora":
         print(f"lorakit LoRA / full fine-tuning step time: {timed[0].median / timed[2].median:.2f}")
+    result = {"suite": suite, "reps": reps, "time_ratio": round(timed[0].median / ref.median, 3),
+              "times_s": {c.name: [round(t, 4) for t in c.times] for c in timed}}
+    if floors:
+        result["floor_ratio"] = round(floors[timed[0].name] / ref.median, 3)
+        result["matmul_floor_s"] = {n: round(f, 4) for n, f in floors.items()}
+    if memory:
+        result["peak_memory_ratio"] = round(peaks[timed[0].name] / peaks[ref.name], 3)
+    print(json.dumps(result))
 
 
 def run_adamw(reps: int) -> None:

@@ -13,7 +13,9 @@ zero_grad. Contenders:
     Trainer + lorakit adapters           add_lora(model, LoraConfig(...))
     Trainer + lorakit adapters + chunked the same, compute_loss_func=ChunkedLoss(model)
 
-Timed interleaved in one process, medians and ratios of medians against Trainer + peft; peak memory
+Timed interleaved in one process, medians and ratios of medians against Trainer + peft, and with
+them each step's matmul floor (common.matmul_replay: its matrix products alone), whose ratio to
+Trainer + peft's step is the least time ratio those products allow on this BLAS; peak memory
 from the allocator on one more step (bench/common.py). Every contender starts from the same weights
 with B = 0, so their first losses equal the base model's (printed as a check).
 """
@@ -88,21 +90,26 @@ def main(argv=None) -> int:
         first = {s.name: s.step().item() for s in steps}  # also the warm-up (optimizer states exist)
         print("first-step loss: " + ", ".join(f"{n} {v:.5f}" for n, v in first.items()))
         timed = [C.Contender(s.name, s.step) for s in steps]
-        C.time_alternating(timed, reps=args.reps, warmup=0)
+        # each step's matrix products alone, interleaved with the steps: the least time it can take
+        replays = [C.Contender(s.name, C.matmul_replay(s.step)[0]) for s in steps]
+        C.time_alternating(timed + replays, reps=args.reps, warmup=0)
+        floors = {c.name: c.median for c in replays}
         peaks = {s.name: s.peak_memory() for s in steps} if not args.no_memory else {}
 
     ref = timed[0]
     results, rows = {}, []
     for c in timed:
         result = {"median_s": round(c.median, 4), "times_s": [round(t, 4) for t in c.times],
-                  "time_ratio": round(c.median / ref.median, 3), "first_loss": first[c.name]}
-        row = [c.name, f"{c.median:.2f} s", f"{ids.numel() / c.median:,.0f}", f"{result['time_ratio']:.2f}"]
+                  "time_ratio": round(c.median / ref.median, 3), "first_loss": first[c.name],
+                  "matmul_floor_s": round(floors[c.name], 4), "floor_ratio": round(floors[c.name] / ref.median, 3)}
+        row = [c.name, f"{c.median:.2f} s", f"{ids.numel() / c.median:,.0f}", f"{result['time_ratio']:.2f}",
+               f"{floors[c.name]:.2f} s", f"{result['floor_ratio']:.2f}"]
         if peaks:
             result.update(peak_bytes=peaks[c.name], memory_ratio=round(peaks[c.name] / peaks[ref.name], 3))
             row += [C.mib(peaks[c.name]), f"{result['memory_ratio']:.2f}"]
         results[c.name] = result
         rows.append(row)
-    header = ["step", "median time", "tokens/s", f"time / {ref.name}"]
+    header = ["step", "median time", "tokens/s", f"time / {ref.name}", "matmul floor", f"floor / {ref.name}"]
     if peaks:
         header += ["peak memory", f"memory / {ref.name}"]
     print(f"\nTrainer step: SmolLM2-135M fp32, batch {C.BATCH} x {C.SEQ}, r={C.RANK}, dropout {C.DROPOUT}, "
