@@ -456,6 +456,7 @@ class TrainSection:
     loraplus_ratio: float | None = None  # LoRA+: the B matrices learn at lr × ratio (typical: 16); None: off
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    compile: bool = False            # torch.compile each decoder block for the steps (pays back after ~50 steps)
     seed: int = 0
     log_every: int = 1
     save_every: int = 10
@@ -581,6 +582,7 @@ class RunConfig:
         if self.method != "qlora" and self.lora.init == "loftq":
             out.append(f"lora.init='loftq' with method={self.method}: LoftQ initialises the adapters of a 4-bit "
                        "base; use method=qlora")
+        out += self._compile_problems()
         if _is_number(d.validation_fraction) and not 0 <= d.validation_fraction < 1:
             out.append(f"data.validation_fraction={d.validation_fraction}: must be in [0, 1)")
         for key in ("train", "test", "validation"):
@@ -593,6 +595,22 @@ class RunConfig:
                     out.append(f"data.{key}={value!r}: unknown built-in task; valid: "
                                + ", ".join(BUILTIN_PREFIX + k for k in TASKS))
         return out + self._objective_problems()
+
+    def _compile_problems(self) -> list[str]:
+        """train.compile outside what it is tested with (tests/test_train_compile.py): method lora,
+        objective sft, no DoRA, no gradient checkpointing. One process only: the number of ranks is
+        known once the run starts (training.setup.check_compile)."""
+        if self.train.compile is not True:
+            return []
+        off = "or set train.compile=false"
+        checks = [(self.method != "lora", f"method={self.method!r}", f"use method=lora {off}"),
+                  (self.objective != "sft", f"objective={self.objective!r}", f"use objective=sft {off}"),
+                  (self.lora.dora is True, "lora.dora=true", f"set lora.dora=false {off}"),
+                  (self.train.gradient_checkpointing is True, "train.gradient_checkpointing=true",
+                   f"set train.gradient_checkpointing=false {off}")]
+        return [f"train.compile=true with {what}: compiled decoder blocks are supported with method=lora, "
+                f"objective=sft, lora.dora=false and train.gradient_checkpointing=false only; {fix}"
+                for bad, what, fix in checks if bad]
 
     def _objective_problems(self) -> list[str]:
         """The preference group's ranges and what an objective asks of the method, the adapters and the data."""

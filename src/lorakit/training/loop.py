@@ -42,7 +42,8 @@ from .evaluate import Retention, evaluate_run, retention_run
 from .objectives import Objective, objective_for
 from .output import Report, check_trackers, data_line, model_line, sink, summary_line
 from .run_dir import check_run_dir, run_lock
-from .setup import Prepared, check_data, check_rank, load_data, memory_check, optimizer_and_schedule, prepare, skeleton
+from .setup import (Prepared, check_compile, check_data, check_rank, compile_blocks, load_data, memory_check,
+                    optimizer_and_schedule, prepare, skeleton)
 
 
 def _nothing(*_) -> None:
@@ -79,12 +80,14 @@ def train(config: RunConfig, run_dir: str | os.PathLike, resume: bool = False, p
         if ctx.main:
             remove_temporary_checkpoints(run_dir)
         out.open_trackers(config)
-        return _run(config, run_dir, resume, prepared, tokenizer, data, out, ctx, objective, hooks)
+        with _stance(config, step=False):
+            return _run(config, run_dir, resume, prepared, tokenizer, data, out, ctx, objective, hooks)
 
 
 def _check_inputs(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | None,
                   ctx: distributed.Context, log, objective: Objective) -> tuple[object, tuple]:
     """(tokenizer, (train, validation, test)), every check that needs no model weights passed."""
+    check_compile(config, ctx.world)
     if ctx.main:  # the others would find rank 0's lock and files
         check_run_dir(run_dir, resume)
         check_trackers(config.train.report_to)
@@ -119,6 +122,9 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
     raw = prepared.model if fill else prepared.model.to(ctx.device)
     hooks.model_ready(raw)
     report = _introduce(config, prepared, raw, ctx, out, wall_start)
+    if t.compile:
+        out.log(f"train.compile: {compile_blocks(raw)} decoder blocks compiled at the first step (evaluation "
+                "runs them eager)")
     loss_module = objective.loss(raw)
     model = distributed.wrap(loss_module, ctx, t.strategy, fill, objective.probe())  # what forward + backward run
 
@@ -138,11 +144,13 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
     model.train()
     out.steps_begin(t.steps, state)
     report.peak = peak = monitor.StepPeak(ctx.device, enabled=ctx.main)  # the allocator's peak: the plan's basis
-    for step in range(state.step + 1, t.steps + 1):
+    first = state.step + 1
+    for step in range(first, t.steps + 1):
         start = time.perf_counter()
         batches = objective.micro_batches(prepared.train, step, config, ctx, prepared.tokenizer.pad_token_id)
         peak.begin(step, batches, raw, optimizer)
-        loss, tokens, metrics = _forward_backward(model, loss_module, batches, objective, ctx)
+        with _stance(config, step=True):
+            loss, tokens, metrics = _forward_backward(model, loss_module, batches, objective, ctx)
         # the norm over all shards under FSDP, replicated; measured (clipping at inf) even without
         # clipping, since a norm of 0 tells a collapse from a plateau
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)).item()
@@ -160,6 +168,8 @@ def _run(config: RunConfig, run_dir: Path, resume: bool, prepared: Prepared | No
         state.step, state.tokens = step, state.tokens + tokens
         state.best_loss = loss if state.best_loss is None else min(state.best_loss, loss)
         state.train_seconds += time.perf_counter() - start
+        if t.compile and step == first:
+            out.log(f"train.compile: the first step took {time.perf_counter() - start:.1f} s (compilation included)")
         out.trained(state, tokens, loss, lr, grad_norm, logged=step % t.log_every == 0 or step == t.steps,
                     metrics=metrics)
         if config.eval.every and step % config.eval.every == 0 and step != t.steps and prepared.validation:
@@ -275,6 +285,15 @@ def _forward_backward(model, loss_module, batches: list[dict], objective: Object
     metrics = {k: distributed.all_reduce_sum(sums[k], ctx) / max(n_items, 1) for k in sums}
     return (distributed.all_reduce_sum(local_sum, ctx) / max(n_items, 1),
             int(distributed.all_reduce_sum(tokens, ctx)), metrics)
+
+
+def _stance(config: RunConfig, step: bool):
+    """torch.compile's stance under train.compile: the compiled blocks run compiled in a training
+    step's forward and backward, and eager everywhere else (evaluation without gradients and
+    generation with its KV cache would each compile them again); without train.compile, no change."""
+    if not config.train.compile:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("default" if step else "force_eager")
 
 
 def _divergence(step: int, loss: float, state: RunState, lr: float, config: RunConfig,

@@ -17,6 +17,7 @@ from ..data import (HF_PREFIX, DataError, Dataset, auto_max_length, build_datase
 from ..dtypes import to_torch
 from ..inject import add_lora, resolve_targets
 from ..optim import parameter_groups
+from ..surgery import DEFAULT_LAYERS_PATTERNS
 
 
 @dataclass
@@ -70,6 +71,54 @@ def prepare_model(model: torch.nn.Module, config: RunConfig) -> torch.nn.Module:
         if config.method != "full":
             model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
     return model
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks of `model`, in order: the modules named <container>.<i> whose container is
+    one of surgery.DEFAULT_LAYERS_PATTERNS ("model.layers.3", GPT-2's "transformer.h.3"), as
+    surgery.layer_index reads block indices; a numbered module inside a block (a mixture of experts'
+    "experts.0") is part of its block, not a block."""
+    blocks: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():  # parents before their children
+        parts = name.split(".")
+        numbered = len(parts) >= 2 and parts[-2] in DEFAULT_LAYERS_PATTERNS and parts[-1].isdigit()
+        if numbered and not (blocks and name.startswith(blocks[-1][0] + ".")):
+            blocks.append((name, module))
+    return [module for _, module in blocks]
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """train.compile: each decoder block of `model` compiled in place (nn.Module.compile: the block
+    keeps its parameters, so names, state-dict keys and checkpoints stay those of the eager model);
+    returns how many. Blocks of one class share their compiled graphs (their parameters are inputs
+    to them): a model compiles a few graphs (one per input shape, and one more for the first block,
+    whose input needs no gradient under LoRA), not one per block.
+
+    Compilation happens at a block's first call. Inductor compiles with one thread unless
+    TORCHINDUCTOR_COMPILE_THREADS says otherwise: no pool of compile worker processes outlives the
+    run (bench/compile_step.py measured the compile cost this way). Inductor reads the variable when
+    it is imported, which transformers has done by now, so its setting is set too. A model without
+    decoder blocks is an error rather than one whole-model graph, which would take the loss in.
+    """
+    import torch._inductor.config
+
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise ValueError(f"train.compile=true: {type(model).__name__} has no decoder blocks to compile (numbered "
+                         f"modules in a container named {', '.join(DEFAULT_LAYERS_PATTERNS)}); "
+                         "set train.compile=false")
+    torch._inductor.config.compile_threads = int(os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1"))
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def check_compile(config: RunConfig, world: int) -> None:
+    """train.compile on more than one process: DDP and FSDP around compiled blocks are not tested."""
+    if config.train.compile is True and world > 1:
+        raise ConfigError("run configuration", [
+            f"train.compile=true with {world} ranks (train.strategy={config.train.strategy!r} under torchrun): "
+            "compiled decoder blocks are supported in one process only; run one process or set train.compile=false"])
 
 
 def _quantize_all_but(model: torch.nn.Module, adapted: set[str], compute_dtype: torch.dtype) -> None:
