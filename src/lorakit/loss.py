@@ -48,10 +48,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             keep = valid[start:start + chunk_size]
             safe_t = torch.where(keep, t, 0)[:, None]  # (C, 1) gather index for ignored rows
             z = F.linear(h, weight, bias).float()  # (C, V) float32, the only large temporary
-            lse = torch.logsumexp(z, dim=1)  # (C,)
-            total += ((lse - z.gather(1, safe_t)[:, 0]) * keep).sum()
+            picked = z.gather(1, safe_t)[:, 0]  # z[y]
+            top = z.amax(dim=1, keepdim=True)  # (C, 1)
+            e = z.sub_(top).exp_()  # exp(z - max z), in place: no second (C, V) block
+            sums = e.sum(dim=1)
+            lse = top[:, 0] + sums.log()  # logsumexp(z), as torch.logsumexp computes it
+            total += ((lse - picked) * keep).sum()
             if need_h or need_w or need_b:
-                dz = z.sub_(lse[:, None]).exp_()  # softmax, in place: (C, V)
+                dz = e.div_(sums[:, None])  # softmax, in place: (C, V)
                 dz.scatter_add_(1, safe_t, torch.full_like(lse, -1.0)[:, None])  # p - onehot(y)
                 dz.mul_((keep / denominator)[:, None])  # ignored rows get no gradient
                 if need_w:  # summed over the chunks in float32, in place: no (V, d) temporary
