@@ -29,6 +29,16 @@ DEFAULT_CHUNK_SIZE = 256  # tokens per block: 256 x 49152 float32 = 48 MiB
 CHUNKED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3")
 
 
+def _exp_shifted(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e, s, lse) for a (C, V) float32 block z, overwritten: e = exp(z - max z) in z's storage, its
+    row sums s and logsumexp(z) = max z + log s (torch.logsumexp's formula, without its own (C, V)
+    temporary and second exp); the softmax is then e / s, in place."""
+    top = z.amax(dim=1, keepdim=True)  # (C, 1)
+    e = z.sub_(top).exp_()
+    sums = e.sum(dim=1)
+    return e, sums, top[:, 0] + sums.log()
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index: int, reduction: str, chunk_size: int,
@@ -49,10 +59,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             safe_t = torch.where(keep, t, 0)[:, None]  # (C, 1) gather index for ignored rows
             z = F.linear(h, weight, bias).float()  # (C, V) float32, the only large temporary
             picked = z.gather(1, safe_t)[:, 0]  # z[y]
-            top = z.amax(dim=1, keepdim=True)  # (C, 1)
-            e = z.sub_(top).exp_()  # exp(z - max z), in place: no second (C, V) block
-            sums = e.sum(dim=1)
-            lse = top[:, 0] + sums.log()  # logsumexp(z), as torch.logsumexp computes it
+            e, sums, lse = _exp_shifted(z)
             total += ((lse - picked) * keep).sum()
             if need_h or need_w or need_b:
                 dz = e.div_(sums[:, None])  # softmax, in place: (C, V)
@@ -124,10 +131,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             h = hidden[start:start + chunk_size]                  # (C, d)
             t = targets[start:start + chunk_size, None]           # (C, 1)
             z = F.linear(h, weight, bias).float()                 # (C, V) float32, the only large temporary
-            lse = torch.logsumexp(z, dim=1)                       # (C,)
-            logps[start:start + chunk_size] = z.gather(1, t)[:, 0] - lse
+            picked = z.gather(1, t)[:, 0]                         # z[y]
+            e, sums, lse = _exp_shifted(z)
+            logps[start:start + chunk_size] = picked - lse
             if want_grad:
-                dz = z.sub_(lse[:, None]).exp_().neg_()           # -softmax, in place: (C, V)
+                dz = e.div_(sums.neg()[:, None])                  # -softmax, in place: (C, V)
                 dz.scatter_add_(1, t, torch.ones_like(lse)[:, None])  # onehot(y) - p
                 grad_h[start:start + chunk_size] = dz.to(weight.dtype) @ weight
                 del dz
