@@ -15,6 +15,7 @@ from conftest import tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from test_qlora import quantized_and_dequantized
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, add_lora, merge, unmerge
 from lorakit.adapter_io import load_adapter, save_adapter
@@ -62,6 +63,22 @@ def test_forward_is_the_dora_equation_with_hand_set_weights():
     assert model(x).tolist() == [[6 + 8 + 1.0, 2 - 1.0]]
     lora.fused = False
     assert model(x).tolist() == [[15.0, 1.0]]
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(48, 24), lambda: Conv1D(24, 48)], ids=["linear", "conv1d"])
+def test_the_norm_without_forming_w_plus_delta_w_equals_it(make):
+    """weight_norm's expansion ||W||² + 2s B·(W Aᵀ) + s² B (A Aᵀ) Bᵀ per output equals the norm of
+    the formed W + s B A (1e-6 relative), in Linear's (out, in) and Conv1D's (in, out) layouts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(make())
+    add_lora(model, LoraConfig(r=4, alpha=12, targets=["0"], dora=True, init="random"))
+    lora = model[0]
+    with torch.no_grad():
+        lora.lora_B["default"].weight.normal_()  # ΔW of the size of W: the cross term counts
+    formed = lora.delta_weight("default") + lora.base_layer.weight
+    expected = torch.linalg.vector_norm(formed.double(), dim=lora.norm_dim)
+    assert expected.shape == (24,)
+    torch.testing.assert_close(lora.weight_norm("default").double(), expected, rtol=1e-6, atol=0)
 
 
 def test_the_norm_is_a_constant_in_backward():

@@ -213,6 +213,21 @@ class LoraLinear(LoraLayer):
         delta = self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
         return delta.T if self.fan_in_fan_out else delta
 
+    def weight_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """||W + ΔW|| per output without forming W + ΔW (out, in): with ΔW = s · B A,
+
+            ||W_o + ΔW_o||² = ||W_o||² + 2 s · B_o · (W Aᵀ)_o + s² · B_o (A Aᵀ) B_oᵀ
+
+        one read of W for its norms and one for W Aᵀ (out, r), where the sum would write and read
+        (out, in) float32 tensors three times more. Float32, no gradient; W as in LoraLayer's."""
+        with torch.no_grad():
+            w = self.base_weight() if weight is None else weight
+            a, b, s = self.lora_A[name].weight.float(), self.lora_B[name].weight.float(), self.scaling[name]
+            wa = (a @ w).T if self.fan_in_fan_out else w @ a.T  # (out, r): W Aᵀ in the (out, in) layout
+            squared = torch.linalg.vector_norm(w, dim=self.norm_dim).square_()
+            squared += (b * wa).sum(1).mul_(2 * s) + (b @ (a @ a.T)).mul_(b).sum(1).mul_(s * s)
+            return squared.clamp_(min=0).sqrt_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = base(x) + Σ_active update(name, x)."""
         live = self.live_adapters()
