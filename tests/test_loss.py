@@ -16,6 +16,26 @@ from lorakit.loss import (SummedLoss, causal_lm_loss, chunked_cross_entropy, mod
 
 # ---- chunked cross-entropy -----------------------------------------------------------------------
 
+@pytest.mark.parametrize("fn", ["cross_entropy", "token_logps"])
+def test_one_logits_block_alive_at_a_time(fn):
+    """The chunked functions hold one (C, V) float32 block at a time (the allocator's peak during the
+    call, above its start: the (N, d) input gradient, one block, the chunk's (C, d) product; a
+    block kept past its chunk made it two)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lorakit.loss import chunked_token_logps
+    from lorakit.monitor import profiled_peak
+
+    n, d, v, c = 96, 8, 4000, 32
+    hidden = torch.randn(n, d, requires_grad=True)
+    weight, targets = torch.randn(v, d), torch.randint(0, v, (n,))
+    call = chunked_cross_entropy if fn == "cross_entropy" else chunked_token_logps
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call(hidden, weight, targets, chunk_size=c)
+    block = c * v * 4
+    assert block < profiled_peak(prof) < block + n * d * 4 + 2 * c * d * 4 + 4096
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_chunked_cross_entropy_equals_full_logits(dtype, reduction):

@@ -72,7 +72,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if need_h:  # in the weight's dtype, as autograd casts dL/dz back through logits.float()
                     grad_h[start:start + chunk_size] = dz.to(weight.dtype) @ weight
                 del dz
-            del z  # free this chunk's logits before the next chunk's exist
+            del z, e  # free this chunk's logits before the next chunk's exist
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total / denominator
@@ -139,7 +139,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 dz.scatter_add_(1, t, torch.ones_like(lse)[:, None])  # onehot(y) - p
                 grad_h[start:start + chunk_size] = dz.to(weight.dtype) @ weight
                 del dz
-            del z
+            del z, e
         ctx.save_for_backward(grad_h)
         return logps
 
