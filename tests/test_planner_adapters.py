@@ -83,11 +83,10 @@ def test_dora_plan_adds_exactly_the_documented_terms(dtype, method, copy):
     # saved for backward: the (tokens, out) product the magnitude scales, in the compute dtype
     assert dora.activations_without_checkpointing - lora.activations_without_checkpointing \
         == layers * tokens * p * outs
-    # the weight norm: B A and scale * B A in float32, plus a float32 copy of a 16-bit / NF4 base
-    largest = max(i * o for _, i, o in modules)
-    assert memory.dora_norm_bytes(arch, dora.config) == (8 + copy) * largest
-    assert memory.transient_bytes(arch, dora.config) - memory.transient_bytes(arch, lora.config) \
-        == (8 + copy) * largest
+    # the weight norm, W + ΔW never formed: a float32 copy of a 16-bit / NF4 base, three (out, r) products
+    norm = max(copy * i * o + 12 * o * dora.config.rank for _, i, o in modules)
+    assert memory.dora_norm_bytes(arch, dora.config) == norm
+    assert memory.transient_bytes(arch, dora.config) - memory.transient_bytes(arch, lora.config) == norm
     assert memory.dora_norm_bytes(arch, lora.config) == 0
 
 

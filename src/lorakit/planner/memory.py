@@ -594,16 +594,16 @@ def layer_backward_transient_bytes(arch: Architecture, config: PlanConfig) -> in
 
 
 def dora_norm_bytes(arch: Architecture, config: PlanConfig) -> int:
-    """DoRA's weight norm ||W + dW|| (layer.LoraLayer.weight_norm, each forward, no gradient), for the
-    largest targeted linear (out, in), all float32: B A (4*out*in), scale * B A (4*out*in, both alive
-    during the product) and, for a 16-bit or NF4 base, the float32 copy of W taken first (4*out*in;
-    a float32 base's own weight is used as is):
-        (8 + 4) * out * in    (16-bit or NF4 base),   8 * out * in   (float32 base)
+    """DoRA's weight norm ||W + dW|| (layer.LoraLinear.weight_norm, each forward, no gradient), for the
+    largest targeted linear (out, in): it never forms W + dW, so what it allocates is the float32 copy
+    of a 16-bit or NF4 base weight (4*out*in; a float32 base's own weight is used as is) and three
+    (out, r) float32 products (W Aᵀ, B (A Aᵀ) and an elementwise one):
+        4 * out * in + 12 * out * r    (16-bit or NF4 base),   12 * out * r    (float32 base)
     0 without DoRA. With dropout DoRA takes the unfused path (a second base product): not modelled."""
     if not config.dora or config.method == "full":
         return 0
     copy = 4 if config.method == "qlora" or config.p != 4 else 0
-    return max((i * o for _, i, o in adapted_modules(arch, config)), default=0) * (8 + copy)
+    return max((copy * i * o + 12 * o * config.rank for _, i, o in adapted_modules(arch, config)), default=0)
 
 
 def transient_bytes(arch: Architecture, config: PlanConfig) -> int:
