@@ -79,18 +79,18 @@ def test_compile_blocks_compiles_each_block_in_place(monkeypatch):
     import torch._inductor.config as inductor
 
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    monkeypatch.setattr(inductor, "compile_threads", 2)
     model = tiny_llama()
     keys = list(model.state_dict())
-    assert compile_blocks(model) == 2
+    with inductor.patch(compile_threads=2):  # restored after: what inductor decided at its import
+        assert compile_blocks(model) == 2
+        # no pool of compile workers: one thread, unless the variable says otherwise
+        assert (os.environ["TORCHINDUCTOR_COMPILE_THREADS"], inductor.compile_threads) == ("1", 1)
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+        compile_blocks(model)
+        assert inductor.compile_threads == 3
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     assert model.model.embed_tokens._compiled_call_impl is None and model._compiled_call_impl is None
     assert list(model.state_dict()) == keys  # checkpoints keep their names
-    # no pool of compile workers: one thread, unless the variable says otherwise
-    assert (os.environ["TORCHINDUCTOR_COMPILE_THREADS"], inductor.compile_threads) == ("1", 1)
-    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
-    compile_blocks(model)
-    assert inductor.compile_threads == 3
 
 
 def test_decoder_blocks_are_the_numbered_modules_of_the_layer_container():
