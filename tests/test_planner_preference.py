@@ -1,8 +1,8 @@
 """planner: a DPO / ORPO step (objective dpo or orpo). B pairs are 2B rows, so the plan of B pairs is
 the SFT plan of 2B rows except for the loss's term (memory.preference_logits_bytes), for the n_a
 scored answer tokens: with a frozen head, the hidden states' gradient n_a * h * p + one chunk of
-C = min(256, n_a) float32 logits and softmax, 8 * C * V, and in 16-bit the chunk's logits before their
-upcast, p * C * V; a trained head (full) 16 * n_a * V + n_a * h * p. Numbers by hand on
+C = min(256, n_a) float32 logits turned into their softmax in place, 4 * C * V, and in 16-bit the
+chunk's logits before their upcast, p * C * V; a trained head (full) 16 * n_a * V + n_a * h * p. Numbers by hand on
 SmolLM2-135M's shapes (h = 576, V = 49152, tied embeddings)."""
 
 import pytest
@@ -23,11 +23,11 @@ def test_dpo_plan_is_sft_with_2b_rows_and_the_preference_loss_term():
     dpo = plan_run(run("dpo", 2), SMOL, "cuda")
     sft = plan_run(run("sft", 4), SMOL, "cuda")  # the same 4 rows of 64 tokens under SFT
     assert (dpo.config.objective, dpo.config.rows, dpo.config.tokens, dpo.config.scored_tokens) == ("dpo", 4, 256, 256)
-    # the loss terms, by hand: both the hidden states' gradient + one chunk of 256 float32 logits and
-    # their softmax (SFT: logsumexp's temporary); DPO's chunk also holds its bf16 logits before the upcast
-    assert dpo.components["logits_and_loss"] == 256 * H * 2 + 256 * V * 8 + 256 * V * 2 == 126_124_032
-    assert sft.components["logits_and_loss"] == 256 * H * 2 + 256 * V * 8 == 100_958_208
-    extra = 126_124_032 - 100_958_208
+    # the loss terms, by hand: both the hidden states' gradient + one chunk of 256 float32 logits made
+    # their softmax in place, and its bf16 logits before the upcast (SFT: or the softmax's bf16 cast)
+    assert dpo.components["logits_and_loss"] == 256 * H * 2 + 256 * V * 4 + 256 * V * 2 == 75_792_384
+    assert sft.components["logits_and_loss"] == 256 * H * 2 + 256 * V * (4 + 2) == 75_792_384
+    extra = 0
     # no second copy of the weights (the reference is the adapters switched off), no other difference
     for key in ("base_weights", "quant_constants", "adapter_weights", "gradients", "optimizer_states",
                 "activations", "transient"):
@@ -52,7 +52,7 @@ def test_dpo_plan_of_b_pairs_against_sft_of_b_rows():
 def test_orpo_and_scored_tokens(dtype, p):
     orpo = plan(SMOL, method="lora", batch_size=2, seq_len=64, dtype=dtype, objective="orpo",
                 answer_tokens=100, recommend=False)
-    assert orpo.components["logits_and_loss"] == 100 * H * p + 8 * 100 * V + (p * 100 * V if p < 4 else 0)
+    assert orpo.components["logits_and_loss"] == 100 * H * p + 4 * 100 * V + (p * 100 * V if p < 4 else 0)
     dpo = plan(SMOL, method="lora", batch_size=2, seq_len=64, dtype=dtype, objective="dpo",
                answer_tokens=100, recommend=False)
     assert dpo.phases == orpo.phases  # the reference forward keeps nothing

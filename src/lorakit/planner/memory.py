@@ -534,7 +534,8 @@ def logits_bytes(arch: Architecture, config: PlanConfig) -> int:
     Chunked (loss.chunked_cross_entropy, lorakit's loss where the logits are the head's output):
     the gradient w.r.t. the hidden states p*T*h and, when the head trains, its float32 gradient
     4*V*h (formed during the forward; cast to p in backward: + p*V*h in 16 bits); and one chunk of
-    C = min(256, T) tokens: its float32 logits and logsumexp's temporary of the same size (8*C*V).
+    C = min(256, T) tokens: its float32 logits, turned into the softmax in place (4*C*V), plus in 16
+    bits the chunk's p-byte logits before the upcast or the softmax's p-byte cast (+ p*C*V).
     Otherwise 12*T*V: fp32 log_softmax output, its incoming gradient and its input gradient (plus
     p*T*V for a soft-capped tanh kept for backward)."""
     t = config.tokens
@@ -543,7 +544,7 @@ def logits_bytes(arch: Architecture, config: PlanConfig) -> int:
     if arch.chunked_loss:
         # the head's float32 gradient (summed in place) and, in 16 bits, its cast in backward
         head = (4 + (p if p != 4 else 0)) * v * h if config.method == "full" else 0
-        chunk = min(DEFAULT_CHUNK_SIZE, t) * v * 8
+        chunk = min(DEFAULT_CHUNK_SIZE, t) * v * (4 + (p if p < 4 else 0))
         return t * h * p + head + chunk
     extra = p if arch.final_softcap else 0
     return t * v * (12 + extra)
@@ -555,10 +556,10 @@ def preference_logits_bytes(arch: Architecture, config: PlanConfig) -> int:
 
     Where the logits are the head's output (loss.supports_chunked_loss) only the n_a answer positions
     go through the head. A frozen head (LoRA, QLoRA): loss.chunked_token_logps, one chunk of
-    C = min(DEFAULT_CHUNK_SIZE, n_a) rows at a time, its float32 logits and softmax (8 * C * V, plus
-    the chunk's p-byte logits before the upcast when p < 4), and the gradient it forms for the
-    hidden states, kept for backward (n_a * h * p):
-        n_a * h * p + 8 * C * V [+ p * C * V]
+    C = min(DEFAULT_CHUNK_SIZE, n_a) rows at a time, its float32 logits turned into the softmax in
+    place (4 * C * V, plus the chunk's p-byte logits before the upcast when p < 4), and the gradient
+    it forms for the hidden states, kept for backward (n_a * h * p):
+        n_a * h * p + 4 * C * V [+ p * C * V]
     A trained head (full fine-tuning, ORPO) takes the full logits through autograd instead:
     (n_a, V) logits in p bytes, upcast to float32 (the same tensor when p = 4).
     The peak is in backward, before the gradient reaches the head: logsumexp's saved float32 logits,
@@ -577,7 +578,7 @@ def preference_logits_bytes(arch: Architecture, config: PlanConfig) -> int:
     n, v, p = config.scored_tokens, arch.vocab_size, config.p
     if config.method != "full":  # a frozen head: chunked_token_logps
         c = min(DEFAULT_CHUNK_SIZE, n)
-        return n * arch.hidden_size * p + 8 * c * v + (p * c * v if p < 4 else 0)
+        return n * arch.hidden_size * p + 4 * c * v + (p * c * v if p < 4 else 0)
     return 16 * n * v + n * arch.hidden_size * p  # the trained head also keeps its input, n_a*h*p
 
 
