@@ -1,6 +1,6 @@
 """A DoRA training step: lorakit vs peft, side by side in one process.
 
-    .venv/bin/python bench/dora_step.py            # hidden 512, 4 layers, batch 4 x 128, 5 reps
+    .venv/bin/python bench/dora_step.py            # hidden 512, 4 layers, batch 4 x 128, 5 reps (--reps N)
     .venv/bin/python bench/dora_step.py --quick    # a smoke run (tiny sizes, 2 reps): numbers mean nothing
     .venv/bin/python bench/dora_step.py --memory-only   # peak memory alone (load-independent, no timing)
 
@@ -73,10 +73,11 @@ def stepper(model, tokens):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 reps: a smoke run")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions (median reported)")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the peak memory (the allocator's accounting does not depend on load; no timing)")
     args = parser.parse_args()
-    hidden, layers, batch, seq, reps = (64, 2, 2, 32, 2) if args.quick else (512, 4, 4, 128, 5)
+    hidden, layers, batch, seq, reps = (64, 2, 2, 32, 2) if args.quick else (512, 4, 4, 128, args.reps)
     C.setup()
     ours, theirs = models(hidden, layers)
     tokens = C.token_batch(2048, batch, seq)
