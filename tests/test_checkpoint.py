@@ -118,7 +118,8 @@ def test_resume_refuses_changed_settings_and_a_contradicting_model_quantize(tmp_
 
 def test_resume_ignores_the_settings_a_resumed_run_may_change(tmp_path):
     write_checkpoint_settings(tmp_path, run_settings(RunConfig.from_dict({}, ["train.steps=10"])))
-    check_resume(tmp_path, RunConfig.from_dict({}, ["train.steps=20", "train.save_every=5", "eval.every=0"]))
+    check_resume(tmp_path, RunConfig.from_dict({}, ["train.steps=20", "train.save_every=5", "eval.every=0",
+                                                    "train.compile=true"]))  # the same steps, compiled
 
 
 def test_resume_accepts_a_checkpoint_written_before_keys_were_added(tmp_path):

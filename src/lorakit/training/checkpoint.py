@@ -32,7 +32,8 @@ CHECKPOINTS_KEPT = 2
 # Settings that may differ between a checkpoint and the run resuming it: where and how the run
 # executes, how far it goes, and how it is watched; every other setting must match.
 RESUME_MAY_CHANGE = {"train": ("steps", "device", "strategy", "threads", "dist_timeout_s", "log_every",
-                               "save_every"), "eval": ("every", "generate", "max_new_tokens", "batch_size", "limit"),
+                               "save_every", "compile"),
+                     "eval": ("every", "generate", "max_new_tokens", "batch_size", "limit"),
                      "data": ("max_leakage",)}
 
 
