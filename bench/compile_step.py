@@ -24,7 +24,7 @@ per step. Step time: medians of interleaved repetitions (common.time_alternating
 to each wall time, its CPU time (the process's, all threads, and its C++ compiler runs'): load on
 the machine stretches wall times far more than CPU seconds, so these still compare there
 (compilation is mostly single-threaded). Every contender starts with B = 0, so all first losses
-equal the base model's: printed as a check that compilation did not change the computation. 
+equal the base model's: printed as a check that compilation did not change the computation.
 "compiled blocks" is what `train.compile: true` does (training.setup.compile_blocks); the numbers
 decide whether it becomes a default (issue 20, item 4).
 --memory: no timing; after each contender's first step, the memory of one more step as lora_step.py
