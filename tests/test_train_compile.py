@@ -50,6 +50,7 @@ def test_compiled_run_has_the_eager_losses_and_adapter(eager_and_compiled):
     # graph, and evaluation and generation ran eager (no graph of their own)
     assert "train.compile: 2 decoder blocks compiled at the first step (evaluation runs them eager)" in log
     assert sum(line.startswith("train.compile: the first step took ") for line in log) == 1
+    assert sum(line.startswith("train.compile: the memory plan above is for eager steps") for line in log) == 1
     assert counters["stats"]["unique_graphs"] == 2, counters
     assert counters["frames"]["ok"] >= 1 and not counters.get("graph_break"), counters
     summary = json.loads((compiled / "summary.json").read_text())
