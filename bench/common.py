@@ -182,15 +182,15 @@ _PRODUCTS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, tor
              torch.ops.aten.baddbmm, torch.ops.aten.baddbmm_}
 
 
-def matmul_replay(step: Callable[[], object]) -> tuple[Callable[[], None], int]:
-    """(replay, calls): the matrix products of one `step()` alone, to time as the step's matmul
-    floor, the least time any implementation of the step can take with these products on this BLAS.
+def matmul_replay(step: Callable[[], object]) -> Callable[[], None]:
+    """The matrix products of one `step()` alone, as a function to time as the step's matmul floor:
+    the least time any implementation of the step can take with these products on this BLAS.
 
     Every mm / addmm / bmm / baddbmm (in-place and out= forms too) that step() dispatches is
     recorded with its operands' shapes, strides and dtypes; replay() runs them again, in order, on
     seeded random tensors of those layouts (one set per distinct call, reused). Attention kernels,
     elementwise work, allocation and Python are left out, and the reused operands are warmer in
-    cache than a step's: the floor errs low. Time it with the step (time_alternating), interleaved."""
+    cache than a step's: the floor errs low. time_with_floors times it interleaved with the step."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     def spec(v):
@@ -224,4 +224,12 @@ def matmul_replay(step: Callable[[], object]) -> tuple[Callable[[], None], int]:
         for func, args, kwargs in ops:
             func(*args, **kwargs)
 
-    return replay, len(calls)
+    return replay
+
+
+def time_with_floors(contenders: list[Contender], reps: int) -> dict[str, float]:
+    """time_alternating (no warm-up) of `contenders` and, interleaved with them, of each one's
+    matmul floor (matmul_replay of its step); returns the floors' medians by contender name."""
+    replays = [Contender(c.name, matmul_replay(c.step)) for c in contenders]
+    time_alternating(contenders + replays, reps, warmup=0)
+    return {c.name: c.median for c in replays}

@@ -91,10 +91,8 @@ def main() -> None:
                           "layers": layers, "tokens": batch * seq}))
         return
     contenders = [C.Contender(name, step) for name, step in steps.items()]
-    # each step's matrix products alone, interleaved with the steps: the least time it can take
-    replays = [C.Contender(name, C.matmul_replay(step)[0]) for name, step in steps.items()]
-    C.time_alternating(contenders + replays, reps, warmup=0)
-    floors, median_peft = {c.name: c.median for c in replays}, contenders[1].median
+    floors = C.time_with_floors(contenders, reps)  # each step's matrix products alone, interleaved
+    median_peft = contenders[1].median
     peaks = {name: C.allocator_peak(step) for name, step in steps.items()}
     print(C.table(["DoRA step", "median time", "matmul floor", "floor / peft's step", "peak memory"],
                   [[c.name, f"{c.median:.3f}s", f"{floors[c.name]:.3f}s",

@@ -70,9 +70,7 @@ def main(argv=None) -> int:
              Trainer("lorakit LoRA", lorakit_model(), ids, chunked_loss=True)]
     flops = {t.name: C.counted_flops(t.step) for t in steps}  # also the warm-up (optimizer states exist)
     timed = [C.Contender(t.name, t.step) for t in steps]
-    replays = [C.Contender(t.name, C.matmul_replay(t.step)[0]) for t in steps]  # the matmul floors
-    C.time_alternating(timed + replays, reps=args.reps, warmup=0)
-    floors = {c.name: c.median for c in replays}
+    floors = C.time_with_floors(timed, args.reps)
 
     tokens = ids.numel()
     n, lora_adapter = matmul_parameters(steps[0].model, steps[1].model)

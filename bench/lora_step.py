@@ -139,10 +139,11 @@ def run_steps(suite: str, reps: int, memory: bool, memory_only: bool = False) ->
         run_memory(trainers)
         return
     timed = [C.Contender(t.name, t.step) for t in trainers]
-    # lora, qlora: each step's matrix products alone (its matmul floor), interleaved with the steps
-    replays = [C.Contender(t.name, C.matmul_replay(t.step)[0]) for t in trainers] if suite != "levers" else []
-    C.time_alternating(timed + replays, reps=reps, warmup=0)
-    floors = {c.name: c.median for c in replays}
+    if suite == "levers":
+        C.time_alternating(timed, reps=reps, warmup=0)
+        floors = {}
+    else:  # lora, qlora: each step's matrix products alone (its matmul floor), interleaved with the steps
+        floors = C.time_with_floors(timed, reps)
     peaks = {t.name: t.peak_memory() for t in trainers} if memory else {}
     ref = timed[1] if suite in ("lora", "qlora") else timed[0]
     tokens = ids.numel()

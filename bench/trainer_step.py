@@ -90,10 +90,7 @@ def main(argv=None) -> int:
         first = {s.name: s.step().item() for s in steps}  # also the warm-up (optimizer states exist)
         print("first-step loss: " + ", ".join(f"{n} {v:.5f}" for n, v in first.items()))
         timed = [C.Contender(s.name, s.step) for s in steps]
-        # each step's matrix products alone, interleaved with the steps: the least time it can take
-        replays = [C.Contender(s.name, C.matmul_replay(s.step)[0]) for s in steps]
-        C.time_alternating(timed + replays, reps=args.reps, warmup=0)
-        floors = {c.name: c.median for c in replays}
+        floors = C.time_with_floors(timed, args.reps)  # each step's matrix products alone, interleaved
         peaks = {s.name: s.peak_memory() for s in steps} if not args.no_memory else {}
 
     ref = timed[0]
