@@ -41,13 +41,21 @@ def plain_and_lean(model):
     return model, lean
 
 
-@pytest.mark.parametrize("setup", ["lora dropout", "dora", "trained base"])
+@pytest.mark.parametrize("setup", ["lora dropout", "dora", "trained base", "gelu", "frozen down_proj"])
 def test_loss_and_gradients_are_bit_identical(setup):
+    from transformers.activations import ACT2FN
+
     model = tiny_llama().train()
     if setup == "lora dropout":
         add_lora(model, LoraConfig(r=4, alpha=8, targets=ALL, dropout=0.1, init="random"))
     elif setup == "dora":
         add_lora(model, LoraConfig(r=4, alpha=8, targets=ALL, dora=True, init="random"))
+    elif setup == "gelu":  # not SiLU: act's backward through autograd, on a recomputed act
+        for layer in model.model.layers:
+            layer.mlp.act_fn = ACT2FN["gelu_pytorch_tanh"]
+        add_lora(model, LoraConfig(r=4, alpha=8, targets=ALL, init="random"))
+    elif setup == "frozen down_proj":  # down's backward never asks for the product: act computed in its own
+        add_lora(model, LoraConfig(r=4, alpha=8, targets=ALL[:-1], init="random"))
     plain, lean = plain_and_lean(model)
     tokens = torch.randint(3, 96, (2, 16))
     loss, grads = loss_and_grads(plain, tokens)
@@ -56,6 +64,20 @@ def test_loss_and_gradients_are_bit_identical(setup):
     assert grads.keys() == lean_grads.keys() and len(grads) > 0
     assert all(lean_grads[n].equal(g) for n, g in grads.items())
     assert any("mlp" in n for n in grads)
+
+
+def test_backward_computes_silu_once_per_layer():
+    """down's backward recomputes act(gate) ⊙ up and hands act(gate) to the product's backward; SiLU's
+    own backward reads gate only: one aten::silu per layer in backward (was two), one silu_backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = add_lora(tiny_llama().train(), LoraConfig(r=4, alpha=8, targets=ALL, init="random"))
+    tokens = torch.randint(3, 96, (2, 16))
+    loss = model(tokens, labels=tokens).loss
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls["aten::silu"] == 2 and calls["aten::silu_backward"] == 2  # two layers
 
 
 def live_bytes_after(fn) -> int:

@@ -45,25 +45,66 @@ _GATED_FORWARDS = ("returnself.down_proj(self.act_fn(self.gate_proj(x))*self.up_
 
 
 class _GatedProduct(torch.autograd.Function):
-    """h = act(gate) ⊙ up, keeping gate and up; act(gate) is recomputed in backward."""
+    """h = act(gate) ⊙ up, keeping gate and up; act(gate) is recomputed in backward, once: by the
+    _Recompute that stands for h in down's saved tensors when down's backward needs h (it keeps
+    act(gate) for this backward), else here."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: nn.Module) -> torch.Tensor:
-        ctx.act = act
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: nn.Module, recompute: _Recompute | None = None):
+        ctx.act, ctx.recompute = act, recompute
         ctx.save_for_backward(gate, up)
-        return act(gate) * up
+        return _times(act(gate), up, gate)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
         need_gate, need_up = ctx.needs_input_grad[:2]
-        with torch.enable_grad():
-            leaf = gate.detach().requires_grad_(need_gate)
-            activated = _recomputed_act(ctx.act, leaf)
+        activated = ctx.recompute.take_activated() if ctx.recompute is not None else None
+        grad_gate = None
         # dL/dgate first: g ⊙ up is freed before dL/dup exists (four (N, I) tensors at most, not five)
-        grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if need_gate else None
-        grad_up = grad * activated.detach() if need_up else None
-        return grad_gate, grad_up, None
+        if need_gate and _is_silu(ctx.act):  # SiLU's backward reads its input only: no act to recompute
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        elif need_gate:
+            with torch.enable_grad():
+                leaf = gate.detach().requires_grad_()
+                recomputed = _recomputed_act(ctx.act, leaf)
+            grad_gate = torch.autograd.grad(recomputed, leaf, grad * up)[0]
+            activated = recomputed.detach() if activated is None else activated
+        grad_up = None
+        if need_up:
+            if activated is None:
+                with torch.no_grad():
+                    activated = _recomputed_act(ctx.act, gate)
+            grad_up = _times(activated, grad, gate)
+        return grad_gate, grad_up, None, None
+
+
+def _times(a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """a ⊙ b, written into a when a is a fresh tensor of the product's shape and dtype (an activation
+    the act just computed, not gate itself or a view of it): one (N, I) buffer fewer to allocate,
+    the same values (the product commutes)."""
+    fresh = a._base is None and a.untyped_storage().data_ptr() != gate.untyped_storage().data_ptr()
+    if fresh and a.shape == b.shape and a.dtype == b.dtype and not a.requires_grad:
+        return a.mul_(b)
+    return a * b
+
+
+def _is_silu(act) -> bool:
+    """Is act SiLU as torch or transformers computes it (forward F.silu, not in place)?"""
+    forward = getattr(type(act), "forward", None)
+    return forward in _SILU_FORWARDS and not getattr(act, "inplace", False) and "forward" not in vars(act)
+
+
+def _silu_forwards() -> frozenset:
+    forwards = {nn.SiLU.forward}
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:
+        return frozenset(forwards)
+    return frozenset(forwards | {SiLUActivation.forward})
+
+
+_SILU_FORWARDS = _silu_forwards()
 
 
 def _recomputed_act(act, gate: torch.Tensor) -> torch.Tensor:
@@ -73,9 +114,11 @@ def _recomputed_act(act, gate: torch.Tensor) -> torch.Tensor:
     return act.forward(gate) if isinstance(act, nn.Module) else act(gate)
 
 
-def gated_product(gate: torch.Tensor, up: torch.Tensor, act: nn.Module) -> torch.Tensor:
-    """act(gate) ⊙ up, keeping gate and up for backward (not act(gate))."""
-    return _GatedProduct.apply(gate, up, act)
+def gated_product(gate: torch.Tensor, up: torch.Tensor, act: nn.Module,
+                  recompute: _Recompute | None = None) -> torch.Tensor:
+    """act(gate) ⊙ up, keeping gate and up for backward (not act(gate)); `recompute`, if down's
+    saved copy of the product is that _Recompute, hands its act(gate) to this backward."""
+    return _GatedProduct.apply(gate, up, act, recompute)
 
 
 def _other_hooks_active() -> bool:
@@ -91,11 +134,12 @@ def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not (gate.requires_grad or up.requires_grad):  # nothing to keep: the class's expression, on these
         return self.down_proj(self.act_fn(gate) * up)
-    h = gated_product(gate, up, self.act_fn)
-    product, act = id(h), self.act_fn  # not h itself: each tensor saved below keeps these hooks alive
+    recompute = _Recompute(gate, up, self.act_fn)
+    h = gated_product(gate, up, self.act_fn, recompute)
+    product = id(h)  # not h itself: each tensor saved below keeps these hooks alive
 
     def pack(t: torch.Tensor):
-        return _Recompute(gate, up, act) if id(t) == product else t
+        return recompute if id(t) == product else t
 
     def unpack(saved):
         return saved.tensor() if isinstance(saved, _Recompute) else saved
@@ -105,14 +149,22 @@ def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Recompute:
-    """A saved act(gate) ⊙ up, computed again when backward asks for it."""
+    """A saved act(gate) ⊙ up, computed again when backward asks for it. The act(gate) it computes
+    is kept for the product's own backward (_GatedProduct), which runs next and needs it too."""
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, act: nn.Module):
         self.gate, self.up, self.act = gate, up, act
+        self.activated: torch.Tensor | None = None
 
     def tensor(self) -> torch.Tensor:
         with torch.no_grad():
-            return _recomputed_act(self.act, self.gate) * self.up
+            self.activated = _recomputed_act(self.act, self.gate)
+            return self.activated * self.up
+
+    def take_activated(self) -> torch.Tensor | None:
+        """The act(gate) tensor() computed, handed over once (None if not computed)."""
+        activated, self.activated = self.activated, None
+        return activated
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
