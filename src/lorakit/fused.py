@@ -110,6 +110,37 @@ class _LoraUpdate(torch.autograd.Function):
         return grad_out if need_y else None, grad_x, grad_a, grad_b, None, None, None, grad_bias, *no_grads
 
 
+class _Rescale(torch.autograd.Function):
+    """out = z ⊙ g, g: (out,) one factor per output feature (DoRA's m / ||W + ΔW||).
+
+    The gradients, dL/dz = g ⊙ dL/dout and dL/dg = Σ_N z ⊙ dL/dout, are written one after the other
+    into one (N, out) buffer: autograd's product would allocate two, and on the CPU every fresh buffer
+    of that size costs page faults (see nf4.dequantize)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z, g)
+        return z * g
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        z, g = ctx.saved_tensors
+        need_z, need_g = ctx.needs_input_grad
+        buffer = torch.mul(grad_out, z) if need_g else None
+        grad_g = buffer.reshape(-1, buffer.shape[-1]).sum(0) if need_g else None
+        grad_z = None
+        if need_z:
+            grad_z = torch.mul(grad_out, g, out=buffer) if buffer is not None else grad_out * g
+        return grad_z, grad_g
+
+
+def rescale(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """z ⊙ g for z: (..., out) and g: (out,) of z's dtype; backward allocates one buffer of z's size."""
+    if z.dtype != g.dtype or g.dim() != 1 or g.shape[0] != z.shape[-1]:
+        return z * g
+    return _Rescale.apply(z, g)
+
+
 def lora_update(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
                 p: float) -> torch.Tensor:
     """y + scale · dropout_p(x) @ a.T @ b.T, for x: (..., in), y: (..., out), a: (r, in), b: (out, r).

@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import initialisation
 from .dropout import Dropout
-from .fused import lora_linear, lora_update
+from .fused import lora_linear, lora_update, rescale
 from .nf4 import NF4Linear, NF4State
 
 
@@ -324,7 +324,7 @@ class LoraLinear(LoraLayer):
         else:
             wx = base(x)
             z = lora_update(wx if bias is None else wx - bias, x, *self._fused_args(name))
-        y = z * self.magnitude_scale(name).to(z.dtype)
+        y = rescale(z, self.magnitude_scale(name).to(z.dtype))
         return y if bias is None else y + bias
 
     def _fused_args(self, name: str) -> tuple:
