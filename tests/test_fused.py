@@ -326,3 +326,25 @@ def test_nf4_base_in_another_dtype_takes_the_layer_as_written():
         outs.append(model(x))
     assert outs[0].dtype == torch.float32
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_rescale_gives_autograds_product_and_gradients():
+    """fused.rescale(z, g) = z ⊙ g with g per output feature (DoRA's m / ||W + ΔW||): the value to
+    the bit, and both gradients as autograd's product computes them (dL/dz to the bit; dL/dg summed
+    over the tokens in another order, 1e-6), for a (B, T, out) z, and with only one input needing a
+    gradient."""
+    from lorakit.fused import rescale
+
+    torch.manual_seed(0)
+    z, g, grad = torch.randn(2, 5, 7), torch.rand(7) + 0.5, torch.randn(2, 5, 7)
+    for need_z, need_g in ((True, True), (True, False), (False, True)):
+        mine = [z.clone().requires_grad_(need_z), g.clone().requires_grad_(need_g)]
+        theirs = [z.clone().requires_grad_(need_z), g.clone().requires_grad_(need_g)]
+        out, reference = rescale(*mine), theirs[0] * theirs[1]
+        assert out.equal(reference)
+        out.backward(grad)
+        reference.backward(grad)
+        if need_z:
+            assert mine[0].grad.equal(theirs[0].grad)
+        if need_g:
+            torch.testing.assert_close(mine[1].grad, theirs[1].grad, rtol=1e-6, atol=1e-6)
