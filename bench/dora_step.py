@@ -3,6 +3,8 @@
     .venv/bin/python bench/dora_step.py            # hidden 512, 4 layers, batch 4 x 128, 5 reps (--reps N)
     .venv/bin/python bench/dora_step.py --quick    # a smoke run (tiny sizes, 2 reps): numbers mean nothing
     .venv/bin/python bench/dora_step.py --memory-only   # peak memory alone (load-independent, no timing)
+    .venv/bin/python bench/dora_step.py --lora     # also plain LoRA on the same model, lorakit's and peft's:
+                                                   # what DoRA adds over LoRA in each library
 
 Both get the same seeded Llama-shaped model built from a config (float32, no download), the same
 DoRA adapter (r=16, alpha=32, dropout 0, every linear layer but the head; lorakit's adapter is
@@ -37,15 +39,16 @@ def llama(hidden: int, layers: int):
     return LlamaForCausalLM(config).train()
 
 
-def models(hidden: int, layers: int):
+def models(hidden: int, layers: int, dora: bool = True):
+    """(lorakit's model, peft's) with the same adapters; dora=False: plain LoRA, for the decomposition."""
     import peft
 
     from lorakit import LoraConfig, add_lora
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    ours = add_lora(llama(hidden, layers), LoraConfig(r=16, alpha=32, targets=targets, dora=True, init="random"))
+    ours = add_lora(llama(hidden, layers), LoraConfig(r=16, alpha=32, targets=targets, dora=dora, init="random"))
     theirs = peft.get_peft_model(llama(hidden, layers), peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets,
-                                                                        use_dora=True))
+                                                                        use_dora=dora))
     ours_params = dict(ours.named_parameters())
     with torch.no_grad():
         for name, p in theirs.named_parameters():
@@ -74,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 reps: a smoke run")
     parser.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions (median reported)")
+    parser.add_argument("--lora", action="store_true", help="also time plain LoRA (lorakit, peft) on the same model")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the peak memory (the allocator's accounting does not depend on load; no timing)")
     args = parser.parse_args()
@@ -82,8 +86,11 @@ def main() -> None:
     ours, theirs = models(hidden, layers)
     tokens = C.token_batch(2048, batch, seq)
     steps = {"lorakit": stepper(ours, tokens), "peft": stepper(theirs, tokens)}
+    if args.lora:
+        plain = models(hidden, layers, dora=False)
+        steps.update({"lorakit LoRA": stepper(plain[0], tokens), "peft LoRA": stepper(plain[1], tokens)})
     first = {name: step() for name, step in steps.items()}  # also the warm-up
-    print(f"first-step losses: lorakit {first['lorakit']:.6f}, peft {first['peft']:.6f}")
+    print("first-step losses: " + ", ".join(f"{name} {loss:.6f}" for name, loss in first.items()))
     if args.memory_only:
         peaks = {name: C.allocator_peak(step) for name, step in steps.items()}
         print(C.table(["DoRA step", "peak memory"], [[name, C.mib(p)] for name, p in peaks.items()]))
@@ -94,11 +101,13 @@ def main() -> None:
     floors = C.time_with_floors(contenders, reps)  # each step's matrix products alone, interleaved
     median_peft = contenders[1].median
     peaks = {name: C.allocator_peak(step) for name, step in steps.items()}
-    print(C.table(["DoRA step", "median time", "matmul floor", "floor / peft's step", "peak memory"],
+    print(C.table(["step (lorakit, peft: DoRA)", "median time", "matmul floor", "floor / peft's step", "peak memory"],
                   [[c.name, f"{c.median:.3f}s", f"{floors[c.name]:.3f}s",
                     f"{floors[c.name] / median_peft:.2f}", C.mib(peaks[c.name])] for c in contenders]))
     median = {c.name: c.median for c in contenders}
-    print(json.dumps({"time_ratio": round(median["lorakit"] / median["peft"], 3),
+    lora_ratios = {f"{name.lower().replace(' ', '_')}_over_peft_dora": round(median[name] / median["peft"], 3)
+                   for name in ("lorakit LoRA", "peft LoRA") if name in median}
+    print(json.dumps({"time_ratio": round(median["lorakit"] / median["peft"], 3), **lora_ratios,
                       "floor_ratio": round(floors["lorakit"] / median["peft"], 3),
                       "peak_memory_ratio": round(peaks["lorakit"] / peaks["peft"], 3),
                       "hidden": hidden, "layers": layers, "tokens": batch * seq, "reps": reps}))

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/lora_step.py --suite lora    # lorakit LoRA vs peft LoRA vs full fine-tuning
     .venv/bin/python bench/lora_step.py --suite qlora   # lorakit QLoRA vs peft + bitsandbytes QLoRA
-    .venv/bin/python bench/lora_step.py --suite levers  # each lorakit lever on its own (+ nn.Dropout masks)
+    .venv/bin/python bench/lora_step.py --suite levers  # each lorakit lever alone (+ nn.Dropout, dropout off)
     .venv/bin/python bench/lora_step.py --suite adamw   # AdamW foreach vs fused, optimizer step only
     .venv/bin/python bench/lora_step.py --suite qlora --memory-only   # peak memory alone (no timing)
 
@@ -38,7 +38,7 @@ def adamw(model, fused: bool = False):
     return torch.optim.AdamW(params, lr=1e-4, foreach=not fused, fused=fused or None)
 
 
-def lorakit_model(quantized: bool = False, fused: bool = True, torch_dropout: bool = False):
+def lorakit_model(quantized: bool = False, fused: bool = True, torch_dropout: bool = False, dropout: float = C.DROPOUT):
     """torch_dropout: the adapters' dropout is nn.Dropout (a Bernoulli draw per element and a bool
     mask, as peft's) instead of lorakit's (dropout.py); only meaningful with fused=False."""
     import lorakit
@@ -48,7 +48,7 @@ def lorakit_model(quantized: bool = False, fused: bool = True, torch_dropout: bo
     model = C.base_model()
     if quantized:  # NF4 with double quantization, blocksize 64, float32 compute: QLoRA's recipe
         quantize_linears(model, torch.float32, skip={"lm_head"})
-    lorakit.add_lora(model, lorakit.LoraConfig(r=C.RANK, alpha=C.ALPHA, dropout=C.DROPOUT, targets="all-linear"))
+    lorakit.add_lora(model, lorakit.LoraConfig(r=C.RANK, alpha=C.ALPHA, dropout=dropout, targets="all-linear"))
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.fused = fused
@@ -115,7 +115,8 @@ def contenders(suite: str, ids) -> list[Trainer]:
                 Trainer("plain, nn.Dropout", lorakit_model(fused=False, torch_dropout=True), ids, chunked_loss=False),
                 Trainer("fused update", lorakit_model(fused=True), ids, chunked_loss=False),
                 Trainer("chunked loss", lorakit_model(fused=False), ids, chunked_loss=True),
-                Trainer("both", lorakit_model(fused=True), ids, chunked_loss=True)]
+                Trainer("both", lorakit_model(fused=True), ids, chunked_loss=True),
+                Trainer("both, dropout 0", lorakit_model(fused=True, dropout=0.0), ids, chunked_loss=True)]
     raise ValueError(f"unknown suite {suite!r}")
 
 
