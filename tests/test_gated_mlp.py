@@ -66,18 +66,24 @@ def test_loss_and_gradients_are_bit_identical(setup):
     assert any("mlp" in n for n in grads)
 
 
-def test_backward_computes_silu_once_per_layer():
-    """down's backward recomputes act(gate) ⊙ up and hands act(gate) to the product's backward; SiLU's
-    own backward reads gate only: one aten::silu per layer in backward (was two), one silu_backward."""
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_backward_computes_act_once_per_layer(act):
+    """down's backward recomputes act(gate) ⊙ up and hands act(gate) (with act's graph) to the product's
+    backward: one act per layer in backward (was two) and one act backward; SiLU's reads gate only."""
     from torch.profiler import ProfilerActivity, profile
+    from transformers.activations import ACT2FN
 
-    model = add_lora(tiny_llama().train(), LoraConfig(r=4, alpha=8, targets=ALL, init="random"))
+    model = tiny_llama().train()
+    for layer in model.model.layers:
+        layer.mlp.act_fn = ACT2FN[act]
+    add_lora(model, LoraConfig(r=4, alpha=8, targets=ALL, init="random"))
     tokens = torch.randint(3, 96, (2, 16))
     loss = model(tokens, labels=tokens).loss
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         loss.backward()
     calls = {e.key: e.count for e in prof.key_averages()}
-    assert calls["aten::silu"] == 2 and calls["aten::silu_backward"] == 2  # two layers
+    op = "aten::silu" if act == "silu" else "aten::gelu"
+    assert calls[op] == 2 and calls[op + "_backward"] == 2  # two layers
 
 
 def live_bytes_after(fn) -> int:

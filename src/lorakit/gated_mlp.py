@@ -59,24 +59,29 @@ class _GatedProduct(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
         need_gate, need_up = ctx.needs_input_grad[:2]
-        activated = ctx.recompute.take_activated() if ctx.recompute is not None else None
+        leaf, activated = ctx.recompute.take_activated() if ctx.recompute is not None else (None, None)
+        if activated is None:
+            leaf, activated = _act_for_backward(ctx.act, gate)
         grad_gate = None
         # dL/dgate first: g ⊙ up is freed before dL/dup exists (four (N, I) tensors at most, not five)
-        if need_gate and _is_silu(ctx.act):  # SiLU's backward reads its input only: no act to recompute
+        if need_gate and leaf is None:  # SiLU
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
         elif need_gate:
-            with torch.enable_grad():
-                leaf = gate.detach().requires_grad_()
-                recomputed = _recomputed_act(ctx.act, leaf)
-            grad_gate = torch.autograd.grad(recomputed, leaf, grad * up)[0]
-            activated = recomputed.detach() if activated is None else activated
-        grad_up = None
-        if need_up:
-            if activated is None:
-                with torch.no_grad():
-                    activated = _recomputed_act(ctx.act, gate)
-            grad_up = _times(activated, grad, gate)
+            grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0]
+        grad_up = _times(activated.detach(), grad, gate) if need_up else None
         return grad_gate, grad_up, None, None
+
+
+def _act_for_backward(act, gate: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(leaf, act(gate)) recomputed for the product's backward: act applied to a leaf on gate, so that
+    act's own backward runs through autograd from it; for SiLU (leaf None) without a graph, since its
+    backward (silu_backward, the call autograd makes) reads gate only."""
+    if _is_silu(act):
+        with torch.no_grad():
+            return None, _recomputed_act(act, gate)
+    with torch.enable_grad():
+        leaf = gate.detach().requires_grad_()
+        return leaf, _recomputed_act(act, leaf)
 
 
 def _times(a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -150,21 +155,24 @@ def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class _Recompute:
     """A saved act(gate) ⊙ up, computed again when backward asks for it. The act(gate) it computes
-    is kept for the product's own backward (_GatedProduct), which runs next and needs it too."""
+    (with act's graph, see _act_for_backward) is kept for the product's own backward (_GatedProduct),
+    which runs next and needs it too."""
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, act: nn.Module):
         self.gate, self.up, self.act = gate, up, act
+        self.leaf: torch.Tensor | None = None
         self.activated: torch.Tensor | None = None
 
     def tensor(self) -> torch.Tensor:
+        self.leaf, self.activated = _act_for_backward(self.act, self.gate)
         with torch.no_grad():
-            self.activated = _recomputed_act(self.act, self.gate)
-            return self.activated * self.up
+            return self.activated.detach() * self.up
 
-    def take_activated(self) -> torch.Tensor | None:
-        """The act(gate) tensor() computed, handed over once (None if not computed)."""
-        activated, self.activated = self.activated, None
-        return activated
+    def take_activated(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(leaf, act(gate)) as tensor() computed them, handed over once ((None, None) if not computed)."""
+        taken = self.leaf, self.activated
+        self.leaf = self.activated = None
+        return taken
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
