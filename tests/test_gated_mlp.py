@@ -41,7 +41,8 @@ def plain_and_lean(model):
     return model, lean
 
 
-@pytest.mark.parametrize("setup", ["lora dropout", "dora", "trained base", "gelu", "frozen down_proj"])
+@pytest.mark.parametrize("setup", ["lora dropout", "dora", "trained base", "gelu", "frozen down_proj",
+                                   "in-place silu"])
 def test_loss_and_gradients_are_bit_identical(setup):
     from transformers.activations import ACT2FN
 
@@ -56,6 +57,10 @@ def test_loss_and_gradients_are_bit_identical(setup):
         add_lora(model, LoraConfig(r=4, alpha=8, targets=ALL, init="random"))
     elif setup == "frozen down_proj":  # down's backward never asks for the product: act computed in its own
         add_lora(model, LoraConfig(r=4, alpha=8, targets=ALL[:-1], init="random"))
+    elif setup == "in-place silu":  # it would overwrite the gate(x) kept for backward: the lean forward steps aside
+        for layer in model.model.layers:
+            layer.mlp.act_fn = nn.SiLU(inplace=True)
+        add_lora(model, LoraConfig(r=4, alpha=8, targets=ALL, init="random"))
     plain, lean = plain_and_lean(model)
     tokens = torch.randint(3, 96, (2, 16))
     loss, grads = loss_and_grads(plain, tokens)

@@ -134,7 +134,8 @@ def _other_hooks_active() -> bool:
 
 def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """down(act(gate(x)) ⊙ up(x)), keeping gate(x) and up(x) only (see the module docstring)."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _other_hooks_active():
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _other_hooks_active() or \
+            getattr(self.act_fn, "inplace", False):  # an in-place act would overwrite the gate(x) kept
         return type(self).plain_forward(self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not (gate.requires_grad or up.requires_grad):  # nothing to keep: the class's expression, on these
