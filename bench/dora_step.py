@@ -93,7 +93,7 @@ def main() -> None:
     print("first-step losses: " + ", ".join(f"{name} {loss:.6f}" for name, loss in first.items()))
     if args.memory_only:
         peaks = {name: C.allocator_peak(step) for name, step in steps.items()}
-        print(C.table(["DoRA step", "peak memory"], [[name, C.mib(p)] for name, p in peaks.items()]))
+        print(C.table(["step (lorakit, peft: DoRA)", "peak memory"], [[name, C.mib(p)] for name, p in peaks.items()]))
         print(json.dumps({"peak_memory_ratio": round(peaks["lorakit"] / peaks["peft"], 3), "hidden": hidden,
                           "layers": layers, "tokens": batch * seq}))
         return
