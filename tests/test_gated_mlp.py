@@ -1,9 +1,11 @@
 """gated_mlp: the MLP down(act(gate(x)) ⊙ up(x)) keeping gate(x) and up(x) for backward.
 
-Bit-identical loss and gradients with and without it (LoRA with dropout, DoRA, a trained base);
-exactly two (N, I) tensors fewer alive after forward per layer (the allocator's count); which of
-transformers' MLPs it recognises; where it steps aside (no gradient, other saved-tensor hooks:
-activation checkpointing); add_lora switching it on and merge_and_unload off.
+Bit-identical loss and gradients with and without it (LoRA with dropout, DoRA, a trained base,
+GELU-tanh, a frozen down_proj, an in-place SiLU it steps aside for); one act and one act backward
+per layer in backward; exactly two (N, I) tensors fewer alive after forward per layer (the
+allocator's count); which of transformers' MLPs it recognises; where it steps aside (no gradient,
+other saved-tensor hooks: activation checkpointing); add_lora switching it on and merge_and_unload
+off.
 """
 
 import copy
