@@ -528,6 +528,13 @@ def activation_bytes(arch: Architecture, config: PlanConfig, checkpointing: bool
     return arch.num_layers * layer + head
 
 
+def loss_chunk_bytes(rows: int, vocab: int, p: int) -> int:
+    """One chunk of loss.py's chunked losses over `rows` token rows: C = min(DEFAULT_CHUNK_SIZE, rows)
+    rows of float32 logits turned into the softmax in place (4*C*V), plus in 16 bits the chunk's
+    p-byte logits before the upcast (p*C*V)."""
+    return min(DEFAULT_CHUNK_SIZE, rows) * vocab * (4 + (p if p < 4 else 0))
+
+
 def logits_bytes(arch: Architecture, config: PlanConfig) -> int:
     """The loss's memory at its peak, on top of the activations.
 
@@ -544,8 +551,7 @@ def logits_bytes(arch: Architecture, config: PlanConfig) -> int:
     if arch.chunked_loss:
         # the head's float32 gradient (summed in place) and, in 16 bits, its cast in backward
         head = (4 + (p if p != 4 else 0)) * v * h if config.method == "full" else 0
-        chunk = min(DEFAULT_CHUNK_SIZE, t) * v * (4 + (p if p < 4 else 0))
-        return t * h * p + head + chunk
+        return t * h * p + head + loss_chunk_bytes(t, v, p)
     extra = p if arch.final_softcap else 0
     return t * v * (12 + extra)
 
@@ -577,8 +583,7 @@ def preference_logits_bytes(arch: Architecture, config: PlanConfig) -> int:
         return logits_bytes(arch, config)
     n, v, p = config.scored_tokens, arch.vocab_size, config.p
     if config.method != "full":  # a frozen head: chunked_token_logps
-        c = min(DEFAULT_CHUNK_SIZE, n)
-        return n * arch.hidden_size * p + 4 * c * v + (p * c * v if p < 4 else 0)
+        return n * arch.hidden_size * p + loss_chunk_bytes(n, v, p)
     return 16 * n * v + n * arch.hidden_size * p  # the trained head also keeps its input, n_a*h*p
 
 
