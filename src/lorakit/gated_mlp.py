@@ -95,9 +95,10 @@ def _times(a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor
 
 
 def _is_silu(act) -> bool:
-    """Is act SiLU as torch or transformers computes it (forward F.silu, not in place)?"""
+    """Is act SiLU as torch or transformers computes it (forward F.silu; an in-place one never gets
+    here: the lean forward steps aside for it)?"""
     forward = getattr(type(act), "forward", None)
-    return forward in _SILU_FORWARDS and not getattr(act, "inplace", False) and "forward" not in vars(act)
+    return forward in _SILU_FORWARDS and "forward" not in vars(act)
 
 
 def _silu_forwards() -> frozenset:
