@@ -89,7 +89,7 @@ def _times(a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor
     the act just computed, not gate itself or a view of it): one (N, I) buffer fewer to allocate,
     the same values (the product commutes)."""
     fresh = a._base is None and a.untyped_storage().data_ptr() != gate.untyped_storage().data_ptr()
-    if fresh and a.shape == b.shape and a.dtype == b.dtype and not a.requires_grad:
+    if fresh and a.shape == b.shape and a.dtype == b.dtype:  # a: computed without a graph (forward, or detached)
         return a.mul_(b)
     return a * b
 
