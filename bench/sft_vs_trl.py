@@ -20,7 +20,7 @@ What every contender gets (issue 20, item 1):
   (--gradient-checkpointing turns it on for everyone; trl's own default is on);
 - the same batches (--order lorakit, the default): trl padded and trl padding-free read the records in
   lorakit's epoch order (data.epoch_order of seed 0) without shuffling, so their 4-example batches
-  are lorakit padded's, step for step. With --order own trl shuffles them with its sampler (seed 0),
+  are lorakit padded's (and lorakit padding-free's), step for step. With --order own trl shuffles them with its sampler (seed 0),
   and the held-out loss then measures the order more than the library: at 10 steps of 5e-4 it moved
   by 0.31 (issue 15: lorakit padded 3.2793, trl padded 2.9697; trl fed lorakit's order, dropout 0:
   3.2778 for both, the same to 2e-6). Over orders (trl, the same initial adapter, dropout 0): lorakit's
@@ -38,6 +38,8 @@ Contenders (each a fresh subprocess, so that its peak RSS is its own):
     lorakit padded      lorakit's default: right-padded batches
     lorakit grouped     data.group_by_length: batches of similar length (exact, less padding)
     lorakit packed      data.packing: whole examples in rows, block-diagonal attention (exact)
+    lorakit padding-free  data.padding_free: each batch's examples in one row, block-diagonal
+                        attention (exact; the batches and steps of padded, as trl padding-free)
     trl padded          SFTTrainer + peft_config, right-padded batches
     trl padding-free    padding_free=True: the batch flattened into one row with position ids;
                         trl documents it for FlashAttention, and on CPU SDPA transformers derives
@@ -77,7 +79,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import common as C  # noqa: E402
 
-LORAKIT = ("lorakit padded", "lorakit grouped", "lorakit packed")
+LORAKIT = ("lorakit padded", "lorakit grouped", "lorakit packed", "lorakit padding-free")
 TRL = ("trl padded", "trl padding-free", "trl packed")
 CONTENDERS = LORAKIT + TRL
 WORDS = ("apple river stone cloud green music paper light tiger window silver garden orange winter "
@@ -138,7 +140,8 @@ def run_lorakit(mode: str, args, data: Path, out: Path) -> dict:
         method="qlora" if args.qlora else "lora", model=ModelSection(dtype="float32"),
         lora=LoraSection(r=C.RANK, alpha=C.ALPHA, dropout=args.dropout, targets="all-linear"),
         data=DataSection(train=str(data / "train.jsonl"), validation_fraction=0.0, max_length=args.max_length,
-                         packing=mode == "lorakit packed", group_by_length=mode == "lorakit grouped"),
+                         packing=mode == "lorakit packed", group_by_length=mode == "lorakit grouped",
+                         padding_free=mode == "lorakit padding-free"),
         train=TrainSection(steps=args.steps, batch_size=args.examples, lr=args.lr, schedule="constant",
                            warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=0, threads=args.threads,
                            save_every=10**9, gradient_checkpointing=args.gradient_checkpointing, device="cpu"),
@@ -382,7 +385,7 @@ def main(argv=None) -> int:
     summary = {"method": method, "reference": ref, "reps": args.reps, "steps": args.steps, "examples": args.examples,
                "max_length": args.max_length, "order": args.order, "dropout": args.dropout}
     for n in lorakit_modes:
-        key = n.split()[1]
+        key = n.split()[1].replace("-", "_")
         summary[f"{key}_tokens_per_s_ratio"] = round(med[n]["tokens_per_s"] / med[ref]["tokens_per_s"], 3)
         summary[f"{key}_peak_rss_ratio"] = round(med[n]["peak_rss_bytes"] / med[ref]["peak_rss_bytes"], 3)
         summary[f"{key}_heldout_loss_diff"] = round(med[n]["heldout_loss"] - med[ref]["heldout_loss"], 4)

@@ -97,6 +97,12 @@ def test_plan_run_is_the_plan_train_logs():
     assert not plan_run(one, arch_from_config(SMOL_CONFIG), "cpu").config.masked_attention  # one row: no mask
     packed = RunConfig.from_dict({**one.to_dict(), "data": {**one.to_dict()["data"], "packing": True}})
     assert plan_run(packed, arch_from_config(SMOL_CONFIG), "cpu").config.masked_attention
+    # padding-free: the micro-batch is one row of up to 3 x 32 tokens, masked block-diagonally
+    flat = RunConfig.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "padding_free": True}})
+    one_row = plan(arch_from_config(SMOL_CONFIG), method="qlora", rank=4, targets=["q_proj", "o_proj"], batch_size=1,
+                   seq_len=96, grad_checkpointing=False, dtype="bf16", lora_dropout=0.1, device="cpu", n_gpus=1,
+                   masked_attention=True, recommend=False)
+    assert plan_run(flat, arch_from_config(SMOL_CONFIG), "cpu") == one_row != hand
     sharded = plan_run(config, arch_from_config(SMOL_CONFIG), "cuda", 4)
     assert (sharded.config.n_gpus, sharded.config.device) == (4, "cuda")
 

@@ -159,7 +159,7 @@ def test_every_bad_preference_setting_is_reported_at_once():
         RunConfig.from_dict({"objective": "dpo", "method": "full",
                              "preference": {"beta": 0, "loss": "hinge", "label_smoothing": 0.5, "orpo_lambda": -1,
                                             "lambda": 0.1},
-                             "data": {"packing": True, "format": "chat"}})
+                             "data": {"packing": True, "padding_free": True, "format": "chat"}})
     assert e.value.problems == [
         "unknown key preference.lambda: valid keys in preference are beta, loss, label_smoothing, orpo_lambda",
         "preference.loss='hinge': valid choices are sigmoid, ipo",
@@ -173,7 +173,9 @@ def test_every_bad_preference_setting_is_reported_at_once():
         "objective='dpo' with data.format='chat': a preference objective trains on (prompt, chosen, rejected) "
         "records: use data.format=preference or auto",
         "data.packing=true with objective='dpo': a preference pair is two whole sequences compared with each other, "
-        "they cannot be packed: set data.packing=false"]
+        "they cannot be packed: set data.packing=false",
+        "data.padding_free=true with objective='dpo': preference pairs are collated padded (each sequence's "
+        "log-probability is read from its own row): set data.padding_free=false"]
 
 
 @pytest.mark.parametrize("settings,problem", [

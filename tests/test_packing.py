@@ -1,4 +1,5 @@
 """Exact packing: a packed row's loss is the sum of its examples' losses unpacked, token for token.
+Padding-free batches (collate's padding_free, data.padding_free) are a batch joined into one such row.
 
 data.pack puts whole examples into rows, collate gives the rows position ids that restart with each
 example, and loss.SummedLoss lets the model derive the block-diagonal causal mask from them. Checked
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny_gpt2, tiny_llama
 
 from lorakit.data import IGNORE, Dataset, Example, collate, pack
-from lorakit.loss import SummedLoss
+from lorakit.loss import SummedLoss, supervised_tokens
 
 # length mixes: short and long together, singletons, equal lengths, many small, a row filled exactly
 MIXES = [(5, 9, 3, 12, 7), (1, 2, 30), (16, 16), (4,) * 8, (20, 1, 1, 10)]
@@ -98,3 +99,33 @@ def test_an_example_longer_than_a_row_is_cut_and_counted():
     assert packed.truncated == 1
     assert sorted(n for row in packed.examples for n in row.lengths) == [5, 10, ROW]
     assert packed.supervised_tokens == (ROW - 2) + (10 - 2) + (5 - 2)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("lengths", MIXES, ids=lambda m: "-".join(map(str, m)))
+def test_a_padding_free_batch_is_the_padded_batch_without_its_padding(make, lengths):
+    """collate(padding_free=True): one row of the batch's tokens, the padded batch's supervised
+    tokens, loss and every gradient (1e-5); packed rows joined keep their members' boundaries."""
+    model = make()
+    model.requires_grad_(True)
+    examples = dataset(lengths, seed=2).examples
+    summed = SummedLoss(model)
+
+    padded, flat = collate(examples, pad_id=0), collate(examples, pad_id=0, padding_free=True)
+    assert flat["input_ids"].shape == (1, sum(lengths)) and int(flat["attention_mask"].sum()) == sum(lengths)
+    assert flat["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert supervised_tokens(flat) == supervised_tokens(padded) == sum(max(0, n - 2) for n in lengths)
+    grads = []
+    for batch in (padded, flat):
+        model.zero_grad()
+        loss = summed(**batch)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-5)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-5, atol=1e-5, msg=name)
+
+    rows = pack(dataset(lengths, seed=2), ROW).examples
+    joined = collate(rows, pad_id=0, padding_free=True)
+    assert joined["position_ids"][0].tolist() == [p for row in rows for n in row.lengths for p in range(n)]
+    assert supervised_tokens(joined) == supervised_tokens(collate(rows, pad_id=0))

@@ -32,15 +32,18 @@ def records(n=12):
     return rows
 
 
-def test_lorakit_training_equals_trl_on_the_same_batches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_lorakit_training_equals_trl_on_the_same_batches(tmp_path, monkeypatch, padding_free):
     """trl's run gets lorakit's initial adapter and lorakit's batches (data.batch_at), in order;
     AdamW, constant lr with no warm-up, clipping at 1.0, no dropout: the per-step losses (mean
-    cross-entropy per completion token) and the final adapters agree."""
+    cross-entropy per completion token) and the final adapters agree. Padded batches on both sides,
+    or padding-free ones (lorakit's data.padding_free, trl's padding_free: each batch one row of its
+    examples end to end, position ids restarting with each)."""
     config = RunConfig.from_dict({}, [
         "data.train=unused.jsonl", f"train.steps={STEPS}", f"train.batch_size={BATCH}", f"train.lr={LR}",
         "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0", "train.max_grad_norm=1.0",
         "train.log_every=1", "train.save_every=1000", "eval.every=0", "lora.r=4", "lora.alpha=8",
-        "lora.dropout=0", "train.seed=0"])
+        "lora.dropout=0", "train.seed=0", f"data.padding_free={str(padding_free).lower()}"])
     tok = char_tokenizer()
     data = build_dataset(records(), tok, "prompt_completion", 64)
     model = tiny_llama(vocab=len(tok), init_range=0.1)
@@ -64,7 +67,8 @@ def test_lorakit_training_equals_trl_on_the_same_batches(tmp_path, monkeypatch):
         output_dir=str(tmp_path / "trl"), max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, disable_tqdm=True,
-        completion_only_loss=True, max_length=None, activation_checkpointing=False, seed=0)
+        completion_only_loss=True, max_length=None, activation_checkpointing=False, seed=0,
+        padding_free=padding_free)
     trainer = trl.SFTTrainer(model=theirs_model, args=args, train_dataset=rows, processing_class=tok)
     monkeypatch.setattr(trainer, "_get_train_sampler",
                         lambda dataset=None: torch.utils.data.SequentialSampler(

@@ -408,6 +408,8 @@ class DataSection:
     max_length: int | str = 64        # tokens per example; "auto": the longest training example (at most 2048)
     packing: bool = False             # whole examples in rows of max_length, attention kept within each example
     group_by_length: bool = False     # batches of examples of similar length (less padding; data.grouped_batches)
+    padding_free: bool = False        # each micro-batch's examples in one row, attention kept within each example:
+                                      # the batches and loss of padded training, no padding (trl's padding_free)
     train_on_inputs: bool = False     # False: prompt tokens carry no loss
     n_train: int | None = None        # builtin tasks: number of training examples
     n_test: int | None = None         # builtin tasks: number of test examples
@@ -648,6 +650,9 @@ class RunConfig:
         if self.objective in PREFERENCE_OBJECTIVES and self.data.packing is True:
             out.append(f"data.packing=true with objective={self.objective!r}: a preference pair is two whole "
                        "sequences compared with each other, they cannot be packed: set data.packing=false")
+        if self.objective in PREFERENCE_OBJECTIVES and self.data.padding_free is True:
+            out.append(f"data.padding_free=true with objective={self.objective!r}: preference pairs are collated "
+                       "padded (each sequence's log-probability is read from its own row): set data.padding_free=false")
         return out
 
     @property

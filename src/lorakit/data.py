@@ -434,21 +434,30 @@ def pack(dataset: Dataset, max_length: int) -> Dataset:
             left -= n
         if left > 0:
             bisect.insort(free, (left, row))
-    packed = []
-    for members in rows:
-        members.sort()  # dataset order within a row
-        row = [examples[i] for i in members]
-        ids = [t for e in row for t in e.input_ids]
-        labels = [t for e in row for t in [IGNORE, *e.labels[1:]]]
-        packed.append(Example(ids, labels, source="packed: " + ", ".join(e.source for e in row),
-                              lengths=[len(e.input_ids) for e in row]))
+    packed = [join([examples[i] for i in sorted(members)]) for members in rows]  # dataset order within a row
     return Dataset(packed, dataset.truncated + cut, dataset.unsupervised, dataset.format, max_length)
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def join(examples: list[Example]) -> Example:
+    """The examples end to end in one row, as exact packing lays them out: `lengths` says where
+    each begins (collate restarts the position ids there), and each one's first label is ignored,
+    as unpacked (nothing before it predicts it). Examples that are packed rows already keep their
+    members' boundaries."""
+    return Example([t for e in examples for t in e.input_ids],
+                   [t for e in examples for t in [IGNORE, *e.labels[1:]]],
+                   source="packed: " + ", ".join(e.source.removeprefix("packed: ") for e in examples),
+                   lengths=[n for e in examples for n in (e.lengths or [len(e.input_ids)])])
+
+
+def collate(examples: list[Example], pad_id: int, padding_free: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels (-100 on padding). Packed rows (pack)
     also get position_ids (B, T) that restart at 0 with each example and with the padding, from
-    which the model derives the block-diagonal causal mask (loss.SummedLoss)."""
+    which the model derives the block-diagonal causal mask (loss.SummedLoss).
+
+    padding_free (data.padding_free): the examples joined into one row (1, total tokens) instead,
+    laid out as a packed row: the padded batch's supervised tokens and losses, and no padding."""
+    if padding_free:
+        examples = [join(examples)]
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)

@@ -49,21 +49,26 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
                                            every token of a pair's answers scored: answer_tokens None)
         data.packing, batch_size > 1, dpo / orpo -> masked_attention (rows padded to the longest, or
                                            packed: the batch carries an attention mask)
+        data.padding_free               -> batch_size 1 and seq_len batch_size * seq_len (the micro-batch
+                                           is one row; its block-diagonal mask covers the whole row)
 
     device ("cuda" or "cpu") and n_gpus (ranks sharding the model with FSDP; 1 for one process or
     DDP, which replicates it) are where the run happens; optimizer is the planner's (lorakit train
     uses torch's AdamW: "adamw"). lora.targets None plans q_proj and v_proj.
     """
     seq_len = MAX_LENGTH_AUTO_CAP if config.data.max_length == "auto" else config.data.max_length
+    batch_size = config.train.batch_size
+    if config.data.padding_free:
+        batch_size, seq_len = 1, batch_size * seq_len
     return PlanConfig(method=config.method, rank=config.lora.r, targets=config.lora.targets,
-                      batch_size=config.train.batch_size, seq_len=seq_len,
+                      batch_size=batch_size, seq_len=seq_len,
                       grad_checkpointing=config.train.gradient_checkpointing, dtype=config.model.dtype,
                       lora_dropout=config.lora.dropout, device=device, n_gpus=n_gpus, optimizer=optimizer,
                       objective=config.objective, dora=config.lora.dora,
                       target_parameters=config.lora.target_parameters, init=config.lora.init,
                       pissa_niter=config.lora.pissa_niter,
-                      masked_attention=config.data.packing or config.train.batch_size > 1
-                      or config.objective != "sft")
+                      masked_attention=config.data.packing or config.data.padding_free
+                      or config.train.batch_size > 1 or config.objective != "sft")
 
 
 def plan_run(config: RunConfig, arch: Architecture | str | dict, device: str = "cuda", n_gpus: int = 1, *,

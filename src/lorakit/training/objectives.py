@@ -98,7 +98,10 @@ class SFT:
 
     def micro_batches(self, dataset: Dataset, step: int, config: RunConfig, ctx: distributed.Context,
                       pad_id: int) -> list[dict[str, torch.Tensor]]:
-        return global_micro_batches(self.collate, dataset, step, config, ctx, pad_id)
+        """The examples of global_micro_batches; with data.padding_free each micro-batch is one row."""
+        flat = config.data.padding_free
+        return global_micro_batches(lambda examples, pad: collate(examples, pad, padding_free=flat),
+                                    dataset, step, config, ctx, pad_id)
 
     def collate(self, examples: list, pad_id: int) -> dict[str, torch.Tensor]:
         return collate(examples, pad_id)
