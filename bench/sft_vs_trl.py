@@ -20,8 +20,8 @@ What every contender gets (issue 20, item 1):
   (--gradient-checkpointing turns it on for everyone; trl's own default is on);
 - the same batches (--order lorakit, the default): trl padded and trl padding-free read the records in
   lorakit's epoch order (data.epoch_order of seed 0) without shuffling, so their 4-example batches
-  are lorakit padded's (and lorakit padding-free's), step for step. With --order own trl shuffles them with its sampler (seed 0),
-  and the held-out loss then measures the order more than the library: at 10 steps of 5e-4 it moved
+  are lorakit padded's (and lorakit padding-free's), step for step. With --order own trl shuffles them
+  with its sampler (seed 0), and the held-out loss then measures the order more than the library: at 10 steps of 5e-4 it moved
   by 0.31 (issue 15: lorakit padded 3.2793, trl padded 2.9697; trl fed lorakit's order, dropout 0:
   3.2778 for both, the same to 2e-6). Over orders (trl, the same initial adapter, dropout 0): lorakit's
   epoch_order of seeds 0-3 gives 3.28, 3.10, 3.01, 3.06, trl's sampler of data seeds 0-3 2.96, 3.05,
