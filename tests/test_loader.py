@@ -157,3 +157,27 @@ def test_qlora_stores_expert_weights_in_nf4_as_they_are_read(tmp_path):
     assert sorted(n for n in states if "experts" in n) == [
         f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
     assert states["model.layers.1.mlp.experts.down_proj"].shape == (4, 32, 64)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads the process's mappings")
+@pytest.mark.parametrize("kind", ["float32", "nf4", "4-bit checkpoint"])
+def test_the_loaded_model_keeps_no_mapping_of_the_checkpoint(tmp_path, kind, tokens):
+    """Every tensor the loader keeps is a copy: safetensors' tensors point into its mapping of the
+    whole file, and one kept tensor (an NF4 model's embedding) would keep the mapping, and every
+    page read so far resident (the whole checkpoint, read to be quantized)."""
+    import gc
+
+    from lorakit.cli import main
+
+    reference = saved(tmp_path / "base")
+    path = tmp_path / "base"
+    if kind == "4-bit checkpoint":
+        assert main(["quantize", str(path), "--out", str(tmp_path / "nf4"), "--compute-dtype", "float32"]) == 0
+        path = tmp_path / "nf4"
+    loader = CheckpointLoader(path, quantize="nf4" if kind == "nf4" else None)
+    loader.fill()
+    gc.collect()
+    mapped = [line for line in open("/proc/self/maps") if str(path / "model.safetensors") in line]
+    assert mapped == []
+    if kind == "float32":
+        assert torch.equal(loader.model.eval()(tokens).logits, reference.eval()(tokens).logits)

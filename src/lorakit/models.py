@@ -355,8 +355,8 @@ class CheckpointLoader:
 
             for target in todo:
                 sources = self.pending.pop(target)
-                if target in self.linears:  # a bitsandbytes 4-bit layer, byte for byte
-                    packed = {renamed: read(key) for key, renamed, _ in sources}
+                if target in self.linears:  # a bitsandbytes 4-bit layer, byte for byte (copies: see _assign)
+                    packed = {renamed: read(key).clone() for key, renamed, _ in sources}
                     self.linears[target].set_quant_state(from_bnb_tensors(packed, target))
                 elif sources[0][2] is not None:
                     self._convert(target, sources, read)
@@ -410,8 +410,10 @@ class CheckpointLoader:
     def _assign(self, key: str, tensor: torch.Tensor) -> None:
         from .nf4 import quantize_parameter_
 
-        if tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
+        # always a copy: a tensor safetensors reads points into its mapping of the whole file, so
+        # keeping one would keep the mapping, and every page of it read so far (with NF4, the whole
+        # checkpoint, read to be quantized) would stay resident beside the model
+        tensor = tensor.to(self.dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
         holders = self.slots[key]
         module, leaf = holders[0]
         if leaf in module._parameters:  # trainable or not, as set on the skeleton (e.g. by add_lora)
