@@ -18,15 +18,15 @@ What every contender gets (issue 20, item 1):
   records), r=16 alpha=32 dropout 0.05 (--dropout) on all linear layers but the head, AdamW at a constant
   --lr with no warm-up, weight decay 0, gradient clipping at 1.0, seed 0, no gradient checkpointing
   (--gradient-checkpointing turns it on for everyone; trl's own default is on);
-- the same batches (--order lorakit, the default): trl padded and trl padding-free read the records in
-  lorakit's epoch order (data.epoch_order of seed 0) without shuffling, so their 4-example batches
-  are lorakit padded's (and lorakit padding-free's), step for step. With --order own trl shuffles them
-  with its sampler (seed 0), and the held-out loss then measures the order more than the library: at 10 steps of 5e-4 it moved
-  by 0.31 (issue 15: lorakit padded 3.2793, trl padded 2.9697; trl fed lorakit's order, dropout 0:
-  3.2778 for both, the same to 2e-6). Over orders (trl, the same initial adapter, dropout 0): lorakit's
-  epoch_order of seeds 0-3 gives 3.28, 3.10, 3.01, 3.06, trl's sampler of data seeds 0-3 2.96, 3.05,
-  3.28, 2.99: trl's seed 0 was a lucky order. lorakit grouped and the packed modes batch differently
-  whatever the order;
+- the same batches (--order lorakit, the default): trl padded and trl padding-free read the records
+  in lorakit's epoch order (data.epoch_order of seed 0) without shuffling, so their 4-example
+  batches are lorakit padded's (and lorakit padding-free's), step for step. With --order own trl
+  shuffles them with its sampler (seed 0), and the held-out loss then measures the order more than
+  the library: at 10 steps of 5e-4 it moved by 0.31 (issue 15: lorakit padded 3.2793, trl padded
+  2.9697; trl fed lorakit's order, dropout 0: 3.2778 for both, the same to 2e-6). Over orders (trl,
+  the same initial adapter, dropout 0): lorakit's epoch_order of seeds 0-3 gives 3.28, 3.10, 3.01,
+  3.06, trl's sampler of data seeds 0-3 2.96, 3.05, 3.28, 2.99: trl's seed 0 was a lucky order.
+  lorakit grouped and the packed modes batch differently whatever the order;
 - packed modes (lorakit `data.packing`, trl `packing=True`) batch rows, not examples: the records are
   packed into R rows of max length by each library, and a step takes max(1, R // steps) rows for
   R // that steps, one epoch over the same records (the steps column says how many were taken).
@@ -34,7 +34,8 @@ What every contender gets (issue 20, item 1):
   sampler of seed), so the batches differ and so do the losses along the way; after the epoch both
   have seen every record once, which is what the held-out loss compares.
 
-Contenders (each a fresh subprocess, so that its peak RSS is its own):
+Contenders (each a fresh subprocess, so that its peak RSS is its own; lorakit's get THP_MEM_ALLOC_ENABLE=1,
+as a `lorakit train` process has it: lorakit sets it when imported before torch):
     lorakit padded      lorakit's default: right-padded batches
     lorakit grouped     data.group_by_length: batches of similar length (exact, less padding)
     lorakit packed      data.packing: whole examples in rows, block-diagonal attention (exact)
@@ -349,8 +350,12 @@ def main(argv=None) -> int:
                    "--lr", str(args.lr), "--threads", str(args.threads), "--dropout", str(args.dropout),
                    "--order", args.order]
             cmd += ["--qlora"] * args.qlora + ["--gradient-checkpointing"] * args.gradient_checkpointing
+            # a lorakit contender's process as `lorakit train`'s: lorakit, imported before torch there,
+            # puts torch's large CPU tensors on huge pages (lorakit/__init__.py); this script imports torch first
+            env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")} \
+                if name in LORAKIT else None
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
             if proc.returncode:
                 print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
                 raise SystemExit(f"{name} failed (exit {proc.returncode})")

@@ -104,3 +104,22 @@ def test_no_module_imports_a_private_name_of_another():
     private = sorted(f"{m} imports {t}.{name}" for m, edges in imports().items() for t, name in edges
                      if name and name.startswith("_") and not name.startswith("__") and t != m)
     assert private == []
+
+
+def test_importing_lorakit_first_puts_torchs_large_cpu_tensors_on_huge_pages():
+    """torch reads THP_MEM_ALLOC_ENABLE once, at its import: lorakit sets it when it comes first,
+    leaves it alone when torch is already loaded, and never overrides the user's value."""
+    import subprocess
+    import sys
+
+    def env_after(code, **env):
+        import os
+
+        environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+        code += "; import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+        return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
+                              check=True).stdout.split()[-1]
+
+    assert env_after("import lorakit") == "1"
+    assert env_after("import torch, lorakit") == "None"
+    assert env_after("import lorakit", THP_MEM_ALLOC_ENABLE="0") == "0"
