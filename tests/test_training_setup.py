@@ -52,7 +52,9 @@ def test_load_data_fills_in_max_length_auto_and_max_new_tokens(tmp_path):
     assert config.eval.max_new_tokens == 6
     assert lines == ["data check: train tokens per example min 6 / median 8 / p95 28 / max 28; 0 error(s), 0 warning(s)",
                      "data.max_length=auto: 28 tokens (the longest training example, at most 2048)",
-                     "eval.max_new_tokens: 6 (the longest test reference + 2)"]
+                     "eval.max_new_tokens: 6 (the longest test reference + 2)",
+                     "data: 65% of the tokens of padded batches of 16 are padding; data.padding_free=true trains the "
+                     "same batches without computing on it"]
 
 
 def test_load_data_warns_of_truncation_and_stops_on_leakage(tmp_path):
@@ -160,3 +162,26 @@ def test_loftq_run_quantizes_every_linear_but_the_head_and_loraplus_sets_the_gro
     assert len(frozen) == 2 * 7 and type(model.lm_head) is torch.nn.Linear
     _, optimizer, _ = optimizer_and_schedule(model, config)
     assert [(len(g["params"]), g["initial_lr"]) for g in optimizer.param_groups] == [(4, 1e-3), (4, 16e-3)]
+
+
+def test_load_data_suggests_padding_free_when_padded_batches_are_mostly_padding(tmp_path):
+    from lorakit.data import batch_at, padding_share
+
+    config = config_for(tmp_path, "train.batch_size=4", "data.max_length=64",
+                        train=write_jsonl(tmp_path / "long.jsonl", qa(40, long_every=4)))
+    lines = []
+    ds, _, _ = load_data(config, tok, log=lines.append)
+    # by hand: epoch 0's ten batches of 4, each padded to its longest example
+    batches = [[len(e.input_ids) for e in batch_at(ds, s, 4, config.train.seed)] for s in range(10)]
+    share = 1 - sum(map(sum, batches)) / sum(4 * max(b) for b in batches)
+    assert padding_share(ds, 4, config.train.seed) == pytest.approx(share) and share > 0.25
+    assert f"data: {share:.0%} of the tokens of padded batches of 4 are padding; data.padding_free=true trains " \
+           "the same batches without computing on it" in lines
+    for quiet in ("data.padding_free=true", "data.packing=true", "train.batch_size=1"):
+        lines = []
+        load_data(config_for(tmp_path, quiet, "data.max_length=64", train=str(tmp_path / "long.jsonl")), tok,
+                  log=lines.append)
+        assert not [line for line in lines if "padding_free" in line], quiet
+    lines = []
+    load_data(config_for(tmp_path, "train.batch_size=4"), tok, log=lines.append)  # similar lengths: no hint
+    assert not [line for line in lines if "padding_free" in line]

@@ -47,6 +47,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "bard": "assistant", "tool": "tool", "function": "tool", "observation": "tool"}
 HF_PREFIX = "hf:"
 MEGABATCH = 50          # data.group_by_length: batches are grouped by length within MEGABATCH x batch examples
+PADDING_HINT = 0.25     # load_data suggests data.padding_free when this share of padded batches is padding
 PROGRESS_MIN = 10_000   # build_dataset shows a progress bar (terminal, rank 0) above this many records
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 ALPACA_PROMPT = (
@@ -561,6 +562,19 @@ def grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) 
         batches += [mega[k:k + batch_size] for k in range(0, len(mega), batch_size)]
     random.Random(f"lorakit group_by_length {seed} {epoch}").shuffle(batches)
     return batches
+
+
+def padding_share(dataset: Dataset, batch_size: int, seed: int) -> float:
+    """The share of padding among the tokens of epoch 0's batches as collate pads them (each batch
+    to its longest example): the compute data.padding_free saves."""
+    lengths = [len(e.input_ids) for e in dataset.examples]
+    if dataset.group_by_length:
+        batches = grouped_batches(lengths, batch_size, seed, 0)
+    else:
+        order = epoch_order(len(lengths), seed, 0)
+        batches = [order[i:i + batch_size] for i in range(0, len(lengths) // batch_size * batch_size, batch_size)]
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths[i] for b in batches for i in b) / padded if padded else 0.0
 
 
 def split_validation(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -12,8 +12,8 @@ import torch
 
 from .. import distributed
 from ..config import BUILTIN_PREFIX, MAX_LENGTH_AUTO_CAP, ConfigError, RunConfig
-from ..data import (HF_PREFIX, DataError, Dataset, auto_max_length, build_dataset, derive_max_new_tokens, map_columns,
-                    pack, read_data, split_validation)
+from ..data import (HF_PREFIX, PADDING_HINT, DataError, Dataset, auto_max_length, build_dataset, derive_max_new_tokens,
+                    map_columns, pack, padding_share, read_data, split_validation)
 from ..dtypes import to_torch
 from ..inject import add_lora, resolve_targets
 from ..optim import parameter_groups
@@ -183,7 +183,8 @@ def read_datasets(config: RunConfig, tokenizer) -> tuple[Dataset, Dataset | None
 def load_data(config: RunConfig, tokenizer, log=None) -> tuple[Dataset, Dataset | None, Dataset | None]:
     """(train, validation, test) for a run: read_datasets, checked by the data pre-flight check
     (training.datacheck: a summary is logged, its errors stop the run), packed with data.packing,
-    batched by length with data.group_by_length (data.grouped_batches).
+    batched by length with data.group_by_length (data.grouped_batches). Padded batches that would
+    be mostly padding (data.PADDING_HINT) get a line suggesting data.padding_free.
 
     What the config leaves to the data is filled in, in `config` itself, so that the run, its
     config.yaml and a resumed run see the numbers: data.max_length "auto" (the longest training
@@ -217,6 +218,11 @@ def load_data(config: RunConfig, tokenizer, log=None) -> tuple[Dataset, Dataset 
             raise ConfigError("training data", ["data.group_by_length=true groups single sequences (objective sft); "
                                                 "preference pairs are not grouped: set data.group_by_length=false"])
         train = dataclasses.replace(train, group_by_length=True)
+    if isinstance(train, Dataset) and not (d.packing or d.padding_free) and config.train.batch_size > 1:
+        share = padding_share(train, config.train.batch_size, config.train.seed)
+        if share >= PADDING_HINT:
+            log(f"data: {share:.0%} of the tokens of padded batches of {config.train.batch_size} are padding; "
+                "data.padding_free=true trains the same batches without computing on it")
     return train, validation, test
 
 
