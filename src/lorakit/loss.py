@@ -18,9 +18,13 @@ first round dL/dz to the weight's dtype; this keeps no (V, d) temporary per chun
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import segment_attention
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 256  # tokens per block: 256 x 49152 float32 = 48 MiB
@@ -226,19 +230,21 @@ class SummedLoss(nn.Module):
         self.chunked = supports_chunked_loss(model)
 
     def forward(self, input_ids, attention_mask, labels, position_ids=None) -> torch.Tensor:
-        """position_ids (B, T), for packed rows (data.pack): positions restart at 0 with each example;
-        the model then attends only within each example (transformers derives the block-diagonal
-        causal mask from the restarts when it gets no attention_mask and no cache), so the padding
-        at the end of a row, which restarts them too, is a block of its own."""
+        """position_ids (B, T), for packed rows (data.pack, data.padding_free): positions restart at 0
+        with each example; the model then attends only within each example (transformers derives the
+        block-diagonal causal mask from the restarts when it gets no attention_mask and no cache;
+        attention.segment_attention computes it example by example), so the padding at the end of a
+        row, which restarts them too, is a block of its own."""
         targets = labels[:, 1:]                                    # (B, T-1): position t predicts token t + 1
         # no KV cache: a training forward builds one for nothing (and torch.compile recompiles for it)
         inputs = {"input_ids": input_ids, "use_cache": False}
         inputs.update({"attention_mask": attention_mask} if position_ids is None else {"position_ids": position_ids})
-        if not self.chunked:
-            logits = self.model(**inputs).logits
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        hidden, head = head_input(self.model, **inputs)
+        with contextlib.nullcontext() if position_ids is None else segment_attention(self.model):
+            if not self.chunked:
+                logits = self.model(**inputs).logits
+                return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            hidden, head = head_input(self.model, **inputs)
         keep = targets != IGNORE_INDEX
         return chunked_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], head.bias,
                                      reduction="sum", chunk_size=self.chunk_size)  # (n_supervised, d) rows only

@@ -1,0 +1,98 @@
+"""Segment attention: the causal attention of a packed row computed example by example.
+
+A packed row (data.pack, data.padding_free) holds several examples end to end, its position ids
+restarting at 0 with each. transformers' `sdpa` attends over the whole row under the block-diagonal
+causal mask it derives from the restarts: (Σ nᵢ)² scores for the Σ nᵢ² / 2 that count, and, a mask
+ruling out SDPA's grouped-query path, keys and values copied once per query head. Here each example
+(a run of positions 0, 1, 2, ... in a row) attends alone, with SDPA's own causal path:
+
+    out[s:e] = softmax(q[s:e] k[s:e]ᵀ · scale + causal) v[s:e]        for every segment [s, e)
+
+the same values to rounding. On a SmolLM2-135M LoRA step over a row of 923 tokens holding 4
+examples this took the step from 4.29 to 3.47 s (bench/README.md, session 9).
+
+segment_attention(model) switches a model that runs transformers' `sdpa` to this function for one
+forward (SummedLoss does it for packed batches); it is registered with transformers under NAME,
+with sdpa's mask. The mask is still built and used where this path does not apply: under
+torch.compile (segment bounds are data), when the attention gets no position ids (GPT-2), has a
+cache, is not causal, or has a sliding window shorter than a segment. Then it is `sdpa` as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+NAME = "lorakit_segments"
+# Families whose attention goes through transformers' attention interface and reads nothing else
+# from the implementation's name, checked by tests/test_attention.py (Falcon calls SDPA itself and
+# would take another path under another name); any other model keeps sdpa.
+MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2",
+                         "gemma3_text", "gpt2", "gpt_neox"})
+
+
+def segments(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end), ...] of one row's position ids (T,): a segment starts where the position is not
+    the previous one + 1 (as transformers' find_packed_sequence_indices cuts a row)."""
+    restart = torch.ones_like(positions, dtype=torch.bool)
+    restart[1:] = positions[1:] != positions[:-1] + 1
+    starts = restart.nonzero().flatten().tolist()
+    return list(zip(starts, starts[1:] + [positions.numel()]))
+
+
+def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention interface: query (B, H, T, d), key and value (B, H_kv, T, d) -> output
+    (B, T, H, d). Attention within each segment of position_ids (kwargs), else transformers' sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    positions = kwargs.get("position_ids")
+    window = kwargs.get("sliding_window")
+    rows = None
+    if (positions is not None and positions.dim() == 2 and positions.shape[-1] == query.shape[2] == key.shape[2]
+            and getattr(module, "is_causal", True) and not torch.compiler.is_compiling()):
+        rows = [segments(p) for p in positions.expand(query.shape[0], -1)]
+        if window is not None and max(e - s for row in rows for s, e in row) > window:
+            rows = None
+    if rows is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    gqa = key.shape[1] != query.shape[1]
+    out = torch.cat([torch.cat([F.scaled_dot_product_attention(
+        query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout, is_causal=True,
+        scale=scaling, enable_gqa=gqa) for s, e in row], dim=2) for b, row in enumerate(rows)])
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(NAME, segment_sdpa)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        _registered = True
+
+
+@contextlib.contextmanager
+def segment_attention(model: torch.nn.Module):
+    """`model` attends segment by segment inside this block when it is of a family in MODEL_TYPES
+    running transformers' sdpa without gradient checkpointing; anything else is left as it is."""
+    config = getattr(model, "config", None)
+    # gradient checkpointing recomputes the blocks in backward, outside this block: with sdpa's
+    # path, whose saved tensors differ, which torch.utils.checkpoint refuses
+    if (getattr(config, "_attn_implementation", None) != "sdpa" or getattr(model, "is_gradient_checkpointing", False)
+            or getattr(config, "model_type", None) not in MODEL_TYPES):
+        yield
+        return
+    _register()
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
