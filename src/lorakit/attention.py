@@ -14,8 +14,8 @@ examples this took the step from 4.29 to 3.47 s (bench/README.md, session 9).
 segment_attention(model) switches a model that runs transformers' `sdpa` to this function for one
 forward (SummedLoss does it for packed batches); it is registered with transformers under NAME,
 with sdpa's mask. The mask is still built and used where this path does not apply: under
-torch.compile (segment bounds are data), when the attention gets no position ids (GPT-2), has a
-cache, is not causal, or has a sliding window shorter than a segment. Then it is `sdpa` as before.
+torch.compile (segment bounds are data), and when the attention gets no position ids, has a cache,
+is not causal, or has a sliding window shorter than a segment. Then it is `sdpa` as before.
 """
 
 from __future__ import annotations
