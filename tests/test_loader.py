@@ -1,6 +1,8 @@
 """models.CheckpointLoader: a model built on the meta device and read from its checkpoint part by
 part (what FSDP start-up uses) equals the model transformers loads, adapters included."""
 
+import os
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -159,7 +161,7 @@ def test_qlora_stores_expert_weights_in_nf4_as_they_are_read(tmp_path):
     assert states["model.layers.1.mlp.experts.down_proj"].shape == (4, 32, 64)
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads the process's mappings")
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings")
 @pytest.mark.parametrize("kind", ["float32", "nf4", "4-bit checkpoint"])
 def test_the_loaded_model_keeps_no_mapping_of_the_checkpoint(tmp_path, kind, tokens):
     """Every tensor the loader keeps is a copy: safetensors' tensors point into its mapping of the
