@@ -531,11 +531,17 @@ def batch_at(dataset: Dataset, step: int, batch_size: int, seed: int) -> list[Ex
         raise DataError(f"{n} training examples is fewer than one batch of {batch_size}; "
                         "lower train.batch_size or add data")
     epoch, index = divmod(step, per_epoch)
+    return [dataset.examples[i] for i in epoch_batches(dataset, batch_size, seed, epoch)[index]]
+
+
+def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example indices of every batch of one epoch, in order: epoch_order cut into batches of
+    batch_size (a trailing partial one dropped), or with dataset.group_by_length grouped_batches."""
     if getattr(dataset, "group_by_length", False):  # preference_data's pairs are never grouped
-        lengths = [len(e.input_ids) for e in dataset.examples]
-        return [dataset.examples[i] for i in grouped_batches(lengths, batch_size, seed, epoch)[index]]
+        return grouped_batches([len(e.input_ids) for e in dataset.examples], batch_size, seed, epoch)
+    n = len(dataset.examples)
     order = epoch_order(n, seed, epoch)
-    return [dataset.examples[i] for i in order[index * batch_size:(index + 1) * batch_size]]
+    return [order[i:i + batch_size] for i in range(0, n // batch_size * batch_size, batch_size)]
 
 
 def grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -568,11 +574,7 @@ def padding_share(dataset: Dataset, batch_size: int, seed: int) -> float:
     """The share of padding among the tokens of epoch 0's batches as collate pads them (each batch
     to its longest example): the compute data.padding_free saves."""
     lengths = [len(e.input_ids) for e in dataset.examples]
-    if dataset.group_by_length:
-        batches = grouped_batches(lengths, batch_size, seed, 0)
-    else:
-        order = epoch_order(len(lengths), seed, 0)
-        batches = [order[i:i + batch_size] for i in range(0, len(lengths) // batch_size * batch_size, batch_size)]
+    batches = epoch_batches(dataset, batch_size, seed, 0)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return 1 - sum(lengths[i] for b in batches for i in b) / padded if padded else 0.0
 
