@@ -123,4 +123,6 @@ def test_the_implementation_is_restored_when_the_forward_fails():
         assert model.config._attn_implementation == NAME
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
-    assert attention._registered
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS[NAME] is attention.segment_sdpa  # registered with transformers

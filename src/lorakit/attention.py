@@ -65,18 +65,13 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     return out.transpose(1, 2).contiguous(), None
 
 
-_registered = False
-
-
 def _register() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    """NAME in transformers' attention and mask interfaces (a dict entry: registering again is a no-op)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionInterface.register(NAME, segment_sdpa)
-        AttentionMaskInterface.register(NAME, sdpa_mask)
-        _registered = True
+    AttentionInterface.register(NAME, segment_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 @contextlib.contextmanager
