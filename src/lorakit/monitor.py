@@ -314,17 +314,18 @@ class StepPeak:
     CUDA: torch.cuda.max_memory_allocated, its peak reset when a step begins and read when it ends;
     the maximum over every step of the run (cheap: the allocator keeps the counter anyway).
 
-    CPU: PyTorch keeps no such counter, so a step is run under the profiler with profile_memory=True
-    (the method of bench/common.py and bench/plan_vs_measured.py, which the planner was validated
-    against): every allocation and free of c10's CPU allocator is reported with a running total, and
-    the peak of that total during the step, above its value when profiling began, plus the bytes
-    resident when the step began (step_tensors), is the step's peak. Profiling slows the step it
-    covers, so not every step is measured: only a step whose largest micro-batch (elements of its
-    largest tensor, e.g. batch x padded length) is larger than that of every step measured before
-    (in random order about ln(steps) steps; one when every batch has the same shape), and only once
-    the optimizer's states exist (not the first step of a fresh run: they are allocated during it,
-    and every later step holds them). The planner plans the longest batch, so the largest step is
-    the one to compare with it.
+    CPU: PyTorch keeps no such counter, so a step is run under the profiler's memory reporting
+    (AllocationRecorder: the events of the profile_memory=True profile of bench/common.py and
+    bench/plan_vs_measured.py, which the planner was validated against): every allocation and free
+    of c10's CPU allocator is reported, and the peak of the bytes held by blocks allocated during the
+    step (peak_of_new_blocks), plus the bytes resident when the step began (step_tensors), is the
+    step's peak. Recording costs time (about 0.2 s a measured SmolLM2-135M step), so not every step
+    is measured: only a step whose largest micro-batch (elements of its largest tensor, e.g. batch x
+    padded length) is larger than that of every step measured before (in random order about
+    ln(steps) steps; one when every batch has the same shape), and only once the optimizer's states
+    exist (not the first step of a fresh run: they are allocated during it, and every later step
+    holds them). The planner plans the longest batch, so the largest step is the one to compare with
+    it.
     """
 
     def __init__(self, device, enabled: bool = True):
@@ -356,19 +357,11 @@ class StepPeak:
         if not warm or size <= self.size:
             return
         self._stop_stale()
-        import gc
-
-        from torch.profiler import ProfilerActivity, profile
-
-        # Garbage of earlier work (a reference cycle holding a block allocated while an earlier step
-        # was profiled) freed by the collector during this step is reported as a free and lowers the
-        # running total below what the step holds: collected first, as the benchmarks do.
-        gc.collect()
         self._resident = resident_tensor_bytes(step_tensors(model, optimizer, batches))
         self._size = size
         spent = torch.empty(1)  # allocated before profiling, freed during it: spends c10's one warning
         with _stderr_without(PROFILER_NOISE):
-            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler = AllocationRecorder()
             self._profiler.start()
             _ACTIVE.append(self._profiler)
             del spent
@@ -388,9 +381,9 @@ class StepPeak:
         if self._profiler is None:
             return
         with _stderr_without(PROFILER_NOISE):
-            self._profiler.stop()
+            events = self._profiler.stop()
         _ACTIVE.remove(self._profiler)
-        self.bytes = self._resident + profiled_peak(self._profiler)
+        self.bytes = self._resident + peak_of_new_blocks(events)
         self.step, self.size, self._profiler = self._step, self._size, None
 
     @staticmethod
@@ -412,8 +405,49 @@ class StepPeak:
                 "the parameters, buffers, optimizer states and batch resident when it began")
 
 
-# Profilers StepPeak has started and not yet stopped (one at most).
+# Recorders StepPeak has started and not yet stopped (one at most).
 _ACTIVE: list = []
+
+
+class AllocationRecorder:
+    """The CPU allocator's allocations and frees while it runs: allocator_totals' events, as a
+    profile_memory=True profile reports them, without the profiler's record of every operator.
+
+    torch.profiler.profile records each operator too (an event per aten call, tens of thousands a
+    step), and stopping it builds and walks them all: on SmolLM2-135M about 0.45 s a measured step
+    (bench/README.md, session 10). Here the same Kineto profiler is enabled with memory reporting and
+    only the user scope (record_function blocks), so operators are not recorded and the allocation
+    events are the same (tests/test_peak_memory.py: StepPeak equals bench/common.py's public-profiler
+    method on the same step, byte for byte). These are torch's private entry points (the ones
+    torch.profiler calls); where they differ (another torch), the public profiler is used instead."""
+
+    def __init__(self):
+        self._profile = None  # the public profiler, when the private entry points are not there
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity
+
+        try:
+            from torch._C._profiler import ProfilerConfig, ProfilerState, RecordScope, _ExperimentalConfig
+            from torch.autograd.profiler import _enable_profiler, _prepare_profiler
+
+            config = ProfilerConfig(ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig())
+            _prepare_profiler(config, {ProfilerActivity.CPU})
+            _enable_profiler(config, {ProfilerActivity.CPU}, {RecordScope.USER_SCOPE})
+        except (ImportError, AttributeError, TypeError):
+            from torch.profiler import profile
+
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.start()
+
+    def stop(self) -> list[tuple[int, int, int, int]]:
+        """Stop recording; the allocations and frees in time order (allocator_events)."""
+        if self._profile is not None:
+            self._profile.stop()
+            return allocator_events(self._profile.profiler.kineto_results)
+        from torch.autograd.profiler import _disable_profiler
+
+        return allocator_events(_disable_profiler())
 
 
 def profiled_peak(prof) -> int:
@@ -431,14 +465,38 @@ def profiled_peak(prof) -> int:
 def allocator_totals(prof) -> list[tuple[int, int, int]]:
     """The CPU allocator's running total at each allocation and free of a profile_memory=True
     profile, in time order: (time in ns, total before the event, total after it)."""
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    return [(ns, total - size, total) for ns, size, _, total in allocator_events(prof.profiler.kineto_results)]
+
+
+def allocator_events(results) -> list[tuple[int, int, int, int]]:
+    """Every allocation and free the profiler's results (torch._C._autograd._ProfilerResult) hold,
+    in time order: (time in ns, size in bytes (negative: a free), address, running total after it)."""
+    events, stack = [], list(results.experimental_event_tree())
     while stack:
         event = stack.pop()
-        total = getattr(event.extra_fields, "total_allocated", None)
+        fields = event.extra_fields
+        total = getattr(fields, "total_allocated", None)
         if total is not None:
-            events.append((event.start_time_ns, total - event.extra_fields.alloc_size, total))
+            events.append((event.start_time_ns, fields.alloc_size, fields.ptr, total))
         stack.extend(event.children)
     return sorted(events)
+
+
+def peak_of_new_blocks(events: list[tuple[int, int, int, int]]) -> int:
+    """The peak bytes held by blocks allocated during the recording (allocator_events), each counted
+    from its allocation to its free. A free of a block allocated before is left out: the running
+    total counts it (as a block an earlier profile allocated, which a reference cycle kept until the
+    collector ran inside the step), so profiled_peak would come out that much too low."""
+    live, held, peak = set(), 0, 0
+    for _, size, address, _ in events:
+        if size > 0:
+            live.add(address)
+            held += size
+            peak = max(peak, held)
+        elif address in live:
+            live.remove(address)
+            held += size
+    return peak
 
 
 def memory_summary(device, planned: int | None, peak: StepPeak | None) -> dict:
