@@ -104,6 +104,37 @@ def test_a_sliding_window_shorter_than_a_segment_keeps_the_mask(monkeypatch):
     assert value == pytest.approx(reference, rel=1e-6)
 
 
+def test_the_block_mask_is_built_only_where_a_layer_reads_it(monkeypatch):
+    """transformers derives a (row, row) block mask from the restarts (1 GiB of bools for a row of
+    32k tokens); segment attention reads none, so it is built only for a layer that falls back to
+    sdpa (here: a sliding window shorter than a segment), once per forward, and equal to sdpa_mask's."""
+    from transformers import masking_utils
+
+    built, sdpa_mask = [], masking_utils.sdpa_mask
+
+    def spy(**kwargs):
+        mask = sdpa_mask(**kwargs)
+        built.append(mask)
+        return mask
+
+    monkeypatch.setattr(masking_utils, "sdpa_mask", spy)
+    batch = collate(examples(), pad_id=0, padding_free=True)
+    with torch.no_grad():
+        SummedLoss(tiny_model("llama"))(**batch)
+    assert built == []
+    model = tiny_model("mistral")
+    model.config.sliding_window = 4
+    with torch.no_grad():
+        SummedLoss(model)(**batch)
+    n = sum(LENGTHS)
+    assert len(built) == 1 and built[0].shape == (1, 1, n, n)
+    restart = torch.tensor([0, 9, 12, 26])  # the examples' starts in the row
+    example = torch.bucketize(torch.arange(n), restart, right=True)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    expected = (example[:, None] == example[None, :]) & (j <= i) & (i - j < 4)  # same example, causal, window
+    assert torch.equal(built[0][0, 0], expected)
+
+
 def test_gradient_checkpointing_keeps_transformers_path(monkeypatch):
     model = tiny_model("llama").train()
     model.requires_grad_(True)

@@ -13,9 +13,11 @@ examples this took the step from 4.29 to 3.47 s (bench/README.md, session 9).
 
 segment_attention(model) switches a model that runs transformers' `sdpa` to this function for one
 forward (SummedLoss does it for packed batches); it is registered with transformers under NAME,
-with sdpa's mask. The mask is still built and used where this path does not apply: under
-torch.compile (segment bounds are data), and when the attention gets no position ids, has a cache,
-is not causal, or has a sliding window shorter than a segment. Then it is `sdpa` as before.
+with a mask function that defers sdpa's mask: the (row, row) block mask transformers derives from
+the restarts (1 GiB of bools for a row of 32k tokens) is built only where this path does not apply,
+and then it is `sdpa` as before: under torch.compile (segment bounds are data; the mask is built
+eagerly there), and when the attention gets no position ids, has a cache, is not causal, or has a
+sliding window shorter than a segment.
 """
 
 from __future__ import annotations
@@ -42,9 +44,35 @@ def segments(positions: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [positions.numel()]))
 
 
+class DeferredMask:
+    """The mask transformers' sdpa_mask would return for these arguments, built on first use."""
+
+    def __init__(self, arguments: dict):
+        self.arguments, self._built = arguments, False
+
+    def build(self) -> torch.Tensor | None:
+        if not self._built:
+            from transformers.masking_utils import sdpa_mask
+
+            self._mask, self._built, self.arguments = sdpa_mask(**self.arguments), True, None
+        return self._mask
+
+
+def deferred_sdpa_mask(*args, **kwargs):
+    """NAME's mask function in transformers' mask interface: sdpa_mask's arguments kept for later (a
+    DeferredMask), so that nothing is built when every layer attends segment by segment; sdpa_mask
+    itself under torch.compile or when called with positional arguments."""
+    if args or torch.compiler.is_compiling():
+        from transformers.masking_utils import sdpa_mask
+
+        return sdpa_mask(*args, **kwargs)
+    return DeferredMask(kwargs)
+
+
 def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention interface: query (B, H, T, d), key and value (B, H_kv, T, d) -> output
-    (B, T, H, d). Attention within each segment of position_ids (kwargs), else transformers' sdpa."""
+    (B, T, H, d). Attention within each segment of position_ids (kwargs), else transformers' sdpa
+    (with the mask deferred_sdpa_mask left unbuilt, built now)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     positions = kwargs.get("position_ids")
@@ -56,6 +84,8 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
         if window is not None and max(e - s for row in rows for s, e in row) > window:
             rows = None
     if rows is None:
+        if isinstance(attention_mask, DeferredMask):
+            attention_mask = attention_mask.build()
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     gqa = key.shape[1] != query.shape[1]
@@ -68,10 +98,10 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
 def _register() -> None:
     """NAME in transformers' attention and mask interfaces (a dict entry: registering again is a no-op)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, segment_sdpa)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, deferred_sdpa_mask)
 
 
 @contextlib.contextmanager
