@@ -414,7 +414,7 @@ class AllocationRecorder:
     profile_memory=True profile reports them, without the profiler's record of every operator.
 
     torch.profiler.profile records each operator too (an event per aten call, tens of thousands a
-    step), and stopping it builds and walks them all: on SmolLM2-135M about 0.45 s a measured step
+    step), and stopping it builds and walks them all: on SmolLM2-135M 0.36-0.45 s a measured step
     (bench/README.md, session 10). Here the same Kineto profiler is enabled with memory reporting and
     only the user scope (record_function blocks), so operators are not recorded and the allocation
     events are the same (tests/test_peak_memory.py: StepPeak equals bench/common.py's public-profiler
@@ -479,7 +479,7 @@ def allocator_events(results) -> list[tuple[int, int, int, int]]:
         if total is not None:
             events.append((event.start_time_ns, fields.alloc_size, fields.ptr, total))
         stack.extend(event.children)
-    return sorted(events)
+    return sorted(events, key=lambda e: (e[0], e[3] - e[1]))  # at equal times, by the total before
 
 
 def peak_of_new_blocks(events: list[tuple[int, int, int, int]]) -> int:
