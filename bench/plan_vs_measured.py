@@ -18,7 +18,9 @@ step (so AdamW's states exist, as in every later step), then measures the next f
 
 The step is lorakit's, as `lorakit train` runs it: lorakit.add_lora (fused update, fp32 adapters
 around the frozen base) for LoRA, and lorakit.loss.model_loss (chunked cross-entropy where the
-family supports it) as the loss. QLoRA is not measured here.
+family supports it) as the loss; packed rows attend example by example (lorakit.attention, as
+SummedLoss switches it on in the loop), planned unmasked on the families where that applies.
+QLoRA is not measured here.
 
 The DPO / ORPO rows run lorakit's preference step (training.objectives.PreferenceLoss: `batch` pairs,
 2*batch rows, the first `prompt` tokens of every row carry no loss; DPO's reference forward with the
@@ -28,12 +30,14 @@ adapters disabled first) and are planned with objective dpo / orpo and answer_to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from lorakit.attention import segment_attention
 from lorakit.loss import model_loss
 from lorakit.planner import arch_from_config, plan
 
@@ -182,7 +186,8 @@ def measure(c: Case, device: str) -> int:
     def loss_of_step():
         if c.objective != "sft":
             return preference_loss(**batch) / c.batch  # the mean loss per pair, as the loop divides
-        return model_loss(model, **rows)  # lorakit's loss: chunked where supported
+        with segment_attention(model) if c.rows == "packed" else contextlib.nullcontext():
+            return model_loss(model, **rows)  # lorakit's loss: chunked where supported
 
     def step():
         loss = loss_of_step()
@@ -207,10 +212,12 @@ def measure(c: Case, device: str) -> int:
 
 def predict(c: Case, device: str) -> int:
     arch = arch_from_config(build_config(c).to_dict(), name=c.name)
+    segments = c.rows == "packed" and arch.segment_attention and not c.ckpt
     result = plan(arch, method=c.method, rank=c.rank, targets=c.targets, batch_size=c.batch, seq_len=c.seq,
                   grad_checkpointing=c.ckpt, dtype=c.dtype, device=device, recommend=False,
                   objective=c.objective, answer_tokens=answer_tokens(c), dora=c.dora,
-                  masked_attention=c.rows != "full")
+                  masked_attention=c.rows == "padded" or (c.rows == "packed" and not segments),
+                  segment_attention=segments)
     return result.peak_allocated, result.peak_phase
 
 

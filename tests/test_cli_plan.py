@@ -96,12 +96,21 @@ def test_plan_run_is_the_plan_train_logs():
     one = RunConfig.from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "batch_size": 1}})
     assert not plan_run(one, arch_from_config(SMOL_CONFIG), "cpu").config.masked_attention  # one row: no mask
     packed = RunConfig.from_dict({**one.to_dict(), "data": {**one.to_dict()["data"], "packing": True}})
-    assert plan_run(packed, arch_from_config(SMOL_CONFIG), "cpu").config.masked_attention
-    # padding-free: the micro-batch is one row of up to 3 x 32 tokens, masked block-diagonally
+    # packed rows on a Llama attend example by example (lorakit.attention): no mask; with gradient
+    # checkpointing (or compile) transformers' masked sdpa runs instead
+    planned = plan_run(packed, arch_from_config(SMOL_CONFIG), "cpu").config
+    assert (planned.segment_attention, planned.masked_attention) == (True, False)
+    checkpointed = RunConfig.from_dict({**packed.to_dict(),
+                                        "train": {**packed.to_dict()["train"], "gradient_checkpointing": True}})
+    planned = plan_run(checkpointed, arch_from_config(SMOL_CONFIG), "cpu").config
+    assert (planned.segment_attention, planned.masked_attention) == (False, True)
+    gemma = plan_run(packed, arch_from_config({**SMOL_CONFIG, "model_type": "gemma2", "head_dim": 64}), "cpu").config
+    assert (gemma.segment_attention, gemma.masked_attention) == (False, True)  # eager attention: the mask
+    # padding-free: the micro-batch is one row of up to 3 x 32 tokens, its examples attending alone
     flat = RunConfig.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "padding_free": True}})
     one_row = plan(arch_from_config(SMOL_CONFIG), method="qlora", rank=4, targets=["q_proj", "o_proj"], batch_size=1,
                    seq_len=96, grad_checkpointing=False, dtype="bf16", lora_dropout=0.1, device="cpu", n_gpus=1,
-                   masked_attention=True, recommend=False)
+                   segment_attention=True, recommend=False)
     assert plan_run(flat, arch_from_config(SMOL_CONFIG), "cpu") == one_row != hand
     sharded = plan_run(config, arch_from_config(SMOL_CONFIG), "cuda", 4)
     assert (sharded.config.n_gpus, sharded.config.device) == (4, "cuda")

@@ -61,12 +61,17 @@ def test_trainable_count_matches_peft(targets):
     assert trainable_parameters(arch, PlanConfig(method="lora", rank=4, targets=targets)) == measured
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["full rows", "padded rows"])
-def test_activation_formula_matches_saved_tensors(masked):
+@pytest.mark.parametrize("rows", ["full", "padded", "packed"])
+def test_activation_formula_matches_saved_tensors(rows):
     # Bytes autograd saves in a forward pass with lorakit's loss (unique storages, parameters
     # excluded) equal the plan's activations + what the chunked loss keeps for backward: the
     # gradients of the hidden states (T x h, bf16) and of the head (V x h, float32). Padded rows
     # (an attention mask): each layer also keeps the (B, 1, T, T) mask and k, v repeated to 4 heads.
+    # Packed rows attended example by example (segment attention, as SummedLoss runs them): no mask,
+    # each example's output and their concatenation.
+    import contextlib
+
+    from lorakit.attention import segment_attention
     from lorakit.loss import model_loss
 
     cfg, model = _tiny_llama()
@@ -83,12 +88,18 @@ def test_activation_formula_matches_saved_tensors(masked):
     ids = torch.randint(0, 500, (2, 32))
     mask = torch.ones_like(ids)
     mask[1, 20:] = 0
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model_loss(model, input_ids=ids, labels=ids, **({"attention_mask": mask} if masked else {}))
-    p = plan(arch_from_config(cfg.to_dict()), method="full", batch_size=2, seq_len=32, masked_attention=masked,
-             recommend=False)
-    expected = p.activations_without_checkpointing + 2 * 32 * 64 * 2 + 500 * 64 * 4
-    assert sum(saved.values()) == pytest.approx(expected, rel=0.005)  # + RoPE cos/sin
+    extra = {"padded": {"attention_mask": mask}, "full": {},
+             "packed": {"position_ids": torch.cat([torch.arange(n) for n in (5, 17, 10)]).repeat(2, 1)}}[rows]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            segment_attention(model) if rows == "packed" else contextlib.nullcontext():
+        model_loss(model, input_ids=ids, labels=ids, **extra)
+    p = plan(arch_from_config(cfg.to_dict()), method="full", batch_size=2, seq_len=32,
+             masked_attention=rows == "padded", segment_attention=rows == "packed", recommend=False)
+    # not in the plan: RoPE's cos and sin (bf16, head_dim 16; per row with position ids, else shared)
+    # and the final norm's rsqrt (T, 1) float32
+    outside = 2 * (2 if rows == "packed" else 1) * 32 * 16 * 2 + 64 * 4
+    expected = p.activations_without_checkpointing + 2 * 32 * 64 * 2 + 500 * 64 * 4 + outside
+    assert sum(saved.values()) == expected
 
 
 def test_checkpointing_reduces_activations_and_plan_is_consistent():
@@ -225,3 +236,5 @@ def test_plan_config_bounds():
         plan(LLAMA, rank=10**8, seq_len=10**9)
     with pytest.raises(ValueError, match=r"masked_attention must be true or false, got 'yes'"):
         plan(LLAMA, masked_attention="yes")
+    with pytest.raises(ValueError, match=r"masked_attention and segment_attention are both true"):
+        plan(LLAMA, masked_attention=True, segment_attention=True)

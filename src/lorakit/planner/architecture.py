@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..attention import MODEL_TYPES as SEGMENT_ATTENTION_MODEL_TYPES
 from ..files import read_json_object
 from ..loss import CHUNKED_LOSS_MODEL_TYPES
 from ..patterns import pattern_problem
@@ -83,6 +84,9 @@ class Architecture:
     # lorakit computes the loss in chunks from the last hidden states (loss.py) for the families
     # whose logits are the plain head's output; otherwise the model's own logits are used
     chunked_loss: bool = True
+    # packed and padding-free rows attend example by example (lorakit.attention) in the families whose
+    # attention goes through transformers' attention interface: no block mask, no repeated k and v
+    segment_attention: bool = True
     hub_id: str = ""
     measured: Measured | None = None  # counts from the model itself; None: the formulas below
 
@@ -282,6 +286,7 @@ def _formula_arch(c: dict, model_type: str, name: str | None) -> Architecture:
         attn_softcap=gemma and c.get("attn_logit_softcapping") is not None,
         final_softcap=gemma and c.get("final_logit_softcapping") is not None,
         chunked_loss=model_type in CHUNKED_LOSS_MODEL_TYPES,
+        segment_attention=model_type in SEGMENT_ATTENTION_MODEL_TYPES,
     )
 
 
@@ -329,6 +334,7 @@ def _measured_arch(c: dict, model_type: str, name: str | None) -> Architecture:
         attn_softcap=getattr(config, "attn_logit_softcapping", None) is not None,
         final_softcap=getattr(config, "final_logit_softcapping", None) is not None,
         chunked_loss=model_type in CHUNKED_LOSS_MODEL_TYPES,
+        segment_attention=model_type in SEGMENT_ATTENTION_MODEL_TYPES,
         measured=measured,
     )
 

@@ -99,6 +99,9 @@ class PlanConfig:
     # Batches with an attention mask (padded rows, packed rows): transformers hands SDPA a (B, 1, T, T)
     # mask, which every layer keeps, and repeats k and v for it (GQA goes to SDPA only without a mask)
     masked_attention: bool = False
+    # Packed rows attended example by example (lorakit.attention, Architecture.segment_attention): no
+    # mask; each example's SDPA output is kept, and their concatenation (o_proj's input) beside them
+    segment_attention: bool = False
 
     def __post_init__(self) -> None:
         # one vocabulary inside: "bf16" is stored as "bfloat16"; unknown names are left for validate()
@@ -150,8 +153,12 @@ class PlanConfig:
                 problems.append(f"{name} must be at most {most:,}, got {value:,}")
         if not isinstance(self.dora, bool):
             problems.append(f"dora must be true or false, got {self.dora!r}")
-        if not isinstance(self.masked_attention, bool):
-            problems.append(f"masked_attention must be true or false, got {self.masked_attention!r}")
+        for name in ("masked_attention", "segment_attention"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.masked_attention is True and self.segment_attention is True:
+            problems.append("masked_attention and segment_attention are both true: packed rows attended "
+                            "example by example carry no mask; set one of them")
         if self.target_parameters is not None and not (
                 isinstance(self.target_parameters, tuple) and self.target_parameters
                 and all(isinstance(n, str) for n in self.target_parameters)):
@@ -428,6 +435,8 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
         Phi-3 keeps the whole fused qkv output alive through the v view: p*(3dq + 3dkv).
         With an attention mask (masked_attention: padded or packed rows) the layer also keeps the
         (B, 1, T, T) mask, p*T per token, and k and v repeated to dq heads: + 2*p*(dq - dkv).
+        Packed rows attended example by example (segment_attention) keep no mask, but each example's
+        output and their concatenation (o_proj's input), where sdpa's one output is o_proj's: + p*dq.
       attention (eager): q, repeated k and v (p*dq each, or p*dkv without GQA), the fp32 softmax and
         its p-byte copy (4 + p)*nh*s [+ p*nh*s for soft-capping's tanh]; o_proj's contiguous input p*dq
         when o_proj trains.
@@ -458,6 +467,8 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
             per_token += p * config.seq_len
             if dkv != dq:
                 per_token += 2 * p * (dq if a.fused_projections else dq - dkv)
+        elif config.segment_attention:
+            per_token += p * dq
     else:
         kv = dq if a.num_kv_heads != a.num_heads else dkv
         per_token += p * (dq + 2 * kv)

@@ -34,7 +34,8 @@ def plan(model: str | Architecture | dict, config: PlanConfig | None = None, *,
     return result
 
 
-def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimizer: str = "adamw") -> PlanConfig:
+def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimizer: str = "adamw",
+                arch: Architecture | None = None) -> PlanConfig:
     """The PlanConfig of a run: the run config's keys in the planner's fields.
 
         method                          -> method
@@ -51,6 +52,10 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
                                            packed: the batch carries an attention mask)
         data.padding_free               -> batch_size 1 and seq_len batch_size * seq_len (the micro-batch
                                            is one row; its block-diagonal mask covers the whole row)
+        data.packing / padding_free on `arch` with segment_attention, without gradient checkpointing
+                                        or compile -> segment_attention instead of masked_attention
+                                           (lorakit.attention: each example attends alone; without
+                                           `arch`, masked)
 
     device ("cuda" or "cpu") and n_gpus (ranks sharding the model with FSDP; 1 for one process or
     DDP, which replicates it) are where the run happens; optimizer is the planner's (lorakit train
@@ -60,6 +65,9 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
     batch_size = config.train.batch_size
     if config.data.padding_free:
         batch_size, seq_len = 1, batch_size * seq_len
+    packed_rows = config.data.packing or config.data.padding_free
+    segments = (packed_rows and arch is not None and arch.segment_attention and arch.attention == "sdpa"
+                and not config.train.gradient_checkpointing and not config.train.compile)
     return PlanConfig(method=config.method, rank=config.lora.r, targets=config.lora.targets,
                       batch_size=batch_size, seq_len=seq_len,
                       grad_checkpointing=config.train.gradient_checkpointing, dtype=config.model.dtype,
@@ -67,8 +75,9 @@ def plan_config(config: RunConfig, device: str = "cuda", n_gpus: int = 1, optimi
                       objective=config.objective, dora=config.lora.dora,
                       target_parameters=config.lora.target_parameters, init=config.lora.init,
                       pissa_niter=config.lora.pissa_niter,
-                      masked_attention=config.data.packing or config.data.padding_free
-                      or config.train.batch_size > 1 or config.objective != "sft")
+                      masked_attention=not segments and (packed_rows or config.train.batch_size > 1
+                                                         or config.objective != "sft"),
+                      segment_attention=segments)
 
 
 def plan_run(config: RunConfig, arch: Architecture | str | dict, device: str = "cuda", n_gpus: int = 1, *,
@@ -79,7 +88,8 @@ def plan_run(config: RunConfig, arch: Architecture | str | dict, device: str = "
     before its first step; `lorakit plan CONFIG.yaml` prints it. data.max_length "auto" is planned
     at its cap, MAX_LENGTH_AUTO_CAP tokens (the real length is the longest training example, known
     only from the data), and the plan's notes say so."""
-    result = plan(arch, plan_config(config, device, n_gpus, optimizer), budget_gib=budget_gib,
+    arch = resolve_model(arch)
+    result = plan(arch, plan_config(config, device, n_gpus, optimizer, arch), budget_gib=budget_gib,
                   domain_shift=domain_shift, recommend=recommend)
     if config.data.max_length == "auto":
         note = (f"data.max_length is 'auto' (the longest training example, known only from the data): planned "
