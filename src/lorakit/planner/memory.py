@@ -96,8 +96,9 @@ class PlanConfig:
     target_parameters: tuple[str, ...] | None = None  # parameters adapted directly (expert LoRA), e.g. experts.down_proj
     init: str = "default"  # the adapters' initialisation (config.INIT_MODES); "pissa": SVDs at start-up (pissa_*)
     pissa_niter: int | None = None  # init "pissa": None, the full SVD; N, a randomized SVD with N iterations
-    # Batches with an attention mask (padded rows, packed rows): transformers hands SDPA a (B, 1, T, T)
-    # mask, which every layer keeps, and repeats k and v for it (GQA goes to SDPA only without a mask)
+    # Batches with an attention mask (padded rows; packed rows where segment attention does not apply):
+    # transformers hands SDPA a (B, 1, T, T) mask, which every layer keeps, and repeats k and v for it
+    # (GQA goes to SDPA only without a mask)
     masked_attention: bool = False
     # Packed rows attended example by example (lorakit.attention, Architecture.segment_attention): no
     # mask; each example's SDPA output is kept, and their concatenation (o_proj's input) beside them
