@@ -92,13 +92,14 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     # Cut with unbind and split, whose backward assembles each input's gradient in one tensor: a
     # slice's backward writes its piece into a zeroed tensor of the whole input, one per segment
     # (32 examples of 100 tokens: 2.5x the attention's forward + backward time, SmolLM2's shapes).
-    out = torch.stack([torch.cat([
-        F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), dropout_p=dropout,
-                                       is_causal=True, scale=scaling, enable_gqa=gqa).squeeze(0)
-        for q, k, v in zip(*(t.split(sizes, dim=1) for t in row_tensors))], dim=1)
-        for row_tensors, sizes in zip(zip(query.unbind(0), key.unbind(0), value.unbind(0)),
-                                      ([e - s for s, e in row] for row in rows))])
-    return out.transpose(1, 2).contiguous(), None
+    outputs = []
+    for row, q_row, k_row, v_row in zip(rows, query.unbind(0), key.unbind(0), value.unbind(0)):
+        sizes = [e - s for s, e in row]
+        pieces = [F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), dropout_p=dropout,
+                                                 is_causal=True, scale=scaling, enable_gqa=gqa).squeeze(0)
+                  for q, k, v in zip(q_row.split(sizes, dim=1), k_row.split(sizes, dim=1), v_row.split(sizes, dim=1))]
+        outputs.append(torch.cat(pieces, dim=1))  # (H, T, d)
+    return torch.stack(outputs).transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
