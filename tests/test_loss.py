@@ -117,6 +117,33 @@ def test_model_loss_with_lora_and_gradient_accumulation(tokens):
     torch.testing.assert_close(direct, model(tokens, labels=tokens).loss, rtol=1e-6, atol=1e-6)
 
 
+def test_causal_lm_loss_projects_only_the_supervised_positions():
+    """A prompt masked with -100 costs no vocabulary projection: the head's products (logits and the
+    input gradient, formed in forward) count 2 * 2 * n * d * V FLOPs for the n positions with a
+    target, not for all B * T; loss and gradient equal F.cross_entropy on the full logits."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(0)
+    b, t, d, v = 3, 10, 8, 50
+    hidden = torch.randn(b, t, d, generator=g, requires_grad=True)
+    weight = torch.randn(v, d, generator=g)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[:, :6] = -100  # prompts
+    labels[2, :] = -100   # a row with nothing to learn
+    n = int((labels[:, 1:] != -100).sum())  # position t predicts label t + 1
+    assert n == 8
+    with FlopCounterMode(display=False) as counter:
+        loss = causal_lm_loss(hidden, weight, labels, chunk_size=3)
+    assert counter.get_total_flops() == 2 * 2 * n * d * v
+    loss.backward()
+    reference = hidden.detach().clone().requires_grad_(True)
+    want = F.cross_entropy((reference[:, :-1] @ weight.T).flatten(0, 1), labels[:, 1:].flatten())
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, reference.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(hidden.grad[:, :5], torch.zeros(b, 5, d))  # no target: no gradient
+
+
 def test_model_loss_falls_back_for_heads_it_cannot_skip(tokens):
     model = tiny_llama()
     add_lora(model, LoraConfig(r=4, targets=["lm_head"]))  # the head is a LoraLinear now

@@ -34,10 +34,11 @@ Optimizer, scheduler, RNG and data order are restored by Trainer itself.
 
 Chunked loss. `ChunkedLoss(model)` is a `compute_loss_func` (transformers' Trainer and trl's
 SFTTrainer take one) computing the causal-LM loss with loss.causal_lm_loss from the last hidden
-state, so that the (tokens, vocabulary) logits never exist. Trainer calls the model before the loss,
-so the model itself must skip its logits: a forward pre-hook (torch's, removable) asks it, in
-training with gradients on, for no logits (`logits_to_keep` an empty index) and for its hidden
-states, the last of which is the head's input. In evaluation the model computes its logits as
+state, so that the (tokens, vocabulary) logits never exist, and only at the positions with a
+target (a prompt masked with -100, as trl's completion-only loss masks it, costs no head product).
+Trainer calls the model before the loss, so the model itself must skip its logits: a forward
+pre-hook (torch's, removable) asks it, in training with gradients on, for no logits
+(`logits_to_keep` an empty index) and for its hidden states, the last of which is the head's input. In evaluation the model computes its logits as
 usual and the loss is transformers' own on them.
 """
 

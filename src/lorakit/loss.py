@@ -182,10 +182,12 @@ def causal_lm_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: to
                    ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """transformers' causal-LM loss from the last hidden states (B, T, d) and labels (B, T):
     position t predicts labels[:, t + 1]; the mean over targets not ignored, or, given
-    num_items_in_batch (gradient accumulation), their sum divided by it."""
+    num_items_in_batch (gradient accumulation), their sum divided by it. The head runs only at the
+    positions that have a target (a prompt masked with ignore_index costs no vocabulary projection)."""
     # Shift as transformers does: pad the labels with ignore_index on the right, drop the first.
     targets = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].reshape(-1).to(hidden_states.device)
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    keep = targets != ignore_index
+    hidden, targets = hidden_states.reshape(-1, hidden_states.shape[-1])[keep], targets[keep]  # (n_supervised, d)
     if num_items_in_batch is None:
         return chunked_cross_entropy(hidden, weight, targets, bias, ignore_index, "mean", chunk_size)
     return chunked_cross_entropy(hidden, weight, targets, bias, ignore_index, "sum", chunk_size) / num_items_in_batch
