@@ -65,7 +65,9 @@ def test_trainable_count_matches_peft(targets):
 def test_activation_formula_matches_saved_tensors(rows):
     # Bytes autograd saves in a forward pass with lorakit's loss (unique storages, parameters
     # excluded) equal the plan's activations + what the chunked loss keeps for backward: the
-    # gradients of the hidden states (T x h, bf16) and of the head (V x h, float32). Padded rows
+    # gradients of the hidden states at the 62 positions with a target (bf16; the plan counts all
+    # T, an upper bound), the (T,) bool mask choosing them, and the head's gradient (V x h,
+    # float32). Padded rows
     # (an attention mask): each layer also keeps the (B, 1, T, T) mask and k, v repeated to 4 heads.
     # Packed rows attended example by example (segment attention, as SummedLoss runs them): no mask,
     # each example's output and their concatenation.
@@ -98,7 +100,7 @@ def test_activation_formula_matches_saved_tensors(rows):
     # not in the plan: RoPE's cos and sin (bf16, head_dim 16; per row with position ids, else shared)
     # and the final norm's rsqrt (T, 1) float32
     outside = 2 * (2 if rows == "packed" else 1) * 32 * 16 * 2 + 64 * 4
-    expected = p.activations_without_checkpointing + 2 * 32 * 64 * 2 + 500 * 64 * 4 + outside
+    expected = p.activations_without_checkpointing + 2 * 31 * 64 * 2 + 2 * 32 + 500 * 64 * 4 + outside
     assert sum(saved.values()) == expected
 
 
