@@ -18,6 +18,7 @@ from conftest import tiny_llama
 from torch import nn
 
 from lorakit import LoraConfig, add_lora, gated_mlp
+from lorakit import lean as lean_modules
 from lorakit.inject import merge_and_unload
 from lorakit.monitor import allocator_totals
 
@@ -37,7 +38,7 @@ def loss_and_grads(model, tokens, seed=1):
 
 def plain_and_lean(model):
     """(model without the lean MLP, a copy with it)."""
-    gated_mlp.restore(model)
+    lean_modules.restore(model)
     lean = copy.deepcopy(model)
     assert gated_mlp.keep_less(lean) == 2  # tiny_llama has two layers
     return model, lean

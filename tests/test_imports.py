@@ -16,7 +16,8 @@ LAYERS = [
     # the run's vocabulary and its data
     {"config", "data", "preference_data", "datacheck"},
     # the math core
-    {"attention", "dropout", "fused", "gated_mlp", "layer", "loss", "nf4", "surgery", "initialisation"},
+    {"attention", "dropout", "fused", "gated_mlp", "lean", "layer", "loss", "nf4", "rms_norm", "surgery",
+     "initialisation"},
     # adapters on models, their files, loading models
     {"inject", "adapter_io", "models", "merge_check", "optim"},
     # the places adapters go: transformers' Trainer, GGUF, serving engines; the planner

@@ -6,7 +6,7 @@ import torch
 from conftest import MLP, tiny_gpt2, tiny_llama
 from torch import nn
 
-from lorakit import LoraConfig, add_lora, gated_mlp
+from lorakit import LoraConfig, add_lora, gated_mlp, lean, rms_norm
 from lorakit.surgery import (
     layer_index,
     matches,
@@ -85,10 +85,11 @@ def test_unwrapped_modules_see_the_base_model_through_adapters():
     q_proj = base.model.layers[1].self_attn.q_proj
     add_lora(base, LoraConfig(r=2, targets=["q_proj", "o_proj"], modules_to_save=["lm_head"]))
     after = list(unwrapped_modules(base))
-    # the classes as before; add_lora's lean gated MLPs (gated_mlp) are their plain class's subclass
-    assert [(name, type(module).plain_class if gated_mlp.is_lean(module) else type(module))
+    # the classes as before; add_lora's lean gated MLPs and norms (lean.py) are their plain class's subclass
+    assert [(name, type(module).plain_class if lean.is_lean(module) else type(module))
             for name, module in after] == before
     assert sum(gated_mlp.is_lean(module) for _, module in after) == 2
+    assert sum(rms_norm.is_lean(module) for _, module in after) == 5  # two per layer and the final norm
     assert dict(after)["model.layers.1.self_attn.q_proj"] is q_proj
     # what the walk skips: each of the 4 LoRA wrappers holds its base_layer, three ModuleDicts
     # (lora_A, lora_B, lora_dropout) of one entry each and DoRA's (empty) lora_magnitude_vector

@@ -18,25 +18,22 @@ every gradient are bit-identical; the cost is one act and one product more per l
 
 `keep_less(model)` switches this on for every MLP of the model whose forward is exactly that
 expression (its source is compared, so a model that computes anything else is left as it is): the
-module's class becomes a subclass of its own (one per class, same name) whose forward is the lean
-one, so that all the layers still share one forward (torch.compile compiles a block once);
-`restore(model)` switches it off. A lean module pickles and deep-copies as one of its subclass. The
-leaner forward steps aside, computing the original, wherever its bookkeeping would be wrong or
-useless: no gradient (inference), under torch.compile, and inside another saved-tensor hook
-(non-reentrant activation checkpointing recomputes the layer anyway, and activation offloading
-moves what is saved: both must see what autograd saves).
+module becomes a lean module (lean.py: its class a subclass of its own whose forward is the lean
+one); `lean.restore(model)` switches it off. The leaner forward steps aside, computing the
+original, wherever its bookkeeping would be wrong or useless: no gradient (inference), under
+torch.compile, and inside another saved-tensor hook (non-reentrant activation checkpointing
+recomputes the layer anyway, and activation offloading moves what is saved: both must see what
+autograd saves).
 """
 
 from __future__ import annotations
 
-import ast
 import functools
-import inspect
-import re
-import textwrap
 
 import torch
 from torch import nn
+
+from . import lean
 
 # The body of the MLP forward this module replaces, whitespace removed (transformers' LlamaMLP and
 # the ~140 modules copied from it).
@@ -186,55 +183,15 @@ def is_gated_mlp(module: nn.Module) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _computes_gated_product(cls: type) -> bool:
-    try:
-        function = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
-        return False
-    if not isinstance(function, ast.FunctionDef) or len(function.args.args) != 2:
-        return False
-    body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-    code = "".join(ast.unparse(s) for s in body).replace(" ", "")
-    return re.sub(rf"\b{function.args.args[1].arg}\b", "x", code) in _GATED_FORWARDS
+    return lean.forward_code(cls) in _GATED_FORWARDS
 
 
 def keep_less(model: nn.Module) -> int:
-    """Make every gated MLP of `model` keep gate(x) and up(x) only for backward; returns how many
-    are lean. A module whose forward is replaced on the instance (accelerate's device hooks) is left
-    as it is."""
-    count = 0
-    for module in model.modules():
-        if not is_lean(module) and is_gated_mlp(module) and "forward" not in module.__dict__:
-            module.__class__ = _lean_class(type(module))
-        count += is_lean(module)
-    return count
+    """Make every gated MLP of `model` keep gate(x) and up(x) only for backward (lean.make_lean);
+    returns how many are lean."""
+    return lean.make_lean(model, is_gated_mlp, _lean_forward)
 
 
 def is_lean(module: nn.Module) -> bool:
     """Does keep_less's forward run this module?"""
-    return type(module).forward is _lean_forward
-
-
-def restore(model: nn.Module) -> None:
-    """Undo keep_less: every MLP computes with its class's forward again."""
-    for module in model.modules():
-        if is_lean(module):
-            module.__class__ = type(module).plain_class
-
-
-@functools.lru_cache(maxsize=None)
-def _lean_class(cls: type) -> type:
-    """cls with the lean forward, under cls's own names (repr, isinstance and state dicts unchanged)."""
-    return type(cls.__name__, (cls,), {"forward": _lean_forward, "plain_forward": cls.forward, "plain_class": cls,
-                                       "__reduce_ex__": _reduce_lean, "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__})
-
-
-def _reduce_lean(module: nn.Module, protocol: int):
-    """Pickle / deepcopy a lean module as object's own reduce would, naming the plain class (the only
-    one an unpickling process can import); _new_lean makes it lean again."""
-    return _new_lean, (type(module).plain_class,), module.__dict__
-
-
-def _new_lean(cls: type) -> nn.Module:
-    lean = _lean_class(cls)
-    return lean.__new__(lean)
+    return lean.is_lean(module, _lean_forward)

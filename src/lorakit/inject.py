@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import gated_mlp
+from . import gated_mlp, lean, rms_norm
 from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
 from .layer import LoraEmbedding, LoraLayer, LoraLinear, LoraParameter, ModulesToSave
 from .nf4 import NF4Linear, NF4Weight, nf4_weights, quantize_parameter_
@@ -276,6 +276,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "de
     if first:
         set_adapter(model, name)
         gated_mlp.keep_less(model)  # the same gradients, two fewer (N, I) tensors kept per MLP
+        rms_norm.make_lean(model)  # Llama-family norms: the same forward, a closed-form backward
         for hook in _first_adapter_hooks:  # hf_trainer: save_pretrained and Trainer write PEFT adapters
             hook(model)
     else:
@@ -657,7 +658,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, requant
         warnings.warn(f"merged {len(errors)} layers back into NF4: relative weight error "
                       f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f} "
                       "(merge without requantize=True for an exact 16/32-bit model)", stacklevel=2)
-    gated_mlp.restore(model)
+    lean.restore(model)  # the lean MLPs and norms compute with their classes' forwards again
     model.__dict__.pop("lorakit_adapters", None)
     return model
 
