@@ -6,14 +6,15 @@ per token row x (h values) of dtype d, in float32:
     y = w ⊙ x̂.to(d),   x̂ = x r,   r = (mean(x²) + ε)^(-1/2)
 
 Autograd differentiates it operation by operation (pow, mean, rsqrt, the two products, the casts):
-six or seven (N, h) temporaries in backward, each a pass over memory. Its gradient, with
-a = (g ⊙ w).to(d) in float32 (g = dL/dy; a is dL/dx̂ as autograd forms it) and dL/dr summed per row:
+seven (N, h) allocations in backward (the profiler's count, float32), each a pass over memory. Its
+gradient, with a = (g ⊙ w).to(d) in float32 (g = dL/dy; a is dL/dx̂ as autograd forms it), is
 
     dL/dx = r a - x r³ (a · x) / h
 
-one product, one row-wise dot and two in-place updates. The forward is transformers' own, operation
-for operation, so outputs are bit-identical; backward keeps what autograd keeps (x in float32 and r),
-so memory and the planner's count are unchanged; gradients agree to float32 rounding.
+one product, one row-wise dot and two in-place updates: two (N, h) allocations. The forward is
+transformers' own, operation for operation, so outputs are bit-identical; backward keeps what
+autograd keeps (x in float32 and r), so memory and the planner's count are unchanged; gradients
+agree to float32 rounding.
 
 `make_lean(model)` switches this on (lean.py) for every module whose forward is exactly that
 expression (its source is compared). It steps aside, computing the original, where it would not
