@@ -38,8 +38,8 @@ state, so that the (tokens, vocabulary) logits never exist, and only at the posi
 target (a prompt masked with -100, as trl's completion-only loss masks it, costs no head product).
 Trainer calls the model before the loss, so the model itself must skip its logits: a forward
 pre-hook (torch's, removable) asks it, in training with gradients on, for no logits
-(`logits_to_keep` an empty index) and for its hidden states, the last of which is the head's input. In evaluation the model computes its logits as
-usual and the loss is transformers' own on them.
+(`logits_to_keep` an empty index) and for its hidden states, the last of which is the head's input.
+In evaluation the model computes its logits as usual and the loss is transformers' own on them.
 """
 
 from __future__ import annotations
