@@ -62,6 +62,24 @@ def test_chunked_cross_entropy_equals_full_logits(dtype, reduction):
         torch.testing.assert_close(chunked_t, full_t, **tol)
 
 
+def test_chunked_cross_entropy_under_autocast_takes_autocast_logits():
+    """Under CPU autocast (bfloat16) the logits are autocast's bfloat16 product upcast, as
+    transformers' loss computes them under autocast: equal to F.cross_entropy there (1e-6), and
+    apart from the float32 loss (the test would not see the autocast branch otherwise)."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(40, 32, generator=g, requires_grad=True)
+    weight = torch.randn(300, 32, generator=g)
+    targets = torch.randint(0, 300, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+        full = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    (chunked_grad,) = torch.autograd.grad(chunked, hidden)
+    (full_grad,) = torch.autograd.grad(full, hidden)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked_grad, full_grad, rtol=1e-5, atol=1e-6)
+    assert abs(chunked.item() - F.cross_entropy(F.linear(hidden, weight), targets).item()) > 1e-3
+
+
 def test_chunked_cross_entropy_hand_computed():
     """Two tokens, logits [0, 0] and [log 3, 0]: losses log 2 and log(4/3) for targets 0, 0."""
     hidden = torch.tensor([[0.0], [1.0]])

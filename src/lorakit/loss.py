@@ -43,6 +43,33 @@ def _exp_shifted(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return e, sums, top[:, 0] + sums.log()
 
 
+class _Logits:
+    """z = F.linear(h, W, b).float() for chunks h (C, d) of at most `rows` rows: (C, V) float32.
+
+    On the CPU it is formed as the transposed product W hᵀ (+ b), (V, C), and returned as its
+    transpose (a view): MKL forms that product with V = 49,152 and C = 256 1.2-1.3x faster than
+    the (C, V) one, and the row reductions and products that follow read either layout. A float32
+    weight writes every chunk's product into one (V, rows) block, which spares each chunk a fresh
+    48 MiB buffer and its page faults; a 16-bit product is upcast into a new float32 tensor as
+    before (the planner counts the two). On other devices, and under autocast (which would not
+    cast an out= product), F.linear as before."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+        self.weight, self.bias = weight, bias
+        self.transposed = weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        self.block = None
+        if self.transposed and weight.dtype == torch.float32:
+            self.block = torch.empty(weight.shape[0] * rows, dtype=torch.float32, device=weight.device)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if not self.transposed:
+            return F.linear(h, weight, bias).float()
+        out = None if self.block is None else self.block[:weight.shape[0] * h.shape[0]].view(-1, h.shape[0])
+        zt = torch.mm(weight, h.t(), out=out) if bias is None else torch.addmm(bias[:, None], weight, h.t(), out=out)
+        return zt.float().t()  # (C, V)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index: int, reduction: str, chunk_size: int,
@@ -56,12 +83,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        logits = _Logits(weight, bias, min(chunk_size, n_tokens))
         for start in range(0, n_tokens, chunk_size):
             h = hidden[start:start + chunk_size]  # (C, d)
             t = targets[start:start + chunk_size]  # (C,)
             keep = valid[start:start + chunk_size]
             safe_t = torch.where(keep, t, 0)[:, None]  # (C, 1) gather index for ignored rows
-            z = F.linear(h, weight, bias).float()  # (C, V) float32, the only large temporary
+            z = logits(h)  # (C, V) float32, the only large temporary
             picked = z.gather(1, safe_t)[:, 0]  # z[y]
             e, sums, lse = _exp_shifted(z)
             total += ((lse - picked) * keep).sum()
@@ -131,10 +159,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk_size: int, want_grad: bool):
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_grad else None  # d logp_t / d h_t, (N, d)
+        logits = _Logits(weight, bias, min(chunk_size, hidden.shape[0]))
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]                  # (C, d)
             t = targets[start:start + chunk_size, None]           # (C, 1)
-            z = F.linear(h, weight, bias).float()                 # (C, V) float32, the only large temporary
+            z = logits(h)                                         # (C, V) float32, the only large temporary
             picked = z.gather(1, t)[:, 0]                         # z[y]
             e, sums, lse = _exp_shifted(z)
             logps[start:start + chunk_size] = picked - lse
