@@ -429,10 +429,6 @@ def dequantize_absmax(state: NF4State) -> torch.Tensor:
 # Byte b holds two 4-bit codes, b >> 4 first: row b of this (256, 2) index table is (b >> 4, b & 15).
 _BYTE_NIBBLES = torch.stack([torch.arange(16).repeat_interleave(16), torch.arange(16).repeat(16)], dim=1)
 _BYTE_NIBBLES_ON: dict[torch.device, torch.Tensor] = {}
-# Every pair of consecutive bytes, as they lie in memory, in the order of their uint16 view's value.
-_BYTE_PAIRS = torch.arange(65536, dtype=torch.int32).to(torch.uint16).view(torch.uint8).reshape(-1).int()
-# The 65536-entry tables (1 MiB each) dequantize builds on the CPU, by the code table's bytes.
-_WIDE_TABLES: dict[bytes, torch.Tensor] = {}
 
 
 def _byte_table(code: torch.Tensor) -> torch.Tensor:
@@ -444,25 +440,15 @@ def _byte_table(code: torch.Tensor) -> torch.Tensor:
     return pairs.view(torch.int64)
 
 
-def _wide_table(code: torch.Tensor) -> torch.Tensor:
-    """(65536,) complex128 (16 bytes: a container, never arithmetic): entry v holds the four float32
-    code values of the two bytes whose uint16 view is v, so one lookup writes four values. Built
-    once per code table (by its bytes: -0.0 and 0.0 differ) on the CPU and kept."""
-    key = code.numpy().tobytes()
-    if key not in _WIDE_TABLES:
-        _WIDE_TABLES[key] = torch.index_select(_byte_table(code), 0, _BYTE_PAIRS).view(torch.complex128)
-    return _WIDE_TABLES[key]
-
-
 def _code_values(state: NF4State) -> torch.Tensor:
     """The code value of every packed nibble, float32 (2 * bytes,): n values, and a pad nibble when
-    n is odd. A lookup per pair of bytes on the CPU (an even byte count: every real layer), per
-    byte otherwise. index_select, 1-D: PyTorch's tight copy loop (a 2-D table takes its row-copy
-    path, a memcpy call per row), with int32 indices (~70x faster than int64 advanced indexing)."""
-    packed = state.packed.view(-1)
-    if packed.device.type == "cpu" and packed.numel() % 2 == 0:
-        return torch.index_select(_wide_table(state.code), 0, packed.view(torch.uint16).int()).view(torch.float32)
-    return torch.index_select(_byte_table(state.code), 0, packed.int()).view(torch.float32)
+    n is odd. One lookup per byte in a 2 KiB table. index_select, 1-D: PyTorch's tight copy loop (a
+    2-D table takes its row-copy path, a memcpy call per row), with int32 indices (~70x faster
+    than int64 advanced indexing). A 1 MiB table of every byte pair (four values a lookup) was
+    1.1x faster with the table in cache, but in a training step the layers' products evict it
+    between two dequantizations, and cold it took 1.6x as long as this one (bench/README.md,
+    session 12)."""
+    return torch.index_select(_byte_table(state.code), 0, state.packed.view(-1).int()).view(torch.float32)
 
 
 def dequantize(state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -470,7 +456,7 @@ def dequantize(state: NF4State, dtype: torch.dtype | None = None) -> torch.Tenso
 
     ``dtype`` defaults to the original weight's. Equal to bnb's ``dequantize_4bit``.
 
-    Two passes over the weight: a table lookup that writes several code values per packed byte
+    Two passes over the weight: a table lookup that writes both code values of each packed byte
     (_code_values), then one blockwise multiply by the absmaxes, in place for a float32 result and
     otherwise into the result in ``dtype`` (computed in float32 and rounded once, as a float32
     product cast afterwards would be). In place matters on the CPU: a second weight-sized buffer
