@@ -203,7 +203,18 @@ def adapter(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def assert_same_run(a, b):
+# Runs that split the global batch differently (one process of 8 rows, two of 4) multiply matrices
+# of other shapes, which the CPU BLAS sums in another order (below ~12 rows it switches kernels), and
+# AdamW turns such rounding in a near-zero gradient into a visible step (lr 0.02 here). Measured: one
+# process of 8 rows against itself after a change of the loss's product layout alone, 2.1e-5 in
+# the adapters after 12 steps; one against two processes, 4e-6 before that change and 2.5e-5 after.
+# A distribution bug (a gradient not averaged, a shard lost) moves weights by ~lr: 200x this bound.
+ACROSS_SHAPES_ATOL = 1e-4
+
+
+def assert_same_run(a, b, adapter_atol=1e-5):
+    """Equal loss curves (1e-5) and adapters (rtol 1e-4, atol `adapter_atol`; ACROSS_SHAPES_ATOL
+    where the two runs split the batch into other shapes)."""
     ca, cb = curve(a), curve(b)
     assert [s for s, _ in ca] == [s for s, _ in cb] and len(ca) == 12
     for (_, la), (_, lb) in zip(ca, cb):
@@ -211,13 +222,13 @@ def assert_same_run(a, b):
     wa, wb = adapter(a), adapter(b)
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=adapter_atol)
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     single = run(tmp_path, "single", 1, ["train.batch_size=8", "train.grad_accum=2"])
     ddp = run(tmp_path, "ddp", 2, ["train.batch_size=4", "train.grad_accum=2"])
-    assert_same_run(single, ddp)
+    assert_same_run(single, ddp, ACROSS_SHAPES_ATOL)
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["tokens_seen"] == json.loads((single / "summary.json").read_text())["tokens_seen"]
@@ -230,7 +241,7 @@ def test_dpo_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
     # see its own pairs; the loss per pair is summed over ranks and divided by the global pair count
     single = run(tmp_path, "single", 1, ["train.batch_size=8", "train.grad_accum=2"], base="pairs")
     ddp = run(tmp_path, "ddp", 2, ["train.batch_size=4", "train.grad_accum=2"], base="pairs")
-    assert_same_run(single, ddp)
+    assert_same_run(single, ddp, ACROSS_SHAPES_ATOL)
     assert curve(single)[0][1] == pytest.approx(0.6931471805599453, abs=1e-6)  # ln 2: the policy is the reference
     rewards = [[(r["step"], r["rewards/margins"], r["rewards/accuracies"]) for r in monitor.MetricsLog(
         d / "metrics.jsonl").read() if r["type"] == "train"] for d in (single, ddp)]
@@ -239,7 +250,7 @@ def test_dpo_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
     assert json.loads((ddp / "summary.json").read_text())["world_size"] == 2
     # FSDP: the sharded model's first forward is the objective's probe (one pair), then the same run
     fsdp = run(tmp_path, "fsdp", 2, ["train.batch_size=4", "train.grad_accum=2", "train.strategy=fsdp"], base="pairs")
-    assert_same_run(single, fsdp)
+    assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
 
 
 def test_resume_with_two_processes(tmp_path):
@@ -262,7 +273,7 @@ def test_fsdp_equals_ddp_and_one_process(tmp_path):
     single = run(tmp_path, "single", 1, ["train.batch_size=8", "train.grad_accum=2"])
     ddp = run(tmp_path, "ddp", 2, ["train.batch_size=4", "train.grad_accum=2"])
     fsdp = run(tmp_path, "fsdp", 2, ["train.batch_size=4", "train.grad_accum=2", "train.strategy=fsdp"])
-    assert_same_run(single, fsdp)
+    assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
     assert_same_run(ddp, fsdp)
     evals = [[(r["step"], r.get("val_loss")) for r in monitor.MetricsLog(d / "metrics.jsonl").read()
               if r["type"] == "eval"] for d in (single, fsdp)]
@@ -302,7 +313,7 @@ def test_qlora_with_fsdp_equals_one_process_and_shards_the_nf4_base(tmp_path):
     qlora = ["train.grad_accum=2"]  # the NF4 base is built in the script (base "nf4"), so method stays lora
     single = run(tmp_path, "single", 1, [*qlora, "train.batch_size=8"], nf4=True)
     fsdp = run(tmp_path, "fsdp", 2, [*qlora, "train.batch_size=4", "train.strategy=fsdp"], nf4=True)
-    assert_same_run(single, fsdp)
+    assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
     # single process: the 4-bit state stays in buffers (not parameters); FSDP: sharded parameters
     assert shard_sizes(tmp_path, "single", 0)["nf4"] == {"local": 0, "full": 0}
     ranks = [shard_sizes(tmp_path, "fsdp", r) for r in (0, 1)]
@@ -319,7 +330,7 @@ def test_fsdp_start_up_never_holds_the_whole_base_and_equals_one_process(tmp_pat
     files = [*on_disk(tmp_path), f"method={method}", "train.grad_accum=2"]
     single = run(tmp_path, "single", 1, [*files, "train.batch_size=8"], base="path")
     fsdp = run(tmp_path, "fsdp", 2, [*files, "train.batch_size=4", "train.strategy=fsdp"], base="path")
-    assert_same_run(single, fsdp)
+    assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
     for rank in (0, 1):
         sizes = shard_sizes(tmp_path, "fsdp", rank)
         base = sizes["frozen"]["full"] + sizes["nf4"]["full"]
@@ -339,7 +350,7 @@ def test_fsdp_with_gradient_checkpointing_equals_one_process(tmp_path):
     ckpt = ["train.grad_accum=2", "train.gradient_checkpointing=true"]
     single = run(tmp_path, "single", 1, [*ckpt, "train.batch_size=8"])
     fsdp = run(tmp_path, "fsdp", 2, [*ckpt, "train.batch_size=4", "train.strategy=fsdp"])
-    assert_same_run(single, fsdp)
+    assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
 
 
 def test_a_rank_that_dies_fails_the_run_instead_of_hanging(tmp_path):
@@ -386,7 +397,7 @@ def test_qlora_moe_with_fsdp_equals_one_process_and_shards_the_nf4_experts(tmp_p
     # the NF4 Mixtral is built in the script (base "moe"), so method stays lora
     single = run(tmp_path, "single", 1, ["train.grad_accum=2", "train.batch_size=8"], base="moe")
     fsdp = run(tmp_path, "fsdp", 2, ["train.grad_accum=2", "train.batch_size=4", "train.strategy=fsdp"], base="moe")
-    assert_same_run(single, fsdp)
+    assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
     assert shard_sizes(tmp_path, "single", 0)["nf4"] == {"local": 0, "full": 0}  # buffers in one process
     # 4-bit state as FSDP parameters: 49,152 expert + 6,144 linear weights at 0.5 byte, a uint8 absmax
     # code per 64 weights (864) and a float32 DQ scale per weight (4 experts + 8 linears): the experts'
