@@ -189,8 +189,8 @@ def test_collapse_is_not_a_plateau(tmp_path):
 
     With eager attention: on saturated scores PyTorch's CPU flash attention backward (sdpa) returns
     NaN on some CPUs (an AVX2 host; not on AVX-512 ones), which makes the same run "diverged"
-    there; the softmax written out saturates to exact zeros everywhere (collapsed at lr 1e2, 1e3
-    and 1e4 on that host)."""
+    there; with the softmax written out the gradients saturate to exact zeros (collapsed at lr 1e2,
+    1e3 and 1e4 on that host, as on the AVX-512 ones with sdpa)."""
     config, prepared = tiny_run(["train.lr=1e3", "train.steps=12", "eval.every=0"])
     prepared.model.set_attn_implementation("eager")
     summary = train(config, tmp_path, prepared=prepared, progress=False, log=lambda *_: None)
