@@ -225,9 +225,17 @@ def assert_same_run(a, b, adapter_atol=1e-5):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=adapter_atol)
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    single = run(tmp_path, "single", 1, ["train.batch_size=8", "train.grad_accum=2"])
-    ddp = run(tmp_path, "ddp", 2, ["train.batch_size=4", "train.grad_accum=2"])
+@pytest.fixture(scope="module")
+def batch_of_8(tmp_path_factory):
+    """The global batch of 8 rows (2 micro-batches) in one process, and in two with DDP (4 rows
+    each): the runs that several tests compare with, trained once for the module."""
+    root = tmp_path_factory.mktemp("batch_of_8")
+    return (run(root, "single", 1, ["train.batch_size=8", "train.grad_accum=2"]),
+            run(root, "ddp", 2, ["train.batch_size=4", "train.grad_accum=2"]))
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(batch_of_8):
+    single, ddp = batch_of_8
     assert_same_run(single, ddp, ACROSS_SHAPES_ATOL)
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["world_size"] == 2
@@ -265,13 +273,13 @@ def test_resume_with_two_processes(tmp_path):
     assert_same_run(full, cut)
 
 
-def shard_sizes(tmp_path, out, rank):
-    return json.loads((tmp_path / f"{out}.rank{rank}.json").read_text())
+def shard_sizes(run_dir, rank):
+    """The parameter bytes that rank held in the run written to run_dir (the script's rank file)."""
+    return json.loads(run_dir.with_name(f"{run_dir.name}.rank{rank}.json").read_text())
 
 
-def test_fsdp_equals_ddp_and_one_process(tmp_path):
-    single = run(tmp_path, "single", 1, ["train.batch_size=8", "train.grad_accum=2"])
-    ddp = run(tmp_path, "ddp", 2, ["train.batch_size=4", "train.grad_accum=2"])
+def test_fsdp_equals_ddp_and_one_process(tmp_path, batch_of_8):
+    single, ddp = batch_of_8
     fsdp = run(tmp_path, "fsdp", 2, ["train.batch_size=4", "train.grad_accum=2", "train.strategy=fsdp"])
     assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
     assert_same_run(ddp, fsdp)
@@ -285,10 +293,10 @@ def test_fsdp_equals_ddp_and_one_process(tmp_path):
     assert [s["after"]["exact_match"] for s in summaries] == [summaries[0]["after"]["exact_match"]] * 2
     # each rank holds half of every parameter (dim-0 shards), single process all of it
     for rank in (0, 1):
-        sizes = shard_sizes(tmp_path, "fsdp", rank)
+        sizes = shard_sizes(fsdp, rank)
         for kind in ("frozen", "trainable"):
             assert sizes[kind]["local"] == pytest.approx(sizes[kind]["full"] / 2, rel=0.05), (rank, kind)
-    single_sizes = shard_sizes(tmp_path, "single", 0)
+    single_sizes = shard_sizes(single, 0)
     assert all(single_sizes[k]["local"] == single_sizes[k]["full"] for k in ("nf4", "frozen", "trainable"))
 
 
@@ -315,8 +323,8 @@ def test_qlora_with_fsdp_equals_one_process_and_shards_the_nf4_base(tmp_path):
     fsdp = run(tmp_path, "fsdp", 2, [*qlora, "train.batch_size=4", "train.strategy=fsdp"], nf4=True)
     assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
     # single process: the 4-bit state stays in buffers (not parameters); FSDP: sharded parameters
-    assert shard_sizes(tmp_path, "single", 0)["nf4"] == {"local": 0, "full": 0}
-    ranks = [shard_sizes(tmp_path, "fsdp", r) for r in (0, 1)]
+    assert shard_sizes(single, 0)["nf4"] == {"local": 0, "full": 0}
+    ranks = [shard_sizes(fsdp, r) for r in (0, 1)]
     nf4_full = ranks[0]["nf4"]["full"]
     # 14 NF4Linear layers, 2 x 32 x 32 + ... weights: 0.5 byte + DQ absmax 1/64 byte per weight, + nested scales
     assert nf4_full > 0
@@ -332,7 +340,7 @@ def test_fsdp_start_up_never_holds_the_whole_base_and_equals_one_process(tmp_pat
     fsdp = run(tmp_path, "fsdp", 2, [*files, "train.batch_size=4", "train.strategy=fsdp"], base="path")
     assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
     for rank in (0, 1):
-        sizes = shard_sizes(tmp_path, "fsdp", rank)
+        sizes = shard_sizes(fsdp, rank)
         base = sizes["frozen"]["full"] + sizes["nf4"]["full"]
         # one entry per fully_shard call (2 decoder layers, then the root): the only whole tensors
         # in the model are those of the part being sharded, never the whole base
@@ -341,15 +349,16 @@ def test_fsdp_start_up_never_holds_the_whole_base_and_equals_one_process(tmp_pat
         assert max(in_model for in_model, _ in whole) < 0.8 * base, (rank, whole, base)
         assert sizes["frozen"]["local"] + sizes["nf4"]["local"] == pytest.approx(base / 2, rel=0.05)
     if method == "lora":  # a model built in memory before train() is whole when sharding starts
-        run(tmp_path, "built", 2, ["train.batch_size=4", "train.strategy=fsdp", "train.steps=1"])
-        sizes = shard_sizes(tmp_path, "built", 0)
+        built = run(tmp_path, "built", 2, ["train.batch_size=4", "train.strategy=fsdp", "train.steps=1"])
+        sizes = shard_sizes(built, 0)
         assert sizes["whole_at_shard"][0][0] == sizes["frozen"]["full"]
 
 
-def test_fsdp_with_gradient_checkpointing_equals_one_process(tmp_path):
-    ckpt = ["train.grad_accum=2", "train.gradient_checkpointing=true"]
-    single = run(tmp_path, "single", 1, [*ckpt, "train.batch_size=8"])
-    fsdp = run(tmp_path, "fsdp", 2, [*ckpt, "train.batch_size=4", "train.strategy=fsdp"])
+def test_fsdp_with_gradient_checkpointing_equals_one_process(tmp_path, batch_of_8):
+    # against the one-process run without checkpointing: recomputing the blocks changes no number
+    single, _ = batch_of_8
+    fsdp = run(tmp_path, "fsdp", 2, ["train.grad_accum=2", "train.gradient_checkpointing=true", "train.batch_size=4",
+                                     "train.strategy=fsdp"])
     assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
 
 
@@ -398,11 +407,11 @@ def test_qlora_moe_with_fsdp_equals_one_process_and_shards_the_nf4_experts(tmp_p
     single = run(tmp_path, "single", 1, ["train.grad_accum=2", "train.batch_size=8"], base="moe")
     fsdp = run(tmp_path, "fsdp", 2, ["train.grad_accum=2", "train.batch_size=4", "train.strategy=fsdp"], base="moe")
     assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
-    assert shard_sizes(tmp_path, "single", 0)["nf4"] == {"local": 0, "full": 0}  # buffers in one process
+    assert shard_sizes(single, 0)["nf4"] == {"local": 0, "full": 0}  # buffers in one process
     # 4-bit state as FSDP parameters: 49,152 expert + 6,144 linear weights at 0.5 byte, a uint8 absmax
     # code per 64 weights (864) and a float32 DQ scale per weight (4 experts + 8 linears): the experts'
     # packed codes (24,576 bytes) are sharded too, not kept whole on every rank
-    ranks = [shard_sizes(tmp_path, "fsdp", r) for r in (0, 1)]
+    ranks = [shard_sizes(fsdp, r) for r in (0, 1)]
     assert ranks[0]["nf4"]["full"] == (49_152 + 6_144) // 2 + 864 + 12 * 4 == 28_560
     for sizes in ranks:
         assert sizes["nf4"]["local"] == pytest.approx(28_560 / 2, rel=0.05)
