@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
                    help="override one setting, e.g. --set lora.r=32 --set method=qlora (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/<date>-<time>-<method>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars, lorakit's or transformers' (logs only)")
     p.set_defaults(run=run)
 
 
@@ -47,6 +47,10 @@ def run(args) -> int:
     from lorakit.training import train
 
     config, run_dir, resume = resolve(args)
+    if args.no_progress:  # transformers' bars too (loading the weights): a log gets lines, not redraws
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         print(f"run directory: {run_dir}")
     try:
