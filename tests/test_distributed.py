@@ -355,7 +355,8 @@ def test_fsdp_start_up_never_holds_the_whole_base_and_equals_one_process(tmp_pat
 
 
 def test_fsdp_with_gradient_checkpointing_equals_one_process(tmp_path, batch_of_8):
-    # against the one-process run without checkpointing: recomputing the blocks changes no number
+    # against the one-process run without checkpointing: recomputing the blocks must not move the
+    # curve or the adapter beyond what the batch's other split does
     single, _ = batch_of_8
     fsdp = run(tmp_path, "fsdp", 2, ["train.grad_accum=2", "train.gradient_checkpointing=true", "train.batch_size=4",
                                      "train.strategy=fsdp"])

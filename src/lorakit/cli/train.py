@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
                    help="override one setting, e.g. --set lora.r=32 --set method=qlora (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/<date>-<time>-<method>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars, lorakit's or transformers' (logs)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars, lorakit's or transformers': log lines only")
     p.set_defaults(run=run)
 
 
