@@ -327,6 +327,7 @@ def test_a_rank_above_the_layers_warns(files, tmp_path):
     done = lorakit("--out", tmp_path / "run", *settings(files, **{"lora.r": 1000, "train.steps": 1}))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "%|" not in done.stderr, done.stderr  # --no-progress: no bar, transformers' loading bar neither
+    assert "\nstep 1/1: loss " in done.stdout  # the step as a line instead
     assert ("warning: lora.r=1000 is more than 14 of the 14 adapted layers can use: a weight (out, in) has "
             "rank at most min(in, out) (e.g. model.layers.0.self_attn.q_proj: 64 -> 64, at most 64)") in done.stdout
 

@@ -80,6 +80,11 @@ def test_dpo_run_starts_at_ln2_logs_trls_metrics_and_lifts_pair_accuracy(tmp_pat
     (table,) = [line for line in lines if line.split()[:2] == ["before", "after"]]  # the before/after table
     assert "held-out pair accuracy" in table and "held-out reward margin" in table
     assert f"{100 * after['pair_accuracy']:.1f}%" in table.splitlines()[2]
+    # without a bar each step's line carries its reward accuracy and margin (metrics.jsonl's numbers)
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(", lr ")[0] for line in steps] == [
+        f"step {r['step']}/12: loss {r['loss']:.4f}, reward accuracy {r['rewards/accuracies']:.3f}, reward margin "
+        f"{r['rewards/margins']:.3f}" for r in train_lines]
 
 
 def test_only_the_adapters_train_and_the_reference_never_moves(tmp_path):

@@ -58,6 +58,19 @@ def curve(run_dir):
             if r["type"] == "train"]
 
 
+def test_without_a_bar_each_logged_step_is_a_log_line_of_its_metrics(tmp_path):
+    # progress=False (`lorakit train --no-progress`): a log shows the run's progress as lines, every
+    # train.log_every steps, with the numbers metrics.jsonl holds for those steps
+    config, prepared = tiny_run(["train.steps=6", "train.log_every=2", "eval.every=0"])
+    lines = []
+    train(config, tmp_path / "run", prepared=prepared, progress=False, log=lines.append)
+    records = [r for r in monitor.MetricsLog(tmp_path / "run" / "metrics.jsonl").read() if r["type"] == "train"]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert steps == [f"step {r['step']}/6: loss {r['loss']:.4f}, lr {r['lr']:.2e}, grad norm {r['grad_norm']:.3g}, "
+                     f"{r['tokens_per_s']:,.0f} tokens/s, {r['train_seconds']:.0f} s" for r in records]
+
+
 def test_loss_curve_is_deterministic_and_decreases(tmp_path):
     s1 = run_tiny(tmp_path / "a")
     s2 = run_tiny(tmp_path / "b")

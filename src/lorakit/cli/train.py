@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="run directory (default: runs/<date>-<time>-<method>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress bars, lorakit's or transformers': log lines only")
+                   help="no progress bars (lorakit's or transformers'): a log line per logged step instead")
     p.set_defaults(run=run)
 
 

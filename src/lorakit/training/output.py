@@ -1,8 +1,8 @@
 """What a run shows and writes for its user: ONE sink on rank 0, a silent one on every other rank.
 
-Output (rank 0) owns the log lines, the progress bar and the files that describe the run:
-config.yaml, metrics.jsonl (one line per logged step, "train", and per evaluation, "eval"),
-loss.png and summary.json (before/after metrics, wall times, tokens, peak memory, diagnostics),
+Output (rank 0) owns the log lines, the progress bar (without it, a log line per logged step) and
+the files that describe the run: config.yaml, metrics.jsonl (one line per logged step, "train", and
+per evaluation, "eval"), loss.png and summary.json (before/after metrics, wall times, tokens, peak memory, diagnostics),
 the before/after table, and the trackers of train.report_to, each given the same records, the
 hyperparameters (the resolved config, flattened) and loss.png: TensorBoard (event files in
 run_dir/tensorboard) and MLflow (a local store, run_dir/mlflow.db, or MLFLOW_TRACKING_URI's).
@@ -58,6 +58,7 @@ class Output:
         self.run_dir, self.log, self.progress = Path(run_dir), log, progress
         self.metrics = monitor.MetricsLog(self.run_dir / "metrics.jsonl")
         self._bar = None
+        self._total = 0  # the run's optimizer steps (steps_begin)
         self._since = (0.0, 0)  # (train_seconds, tokens) at the last logged step: tokens/s between logs
         self.trackers: list[TensorBoard | MLflow] = []
 
@@ -89,6 +90,7 @@ class Output:
 
     def steps_begin(self, total: int, state: RunState) -> None:
         self._since = (state.train_seconds, 0)  # tokens/s counts training time only, not evaluation
+        self._total = total
         if self.progress:
             from tqdm.auto import tqdm
 
@@ -109,7 +111,13 @@ class Output:
                   "train_seconds": state.train_seconds, **(metrics or {})}
         self._write(record)
         self._since = (now, 0)
-        if self._bar is not None:
+        if self._bar is None:  # no bar (--no-progress): the logged step as a line of the log
+            shown = "".join(f", {name} {metrics[key]:.3f}" for name, key in
+                            (("reward accuracy", "rewards/accuracies"), ("reward margin", "rewards/margins"))
+                            if metrics and key in metrics)
+            self.log(f"step {state.step}/{self._total}: loss {loss:.4f}{shown}, lr {lr:.2e}, grad norm "
+                     f"{grad_norm:.3g}, {record['tokens_per_s']:,.0f} tokens/s, {now:.0f} s")
+        else:
             self._bar.n = state.step
             shown = {"acc": f"{metrics['rewards/accuracies']:.2f}",
                      "margin": f"{metrics['rewards/margins']:.3f}"} if metrics and "rewards/margins" in metrics else {}
