@@ -2,12 +2,12 @@
 
 Output (rank 0) owns the log lines, the progress bar (without it, a log line per logged step) and
 the files that describe the run: config.yaml, metrics.jsonl (one line per logged step, "train", and
-per evaluation, "eval"), loss.png and summary.json (before/after metrics, wall times, tokens, peak memory, diagnostics),
-the before/after table, and the trackers of train.report_to, each given the same records, the
-hyperparameters (the resolved config, flattened) and loss.png: TensorBoard (event files in
-run_dir/tensorboard) and MLflow (a local store, run_dir/mlflow.db, or MLFLOW_TRACKING_URI's).
-Silent (the other ranks) takes the same calls and does nothing, so the training loop never asks
-which rank it runs on to report.
+per evaluation, "eval"), loss.png and summary.json (before/after metrics, wall times, tokens, peak
+memory, diagnostics), the before/after table, and the trackers of train.report_to, each given the
+same records, the hyperparameters (the resolved config, flattened) and loss.png: TensorBoard (event
+files in run_dir/tensorboard) and MLflow (a local store, run_dir/mlflow.db, or
+MLFLOW_TRACKING_URI's). Silent (the other ranks) takes the same calls and does nothing, so the
+training loop never asks which rank it runs on to report.
 """
 
 from __future__ import annotations
