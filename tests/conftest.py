@@ -44,6 +44,16 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(self.emb(x))))
 
 
+@pytest.fixture(scope="session")
+def forkserver():
+    """`lorakit` commands as processes of their own, forked from one interpreter (processes.py)."""
+    from processes import Forkserver
+
+    server = Forkserver()
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def tokens():
     g = torch.Generator().manual_seed(1)

@@ -5,7 +5,6 @@ import json
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, add_lora, save_adapter
 from lorakit.cli import main
-
-
-def run_cli(*args, stdin: str = "", cwd=None) -> subprocess.CompletedProcess:
-    """`lorakit ARGS` in a fresh interpreter (what a user meets, including stdin prompts)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +71,11 @@ def custom_code_model(base_dir: Path, where: Path, in_file: str) -> tuple[Path, 
 
 
 @pytest.mark.parametrize("in_file", ["config.json", "tokenizer_config.json"])
-def test_custom_code_in_a_model_directory_never_runs(tmp_path, base_dir, in_file):
+def test_custom_code_in_a_model_directory_never_runs(forkserver, tmp_path, base_dir, in_file):
+    """In processes of their own (what a user meets, including transformers' prompt on stdin)."""
     model, marker = custom_code_model(base_dir, tmp_path, in_file)
     for command in (["generate", "--model", model, "--raw", "hi", "--max-new-tokens", "2"], ["chat", "--model", model]):
-        result = run_cli(*command, stdin="y\ny\nhello\n")
+        result = forkserver.run(*command, stdin="y\ny\nhello\n")
         assert not marker.exists(), f"lorakit {command[0]} ran the model directory's code"
         assert result.returncode == 2
         assert "Traceback" not in result.stderr
@@ -234,14 +227,14 @@ def test_nan_and_int8_adapters_are_refused_on_load(tmp_path, base_dir, capsys):
         assert q in err
 
 
-def test_a_runaway_target_regex_is_refused_not_run(tmp_path, base_dir):
+def test_a_runaway_target_regex_is_refused_not_run(forkserver, tmp_path, base_dir):
     """"((.)*)*!" backtracks 2^n times on an n-character name: matching it against the model's
-    module names would never finish. A subprocess, so that the hang (before the fix) ends."""
+    module names would never finish. A process of its own, so that the hang (before the fix) ends."""
     adapter = make_adapter(base_dir, tmp_path / "adapter")
     config = json.loads((adapter / "adapter_config.json").read_text())
     rewrite(adapter, config={**config, "target_modules": "((.)*)*!"})
     try:
-        result = run_cli("generate", "--model", base_dir, "--adapter", adapter, "--raw", "hi")
+        result = forkserver.run("generate", "--model", base_dir, "--adapter", adapter, "--raw", "hi")
     except subprocess.TimeoutExpired:
         pytest.fail("lorakit generate hung on a catastrophic target_modules regex")
     assert result.returncode == 2 and "Traceback" not in result.stderr

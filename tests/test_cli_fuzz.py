@@ -1,13 +1,13 @@
 """Every subcommand but train (tests/test_cli_train_errors.py), fed the kinds of bad input users hand it (missing paths, files where
 directories belong, empty or broken files, bad numbers): each must end in a `lorakit <cmd>: error:`
 message and a non-zero exit, never a traceback. Most cases run in-process (main() as the console
-script calls it); a few run as real subprocesses."""
+script calls it); a few in processes of their own (tests/processes.py)."""
 
 import json
 
 import pytest
 from conftest import char_tokenizer, tiny_llama
-from test_cli_errors import copy_model, corrupt, make_adapter, run_cli
+from test_cli_errors import copy_model, corrupt, make_adapter
 
 from lorakit.cli import COMMANDS, main
 
@@ -129,11 +129,11 @@ def test_bad_input_is_an_error_message_not_a_traceback(paths, capsys, command, a
     assert "Traceback" not in err
 
 
-def test_bad_input_in_real_processes(paths):
+def test_bad_input_in_real_processes(forkserver, paths):
     """The console entry point as a user runs it: the same contract, through sys.exit."""
     for argv in (["inspect", paths["broken_adapter"]], ["plan", "--model", paths["heads0"]],
                  ["generate", "--model", paths["broken_model"], "hi"]):
-        result = run_cli(*argv)
+        result = forkserver.run(*argv)
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith(f"lorakit {argv[0]}: error: ")
         assert "Traceback" not in result.stdout + result.stderr

@@ -1,12 +1,11 @@
-"""`lorakit train` meeting bad inputs and faults, as a user runs it (a subprocess): a
-`lorakit train: error: ...` message, a non-zero exit, no traceback, and no user file changed."""
+"""`lorakit train` meeting bad inputs and faults, as a user runs it (a process of its own, forked
+from one that imported lorakit once: tests/processes.py): a `lorakit train: error: ...` message, a
+non-zero exit, no traceback, and no user file changed."""
 
 import fcntl
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,6 @@ from pathlib import Path
 import pytest
 from conftest import char_tokenizer, tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 ERROR = "lorakit train: error: "
 
 
@@ -61,14 +58,14 @@ def settings(files, **changes):
     return [a for k, v in values.items() if v is not None for a in ("--set", f"{k}={v}")]
 
 
-def lorakit(*args, cwd=None, limit_file_bytes=None):
-    def limit():  # a file system that is full after limit_file_bytes per file (EFBIG, not SIGXFSZ)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
+@pytest.fixture(scope="module")
+def lorakit(forkserver):
+    """lorakit(*args, cwd=None, limit_file_bytes=None): `lorakit train --no-progress ARGS` run to its
+    end. limit_file_bytes: a file system that is full after that many bytes per file (EFBIG)."""
+    def run(*args, cwd=None, limit_file_bytes=None):
+        return forkserver.run("train", "--no-progress", *args, cwd=cwd, limit_file_bytes=limit_file_bytes)
 
-    return subprocess.run([sys.executable, "-m", "lorakit", "train", "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300,
-                          preexec_fn=limit if limit_file_bytes else None)
+    return run
 
 
 def assert_error(done, *fragments):
@@ -98,7 +95,7 @@ def snapshot(path):
 
 
 @pytest.fixture(scope="module")
-def finished_run(files, tmp_path_factory):
+def finished_run(lorakit, files, tmp_path_factory):
     """A 4-step run (checkpoint step-2) to resume from, copied by each test that changes it."""
     out = tmp_path_factory.mktemp("runs") / "run"
     done = lorakit("--out", out, *settings(files))
@@ -113,7 +110,7 @@ def copy_run(finished_run, tmp_path):
 
 # --- the run directory -----------------------------------------------------------------------------
 
-def test_out_that_is_not_a_run_is_refused(files, tmp_path):
+def test_out_that_is_not_a_run_is_refused(lorakit, files, tmp_path):
     out = tmp_path / "mine"
     (out / "adapter").mkdir(parents=True)
     (out / "summary.json").write_text("my own notes\n")
@@ -126,7 +123,7 @@ def test_out_that_is_not_a_run_is_refused(files, tmp_path):
     assert snapshot(out) == before
 
 
-def test_out_that_is_a_file_is_refused(files, tmp_path):
+def test_out_that_is_a_file_is_refused(lorakit, files, tmp_path):
     (tmp_path / "out").write_text("a file\n")
     assert_error(lorakit("--out", tmp_path / "out", *settings(files)), f"run directory {tmp_path / 'out'} is a file")
     assert (tmp_path / "out").read_text() == "a file\n"
@@ -137,7 +134,7 @@ def test_out_that_is_a_file_is_refused(files, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_unwritable_out_and_default_runs_in_a_read_only_cwd(files, tmp_path):
+def test_unwritable_out_and_default_runs_in_a_read_only_cwd(lorakit, files, tmp_path):
     (tmp_path / "ro").mkdir()
     os.chmod(tmp_path / "ro", 0o555)
     try:
@@ -150,7 +147,7 @@ def test_unwritable_out_and_default_runs_in_a_read_only_cwd(files, tmp_path):
         os.chmod(tmp_path / "ro", 0o755)
 
 
-def test_symlink_in_the_run_directory_is_never_followed(finished_run, tmp_path):
+def test_symlink_in_the_run_directory_is_never_followed(lorakit, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -163,7 +160,7 @@ def test_symlink_in_the_run_directory_is_never_followed(finished_run, tmp_path):
     assert snapshot(run) == before and snapshot(elsewhere) == outside
 
 
-def test_a_run_directory_in_use_is_refused_at_once(finished_run, tmp_path):
+def test_a_run_directory_in_use_is_refused_at_once(lorakit, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
     before = snapshot(run)
     with open(run / ".lock", "r+") as held:  # what a running `lorakit train` holds
@@ -180,7 +177,7 @@ def test_a_run_directory_in_use_is_refused_at_once(finished_run, tmp_path):
     assert snapshot(run) == before
 
 
-def test_lock_of_a_killed_run_is_free(finished_run, tmp_path):
+def test_lock_of_a_killed_run_is_free(lorakit, finished_run, tmp_path):
     """flock's lock dies with its process (kill -9 included): the run resumes without a stale lock."""
     run = copy_run(finished_run, tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'r+'); "
@@ -205,7 +202,7 @@ def rewrite_checkpoint(run, change):
     save_file(tensors, path)
 
 
-def test_resume_refuses_a_checkpoint_missing_a_tensor(finished_run, tmp_path):
+def test_resume_refuses_a_checkpoint_missing_a_tensor(lorakit, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
     rewrite_checkpoint(run, lambda t: t.pop("model.layers.1.mlp.down_proj.lora_A.default.weight"))
     done = lorakit("--resume", run)
@@ -214,7 +211,7 @@ def test_resume_refuses_a_checkpoint_missing_a_tensor(finished_run, tmp_path):
     assert done.returncode == 2
 
 
-def test_resume_refuses_a_checkpoint_with_an_extra_tensor(finished_run, tmp_path):
+def test_resume_refuses_a_checkpoint_with_an_extra_tensor(lorakit, finished_run, tmp_path):
     import torch
 
     run = copy_run(finished_run, tmp_path)
@@ -222,7 +219,7 @@ def test_resume_refuses_a_checkpoint_with_an_extra_tensor(finished_run, tmp_path
     assert_error(lorakit("--resume", run), "tensors the model does not have (1): model.norm.extra")
 
 
-def test_resume_refuses_a_changed_config(finished_run, tmp_path):
+def test_resume_refuses_a_changed_config(lorakit, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
     text = (run / "config.yaml").read_text()
     assert "  r: 4\n" in text
@@ -233,7 +230,7 @@ def test_resume_refuses_a_changed_config(finished_run, tmp_path):
     assert "model:" not in done.stdout and snapshot(run) == before
 
 
-def test_resume_removes_checkpoints_cut_short_by_a_kill(finished_run, tmp_path):
+def test_resume_removes_checkpoints_cut_short_by_a_kill(lorakit, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
     (run / "summary.json").unlink()
     half = run / "checkpoints" / ".step-3.1234.abcd"  # a save killed before its rename
@@ -253,7 +250,7 @@ def test_run_files_follow_the_umask(finished_run):
     assert modes == {name: (0o777 if (finished_run / name).is_dir() else 0o666) & ~umask for name in modes}
 
 
-def test_disk_full_during_a_checkpoint_loses_nothing(files, tmp_path):
+def test_disk_full_during_a_checkpoint_loses_nothing(lorakit, files, tmp_path):
     """Files may not grow past 60 kB (the checkpoint's optimizer.pt needs more): the write fails
     with EFBIG, as on a full disk. The error says so; no half checkpoint is left; the run resumes."""
     run = tmp_path / "run"
@@ -275,7 +272,7 @@ def test_disk_full_during_a_checkpoint_loses_nothing(files, tmp_path):
     ("", "data.validation", "data.validation: {path}: holds no records"),
     ("\n", "data.test", "data.test: {path}: holds no records"),
 ])
-def test_empty_data_files(files, tmp_path, content, key, message):
+def test_empty_data_files(lorakit, files, tmp_path, content, key, message):
     path = tmp_path / "data.jsonl"
     path.write_text(content)
     done = lorakit("--out", tmp_path / "run", *settings(files, **{key: path}))
@@ -283,21 +280,21 @@ def test_empty_data_files(files, tmp_path, content, key, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_one_record_leaves_nothing_to_train_on(files, tmp_path):
+def test_one_record_leaves_nothing_to_train_on(lorakit, files, tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", reverse_rows(1))
     done = lorakit("--out", tmp_path / "run", *settings(files, **{"data.train": path, "data.validation": None}))
     assert_error(done, f"data.train={path}: its 1 record(s) all go to validation (data.validation_fraction=0.05 "
                        "holds out at least one), none is left to train on")
 
 
-def test_data_that_is_not_utf8_names_the_line(files, tmp_path):
+def test_data_that_is_not_utf8_names_the_line(lorakit, files, tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
     done = lorakit("--out", tmp_path / "run", *settings(files, **{"data.train": path}))
     assert_error(done, f"data.train: {path}:2: not UTF-8 text (byte 0xe9 at offset 50)")
 
 
-def test_all_prompt_data_is_an_error_with_counts(files, tmp_path):
+def test_all_prompt_data_is_an_error_with_counts(lorakit, files, tmp_path):
     done = lorakit("--out", tmp_path / "run", *settings(files, **{"data.max_length": 5}))
     assert_error(done, "data.train: none of its 32 examples has a token left to learn (0 supervised tokens; "
                        "32 cut at data.max_length=5)",
@@ -305,7 +302,7 @@ def test_all_prompt_data_is_an_error_with_counts(files, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_too_few_examples_for_a_batch_fails_before_anything_is_written(files, tmp_path):
+def test_too_few_examples_for_a_batch_fails_before_anything_is_written(lorakit, files, tmp_path):
     changes = {"data.train": write_jsonl(tmp_path / "small.jsonl", reverse_rows(5)), "train.batch_size": 8}
     done = lorakit("--out", tmp_path / "run", *settings(files, **changes))
     assert_error(done, "5 training examples is fewer than one batch of 8 (train.batch_size=8): lower "
@@ -316,14 +313,14 @@ def test_too_few_examples_for_a_batch_fails_before_anything_is_written(files, tm
 
 # --- configuration -------------------------------------------------------------------------------------
 
-def test_a_huge_rank_is_refused_before_loading(files, tmp_path):
+def test_a_huge_rank_is_refused_before_loading(lorakit, files, tmp_path):
     done = lorakit("--out", tmp_path / "run", *settings(files, **{"lora.r": 100_000_000}))
     assert_error(done, "lora.r=100000000: the adapters alone would need",
                  "a layer here can use a rank of at most 64")
     assert "model:" not in done.stdout and not (tmp_path / "run").exists()
 
 
-def test_a_rank_above_the_layers_warns(files, tmp_path):
+def test_a_rank_above_the_layers_warns(lorakit, files, tmp_path):
     done = lorakit("--out", tmp_path / "run", *settings(files, **{"lora.r": 1000, "train.steps": 1}))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "%|" not in done.stderr, done.stderr  # --no-progress: no bar, transformers' loading bar neither
@@ -336,7 +333,7 @@ def test_a_rank_above_the_layers_warns(files, tmp_path):
 BOMB = ["&a0 [" + ", ".join(["x"] * 9) + "]"] + [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
 
 
-def test_yaml_alias_bomb_is_refused(files, tmp_path):
+def test_yaml_alias_bomb_is_refused(lorakit, files, tmp_path):
     config = tmp_path / "bomb.yaml"
     config.write_text("lora:\n  targets: [" + ", ".join(BOMB) + "]\n")
     done = lorakit(config, "--out", tmp_path / "run", *settings(files))
@@ -345,21 +342,21 @@ def test_yaml_alias_bomb_is_refused(files, tmp_path):
     assert_error(done, "cannot parse the value (its aliases expand to more than 100,000 values")
 
 
-def test_duplicate_yaml_keys_are_refused(files, tmp_path):
+def test_duplicate_yaml_keys_are_refused(lorakit, files, tmp_path):
     config = tmp_path / "dup.yaml"
     config.write_text("train:\n  lr: 0.001\n  steps: 4\n  lr: 0.1\n")
     done = lorakit(config, "--out", tmp_path / "run", *settings(files))
     assert_error(done, f"{config}: line 4: duplicate key 'lr' (first given at line 2); give each key once")
 
 
-def test_float16_on_the_cpu_warns(files, tmp_path):
+def test_float16_on_the_cpu_warns(lorakit, files, tmp_path):
     done = lorakit("--out", tmp_path / "run", *settings(files, **{"model.dtype": "float16", "train.steps": 1}))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "warning: model.dtype=float16 on the CPU is very slow" in done.stdout
     assert "use model.dtype=bfloat16 or float32" in done.stdout
 
 
-def test_nan_in_the_base_is_not_blamed_on_the_learning_rate(files, tmp_path):
+def test_nan_in_the_base_is_not_blamed_on_the_learning_rate(lorakit, files, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
