@@ -5,7 +5,8 @@ and the CLI tests run ~40 such commands. `Forkserver` starts one interpreter (th
 what a command imports, once, and forks a child for each command. The child is a process of its own,
 as a user's would be: its own exit status, stdin, stdout and stderr (files), working directory,
 environment, file-size limit, locks and signals. It runs `lorakit.cli.main(argv)` as
-`python -m lorakit` does: its exit status, a traceback for an exception, atexit handlers at exit.
+`python -m lorakit` does (or a script, as `python SCRIPT` does): its exit status, a traceback for an
+exception, atexit handlers at exit.
 
 Forking is safe because the server never runs a torch operation and holds one thread when it forks
 (it checks: BLAS or OpenMP pools started before a fork would be missing in the child).
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 SERVER = textwrap.dedent("""
-    import atexit, json, os, resource, signal, sys, traceback
+    import atexit, json, os, resource, runpy, signal, sys, traceback
     import lorakit.cli, lorakit.training  # what every command imports (torch, transformers, ...)
     import transformers
     transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.LlamaForCausalLM  # lazy modules
@@ -49,7 +50,7 @@ SERVER = textwrap.dedent("""
         print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
     else:
         sys.exit(0)
-    # the child: a process as `python -m lorakit ARGV` in CWD would be
+    # the child: a process as `python -m lorakit ARGV` (or `python SCRIPT ARGV`) in CWD would be
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -63,9 +64,15 @@ SERVER = textwrap.dedent("""
     sys.stdin = open(0, encoding="utf-8", closefd=False)
     sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
     sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)
-    sys.argv = ["lorakit", *request["argv"]]
     try:
-        code = lorakit.cli.main(request["argv"])
+        if request["script"] is None:
+            sys.argv = ["lorakit", *request["argv"]]
+            code = lorakit.cli.main(request["argv"])
+        else:  # python SCRIPT ARGV
+            sys.argv = [request["script"], *request["argv"]]
+            sys.path.insert(0, os.path.dirname(request["script"]))
+            runpy.run_path(request["script"], run_name="__main__")
+            code = 0
     except SystemExit as e:  # argparse's exits, sys.exit in a command
         code = e.code
     except BaseException:
@@ -85,28 +92,32 @@ SERVER = textwrap.dedent("""
 
 
 class Forkserver:
-    """Runs `lorakit ARGV` in forked processes; `run` returns a subprocess.CompletedProcess."""
+    """Runs `lorakit ARGV` (or a Python script) in forked processes; `run` returns a
+    subprocess.CompletedProcess."""
 
     def __init__(self):
+        self.files = tempfile.TemporaryDirectory(prefix="lorakit-forkserver-")  # a command's stdin, stdout, stderr
         self.server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        env={**os.environ, **ENV}, start_new_session=True)
         self.pending = b""  # what the server wrote past the last line read
         assert self.line() == "ready"
-        self.files = tempfile.TemporaryDirectory(prefix="lorakit-forkserver-")
 
     def run(self, *argv, stdin: str = "", cwd=None, env=None, limit_file_bytes: int | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
-        """`lorakit ARGV` with `stdin` as its input, in `cwd`, with the environment plus `env`. On a
-        timeout the command is killed and subprocess.TimeoutExpired raised, as subprocess.run does."""
+            timeout: float = 300, script=None) -> subprocess.CompletedProcess:
+        """`lorakit ARGV` (or `python SCRIPT ARGV`) with `stdin` as its input, in `cwd`, with the
+        environment plus `env`. On a timeout the command is killed and subprocess.TimeoutExpired
+        raised, as subprocess.run does."""
         argv = [str(a) for a in argv]
         files = {name: Path(self.files.name) / name for name in ("stdin", "stdout", "stderr")}
         files["stdin"].write_text(stdin)
         for name in ("stdout", "stderr"):
             files[name].write_text("")
-        request = {"argv": argv, "cwd": str(cwd or os.getcwd()), "env": {**os.environ, **ENV, **(env or {})},
-                   "limit_file_bytes": limit_file_bytes, **{name: str(path) for name, path in files.items()}}
+        request = {"argv": argv, "script": script and str(script), "cwd": str(cwd or os.getcwd()),
+                   "env": {**os.environ, **ENV, **(env or {})}, "limit_file_bytes": limit_file_bytes,
+                   **{name: str(path) for name, path in files.items()}}
         self.server.stdin.write(json.dumps(request).encode() + b"\n")
         self.server.stdin.flush()
+        command = ["lorakit", *argv] if script is None else [sys.executable, str(script), *argv]
         pid = json.loads(self.line())["pid"]
         try:
             returncode = json.loads(self.line(timeout))["returncode"]
@@ -116,8 +127,8 @@ class Forkserver:
             returncode, timed_out = json.loads(self.line())["returncode"], True
         out, err = (files[name].read_text() for name in ("stdout", "stderr"))
         if timed_out:
-            raise subprocess.TimeoutExpired(["lorakit", *argv], timeout, out, err)
-        return subprocess.CompletedProcess(["lorakit", *argv], returncode, out, err)
+            raise subprocess.TimeoutExpired(command, timeout, out, err)
+        return subprocess.CompletedProcess(command, returncode, out, err)
 
     def line(self, timeout: float | None = None) -> str:
         """The server's next line; TimeoutError if none is complete within `timeout` seconds."""
@@ -137,5 +148,4 @@ class Forkserver:
         self.server.stdin.close()
         self.server.wait(timeout=60)
         self.server.stdout.close()
-        if hasattr(self, "files"):
-            self.files.cleanup()
+        self.files.cleanup()

@@ -156,19 +156,20 @@ def run_launch(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def run(tmp_path, out, nproc, overrides=(), resume=False, nf4=False, base=None, check=True):
-    """Train the tiny run with `nproc` processes (torchrun when > 1). base: "path" lets train()
-    load model.path and the data files itself; default: a model built in memory (NF4 if nf4)."""
+def run(tmp_path, out, nproc, overrides=(), resume=False, nf4=False, base=None, check=True, forkserver=None):
+    """Train the tiny run with `nproc` processes: torchrun when > 1, else one process forked by
+    `forkserver` (tests/processes.py). base: "path" lets train() load model.path and the data files
+    itself; default: a model built in memory (NF4 if nf4)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     args = [str(tmp_path / out), "resume" if resume else "fresh", base or ("nf4" if nf4 else "float"), *overrides]
     if nproc == 1:
-        cmd = [sys.executable, str(script), *args]
+        done = forkserver.run(*args, script=script, env=env, timeout=300)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(script), *args]
-    done = run_launch(cmd, env=env, timeout=300)
+        done = run_launch(cmd, env=env, timeout=300)
     if not check:
         return done
     assert done.returncode == 0, done.stderr[-3000:]
@@ -226,11 +227,11 @@ def assert_same_run(a, b, adapter_atol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def batch_of_8(tmp_path_factory):
+def batch_of_8(forkserver, tmp_path_factory):
     """The global batch of 8 rows (2 micro-batches) in one process, and in two with DDP (4 rows
     each): the runs that several tests compare with, trained once for the module."""
     root = tmp_path_factory.mktemp("batch_of_8")
-    return (run(root, "single", 1, ["train.batch_size=8", "train.grad_accum=2"]),
+    return (run(root, "single", 1, ["train.batch_size=8", "train.grad_accum=2"], forkserver=forkserver),
             run(root, "ddp", 2, ["train.batch_size=4", "train.grad_accum=2"]))
 
 
@@ -244,10 +245,11 @@ def test_two_processes_equal_one_with_the_same_global_batch(batch_of_8):
     assert len([r for r in monitor.MetricsLog(ddp / "metrics.jsonl").read() if r["type"] == "train"]) == 12
 
 
-def test_dpo_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
+def test_dpo_two_processes_equal_one_with_ddp_and_fsdp(forkserver, tmp_path):
     # B pairs split over 2 ranks: each rank's reference forward (adapters disabled) and policy forward
     # see its own pairs; the loss per pair is summed over ranks and divided by the global pair count
-    single = run(tmp_path, "single", 1, ["train.batch_size=8", "train.grad_accum=2"], base="pairs")
+    single = run(tmp_path, "single", 1, ["train.batch_size=8", "train.grad_accum=2"], base="pairs",
+                 forkserver=forkserver)
     ddp = run(tmp_path, "ddp", 2, ["train.batch_size=4", "train.grad_accum=2"], base="pairs")
     assert_same_run(single, ddp, ACROSS_SHAPES_ATOL)
     assert curve(single)[0][1] == pytest.approx(0.6931471805599453, abs=1e-6)  # ln 2: the policy is the reference
@@ -317,9 +319,9 @@ def test_fsdp_resume_with_two_processes(tmp_path):
     assert ckpt["model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape == (4, 32)
 
 
-def test_qlora_with_fsdp_equals_one_process_and_shards_the_nf4_base(tmp_path):
+def test_qlora_with_fsdp_equals_one_process_and_shards_the_nf4_base(forkserver, tmp_path):
     qlora = ["train.grad_accum=2"]  # the NF4 base is built in the script (base "nf4"), so method stays lora
-    single = run(tmp_path, "single", 1, [*qlora, "train.batch_size=8"], nf4=True)
+    single = run(tmp_path, "single", 1, [*qlora, "train.batch_size=8"], nf4=True, forkserver=forkserver)
     fsdp = run(tmp_path, "fsdp", 2, [*qlora, "train.batch_size=4", "train.strategy=fsdp"], nf4=True)
     assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
     # single process: the 4-bit state stays in buffers (not parameters); FSDP: sharded parameters
@@ -334,9 +336,9 @@ def test_qlora_with_fsdp_equals_one_process_and_shards_the_nf4_base(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_fsdp_start_up_never_holds_the_whole_base_and_equals_one_process(tmp_path, method):
+def test_fsdp_start_up_never_holds_the_whole_base_and_equals_one_process(forkserver, tmp_path, method):
     files = [*on_disk(tmp_path), f"method={method}", "train.grad_accum=2"]
-    single = run(tmp_path, "single", 1, [*files, "train.batch_size=8"], base="path")
+    single = run(tmp_path, "single", 1, [*files, "train.batch_size=8"], base="path", forkserver=forkserver)
     fsdp = run(tmp_path, "fsdp", 2, [*files, "train.batch_size=4", "train.strategy=fsdp"], base="path")
     assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
     for rank in (0, 1):
@@ -395,17 +397,17 @@ def test_a_timed_out_launch_leaves_no_process_behind(tmp_path):
             subprocess.Popen([sys.executable, __file__, "worker", *sys.argv[1:2]], start_new_session=sys.argv[1:] == [])
         time.sleep(10**6)
     """))
-    with pytest.raises(subprocess.TimeoutExpired):
-        run_launch([sys.executable, str(script)], timeout=30)
+    with pytest.raises(subprocess.TimeoutExpired):  # three bare interpreters start in well under 1 s
+        run_launch([sys.executable, str(script)], timeout=10)
     rows = [tuple(map(int, line.split())) for line in pids.read_text().splitlines()]
     assert len(rows) == 3  # launcher, worker, worker's child
     assert rows[1][1] != rows[0][1]  # the worker ran in a session of its own
     assert [pid for pid, _ in rows if alive(pid)] == []
 
 
-def test_qlora_moe_with_fsdp_equals_one_process_and_shards_the_nf4_experts(tmp_path):
+def test_qlora_moe_with_fsdp_equals_one_process_and_shards_the_nf4_experts(forkserver, tmp_path):
     # the NF4 Mixtral is built in the script (base "moe"), so method stays lora
-    single = run(tmp_path, "single", 1, ["train.grad_accum=2", "train.batch_size=8"], base="moe")
+    single = run(tmp_path, "single", 1, ["train.grad_accum=2", "train.batch_size=8"], base="moe", forkserver=forkserver)
     fsdp = run(tmp_path, "fsdp", 2, ["train.grad_accum=2", "train.batch_size=4", "train.strategy=fsdp"], base="moe")
     assert_same_run(single, fsdp, ACROSS_SHAPES_ATOL)
     assert shard_sizes(single, 0)["nf4"] == {"local": 0, "full": 0}  # buffers in one process
