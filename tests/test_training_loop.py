@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -118,36 +117,34 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_training_loop import tiny_run
-    from lorakit.training import Hooks, train
-    def slow(step, path):
-        print("checkpoint", path.name, flush=True)
-        time.sleep(0.3)  # a window for the kill after the checkpoint
+    from lorakit.training import train
+    out, mode = sys.argv[1:]  # mode: "stop" (wait at step 14 for the kill), "resume" or "full"
+    def log(line):
+        if mode == "stop" and line.startswith("step 14/"):  # two steps past checkpoint 12
+            print("at step 14", flush=True)
+            time.sleep(10**6)
     config, prepared = tiny_run(["train.steps=24"])
-    train(config, sys.argv[1], resume=len(sys.argv) > 2, prepared=prepared, progress=False, log=lambda *_: None,
-          hooks=Hooks(after_checkpoint=slow))
+    train(config, out, resume=mode == "resume", prepared=prepared, progress=False, log=log)
     print("done", flush=True)
 """)
 
 
-def test_kill_9_then_resume_reproduces_the_curve(tmp_path):
+def test_kill_9_then_resume_reproduces_the_curve(forkserver, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "cut")], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "cut"), "stop"], stdout=subprocess.PIPE,
                             text=True, env=env)
-    for line in proc.stdout:
-        if line.startswith("checkpoint step-12"):
-            break
-    time.sleep(0.15)  # somewhere between checkpoint 12 and 16
+    assert "at step 14\n" in proc.stdout  # blocks until the run waits there (or ends, failing)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert checkpoints(tmp_path / "cut")[-1][0] in (12, 16)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "cut"), "resume"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    assert checkpoints(tmp_path / "cut")[-1][0] == 12
+    assert curve(tmp_path / "cut")[-1][0] == 14  # steps past the checkpoint, which the resumed run replaces
+    done = forkserver.run(tmp_path / "cut", "resume", script=script)
     assert done.stdout.strip().endswith("done"), done.stderr[-2000:]
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "full")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = forkserver.run(tmp_path / "full", "full", script=script)
+    assert done.stdout.strip().endswith("done"), done.stderr[-2000:]
     assert curve(tmp_path / "cut") == curve(tmp_path / "full")
     assert len(curve(tmp_path / "full")) == 24
 
