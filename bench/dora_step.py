@@ -5,9 +5,11 @@
     .venv/bin/python bench/dora_step.py --memory-only   # peak memory alone (load-independent, no timing)
     .venv/bin/python bench/dora_step.py --lora     # also plain LoRA on the same model, lorakit's and peft's:
                                                    # what DoRA adds over LoRA in each library
+    .venv/bin/python bench/dora_step.py --dropout 0.05  # adapters with dropout: both libraries then apply
+                                                   # W to the dropped input too (a second base product)
 
 Both get the same seeded Llama-shaped model built from a config (float32, no download), the same
-DoRA adapter (r=16, alpha=32, dropout 0, every linear layer but the head; lorakit's adapter is
+DoRA adapter (r=16, alpha=32, dropout 0 or --dropout, every linear layer but the head; lorakit's adapter is
 copied into peft's so both start equal), the same tokens and SGD. A step is forward, loss,
 backward, optimizer step, zero_grad. Times are medians of interleaved runs (common.py), with each
 step's matmul floor (common.matmul_replay: its matrix products alone; lorakit's floor over peft's
@@ -39,16 +41,17 @@ def llama(hidden: int, layers: int):
     return LlamaForCausalLM(config).train()
 
 
-def models(hidden: int, layers: int, dora: bool = True):
+def models(hidden: int, layers: int, dora: bool = True, dropout: float = 0.0):
     """(lorakit's model, peft's) with the same adapters; dora=False: plain LoRA, for the decomposition."""
     import peft
 
     from lorakit import LoraConfig, add_lora
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    ours = add_lora(llama(hidden, layers), LoraConfig(r=16, alpha=32, targets=targets, dora=dora, init="random"))
+    ours = add_lora(llama(hidden, layers), LoraConfig(r=16, alpha=32, targets=targets, dora=dora, init="random",
+                                                      dropout=dropout))
     theirs = peft.get_peft_model(llama(hidden, layers), peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets,
-                                                                        use_dora=dora))
+                                                                        use_dora=dora, lora_dropout=dropout))
     ours_params = dict(ours.named_parameters())
     with torch.no_grad():
         for name, p in theirs.named_parameters():
@@ -78,16 +81,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 reps: a smoke run")
     parser.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions (median reported)")
     parser.add_argument("--lora", action="store_true", help="also time plain LoRA (lorakit, peft) on the same model")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="the adapters' dropout, both libraries (default 0; first-step losses then differ)")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the peak memory (the allocator's accounting does not depend on load; no timing)")
     args = parser.parse_args()
     hidden, layers, batch, seq, reps = (64, 2, 2, 32, 2) if args.quick else (512, 4, 4, 128, args.reps)
     C.setup()
-    ours, theirs = models(hidden, layers)
+    ours, theirs = models(hidden, layers, dropout=args.dropout)
     tokens = C.token_batch(2048, batch, seq)
     steps = {"lorakit": stepper(ours, tokens), "peft": stepper(theirs, tokens)}
     if args.lora:
-        plain = models(hidden, layers, dora=False)
+        plain = models(hidden, layers, dora=False, dropout=args.dropout)
         steps.update({"lorakit LoRA": stepper(plain[0], tokens), "peft LoRA": stepper(plain[1], tokens)})
     first = {name: step() for name, step in steps.items()}  # also the warm-up
     print("first-step losses: " + ", ".join(f"{name} {loss:.6f}" for name, loss in first.items()))
@@ -95,7 +100,7 @@ def main() -> None:
         peaks = {name: C.allocator_peak(step) for name, step in steps.items()}
         print(C.table(["step (lorakit, peft: DoRA)", "peak memory"], [[name, C.mib(p)] for name, p in peaks.items()]))
         print(json.dumps({"peak_memory_ratio": round(peaks["lorakit"] / peaks["peft"], 3), "hidden": hidden,
-                          "layers": layers, "tokens": batch * seq}))
+                          "layers": layers, "tokens": batch * seq, "dropout": args.dropout}))
         return
     contenders = [C.Contender(name, step) for name, step in steps.items()]
     floors = C.time_with_floors(contenders, reps)  # each step's matrix products alone, interleaved
@@ -110,7 +115,8 @@ def main() -> None:
     print(json.dumps({"time_ratio": round(median["lorakit"] / median["peft"], 3), **lora_ratios,
                       "floor_ratio": round(floors["lorakit"] / median["peft"], 3),
                       "peak_memory_ratio": round(peaks["lorakit"] / peaks["peft"], 3),
-                      "hidden": hidden, "layers": layers, "tokens": batch * seq, "reps": reps}))
+                      "hidden": hidden, "layers": layers, "tokens": batch * seq, "dropout": args.dropout,
+                      "reps": reps}))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,9 @@ CASES = [
          rows="padded"),
     Case("smollm2-135m lora all fp32 packed", "llama", 576, 1536, 30, 9, 3, 49152, "lora", 1, 1024, dtype="fp32",
          targets="all-linear", rank=16, tied=True, dropout=0.05, rows="packed"),
+    # DoRA with dropout: W multiplies the dropped input too, which is saved besides
+    Case("llama-30M dora all dropout", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 2, 256, targets="all-linear",
+         dora=True, dropout=0.05),
 ]
 
 
@@ -215,7 +218,7 @@ def predict(c: Case, device: str) -> int:
     segments = c.rows == "packed" and arch.segment_attention and not c.ckpt
     result = plan(arch, method=c.method, rank=c.rank, targets=c.targets, batch_size=c.batch, seq_len=c.seq,
                   grad_checkpointing=c.ckpt, dtype=c.dtype, device=device, recommend=False,
-                  objective=c.objective, answer_tokens=answer_tokens(c), dora=c.dora,
+                  objective=c.objective, answer_tokens=answer_tokens(c), dora=c.dora, lora_dropout=c.dropout,
                   masked_attention=c.rows == "padded" or (c.rows == "packed" and not segments),
                   segment_attention=segments)
     return result.peak_allocated, result.peak_phase

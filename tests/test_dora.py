@@ -173,25 +173,32 @@ def test_sgd_steps_give_peft_dora_losses(fused, tokens):
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-5, atol=0)
 
 
-def test_fused_dora_equals_the_equation_loss_and_gradients(tokens):
-    grads = []
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_dora_equals_the_equation_loss_and_gradients(tokens, dropout):
+    # with dropout: the same sample (same seed, drawn in the same order), base(x - h) + g ⊙ (W h +
+    # scale · B A h) against the equation's W x + b + (g - 1) ⊙ W h + g ⊙ scale · B A h
+    losses, grads = [], []
     for fused in (True, False):
         model = tiny_llama()
-        add_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear", dora=True))
+        add_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear", dora=True, dropout=dropout))
         randomize(model)
         for _, layer in lora_layers(model):
             layer.fused = fused
+        model.train()
+        torch.manual_seed(1)
         loss = model(tokens, labels=tokens).loss
         loss.backward()
+        losses.append(loss.item())
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert len(grads[0]) == 14 * 3
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
 
 
 def test_dora_with_dropout_applies_the_base_to_the_dropped_input():
-    # peft's DoRA with dropout: (g - 1) ⊙ W dropout(x) + g ⊙ scale · B A dropout(x); lorakit falls
-    # back to the equation there (same sample for both terms)
+    # peft's DoRA with dropout: (g - 1) ⊙ W dropout(x) + g ⊙ scale · B A dropout(x), one sample for
+    # both terms (lorakit's fused path: base(x - h) + g ⊙ (W h + scale · B A h), h = dropout(x))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6))
     add_lora(model, LoraConfig(r=2, alpha=2, targets=["0"], dora=True, dropout=0.5, init="random"))

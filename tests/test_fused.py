@@ -42,13 +42,14 @@ def assert_paths_agree(model, tokens, rtol=1e-5, atol=1e-6):
 
 # ---- one layer: output and the gradients of x, A, B ----------------------------------------------
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])  # bfloat16: float32 adapters
 @pytest.mark.parametrize("bias", ["none", "all"])  # all: the base's bias trains
-def test_layer_output_and_gradients(dropout, base_dtype, bias):
+def test_layer_output_and_gradients(dropout, base_dtype, bias, dora):
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(24, 20, dtype=base_dtype))
-    add_lora(layer, LoraConfig(r=4, alpha=8, dropout=dropout, targets=["0"], init="random", bias=bias))
+    add_lora(layer, LoraConfig(r=4, alpha=8, dropout=dropout, targets=["0"], init="random", bias=bias, dora=dora))
     layer.train()
     x0 = torch.randn(3, 5, 24, dtype=base_dtype)
     results = []
@@ -61,7 +62,8 @@ def test_layer_output_and_gradients(dropout, base_dtype, bias):
         (y.float() * torch.linspace(-1, 1, 20)).sum().backward()
         lora = layer[0]
         results.append((y, x.grad, lora.lora_A["default"].weight.grad, lora.lora_B["default"].weight.grad,
-                        lora.base_layer.bias.grad if bias == "all" else torch.zeros(())))
+                        lora.base_layer.bias.grad if bias == "all" else torch.zeros(()),
+                        lora.lora_magnitude_vector["default"].grad if dora else torch.zeros(())))
     tol = dict(rtol=1e-5, atol=1e-5) if base_dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
     for fused_t, plain_t in zip(*results):
         assert fused_t.dtype == plain_t.dtype

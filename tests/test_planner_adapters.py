@@ -64,12 +64,13 @@ def test_formula_arch_experts_match_the_measured_shapes():
     assert dict(arch.parameter_shapes()) == real
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("dtype,method,copy", [("bfloat16", "lora", 4), ("float32", "lora", 0),
                                                ("bfloat16", "qlora", 4), ("float32", "qlora", 4)])
-def test_dora_plan_adds_exactly_the_documented_terms(dtype, method, copy):
+def test_dora_plan_adds_exactly_the_documented_terms(dtype, method, copy, dropout):
     arch = Architecture("one", 256, 512, 3, 4, 2, 64, 1000, False)
     kw = {"method": method, "rank": 8, "targets": "all-linear", "dtype": dtype, "batch_size": 2, "seq_len": 64,
-          "recommend": False}
+          "lora_dropout": dropout, "recommend": False}
     lora, dora = plan(arch, **kw), plan(arch, dora=True, **kw)
     modules = arch.linear_modules()
     outs = sum(o for _, _, o in modules)
@@ -80,9 +81,14 @@ def test_dora_plan_adds_exactly_the_documented_terms(dtype, method, copy):
     for key in ("adapter_weights", "gradients"):
         assert dora.components[key] - lora.components[key] == 4 * layers * outs
     assert dora.components["optimizer_states"] - lora.components["optimizer_states"] == 8 * layers * outs
-    # saved for backward: the (tokens, out) product the magnitude scales, in the compute dtype
+    # saved for backward: the (tokens, out) product the magnitude scales, in the compute dtype; with
+    # dropout also the dropped input (tokens, in), in the adapters' dtype (float32), kept instead of
+    # the input: the one q/k/v share and the one gate/up share are no longer kept (o_proj's and
+    # down_proj's inputs are kept by SDPA and the lean MLP either way)
+    ins = sum(i for _, i, _ in modules) if dropout else 0
+    inputs = 2 * p * arch.hidden_size if dropout else 0
     assert dora.activations_without_checkpointing - lora.activations_without_checkpointing \
-        == layers * tokens * p * outs
+        == layers * tokens * (p * outs + 4 * ins - inputs)
     # the weight norm, W + ΔW never formed: a float32 copy of a 16-bit / NF4 base, three (out, r) products
     norm = max(copy * i * o + 12 * o * dora.config.rank for _, i, o in modules)
     assert memory.dora_norm_bytes(arch, dora.config) == norm

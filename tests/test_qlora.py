@@ -91,7 +91,7 @@ def qlora_loss_and_grads(tokens, checkpointing: bool, dropout: float, dora: bool
 
 
 @pytest.mark.parametrize("dropout, dora, fused", [(0.0, False, True), (0.1, False, True), (0.0, True, True),
-                                                  (0.1, False, False)])
+                                                  (0.1, True, True), (0.1, False, False)])
 def test_qlora_with_activation_checkpointing_equals_without(tokens, dropout, dora, fused):
     # Non-reentrant checkpointing lets backward unpack each saved tensor once; the 4-bit linear's
     # backward used to unpack its saved state twice (CheckpointError: "Unpack is being triggered
@@ -103,6 +103,18 @@ def test_qlora_with_activation_checkpointing_equals_without(tokens, dropout, dor
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_qdora_with_dropout_fused_equals_the_equation(tokens):
+    # the same dropout sample on both paths: base(x - h) + g ⊙ (W h + scale · B A h) on the 4-bit
+    # base against W x + b + (g - 1) ⊙ W h + g ⊙ scale · B A h
+    (loss, grads), (loss_plain, grads_plain) = (qlora_loss_and_grads(tokens, False, 0.1, True, fused)
+                                                for fused in (True, False))
+    torch.testing.assert_close(loss, loss_plain, rtol=1e-6, atol=0)
+    assert len(grads) == 14 * 3
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
 def test_merge_into_a_16_32_bit_model_matches_the_adapter(tokens, dtype, tol):

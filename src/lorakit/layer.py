@@ -175,7 +175,7 @@ class LoraLinear(LoraLayer):
 
     fused: compute the adapters' update with fused.lora_update (the default; same loss and
     gradients, less memory) or, if False, with the modules as written (the reference in tests).
-    DoRA adapters take the fused path too when their dropout is off (see can_fuse).
+    DoRA adapters take the fused path too (see can_fuse).
     """
 
     fused = True
@@ -267,12 +267,14 @@ class LoraLinear(LoraLayer):
         return dropout.p if isinstance(dropout, (Dropout, nn.Dropout)) and dropout.training else 0.0
 
     def can_fuse(self, live: list[str]) -> bool:
-        """fused.py computes any number of plain adapters and one DoRA adapter whose dropout is off
-        (then its output g ⊙ (W x + scale · B A x) + b is the fused update rescaled). A DoRA adapter
-        with dropout applies W to the dropped input too (a second base product), and two DoRA
-        adapters each rescale the base: those take the equation as written."""
+        """fused.py computes any number of plain adapters and one DoRA adapter (its output, the
+        fused update rescaled: see _fused_dora). Two DoRA adapters each rescale the base: those take
+        the equation as written; so does a DoRA adapter with dropout that is not the first live one
+        (the fused path draws its sample first, the equation in `live` order)."""
         dora = [n for n in live if n in self.lora_magnitude_vector]
-        return not dora or (len(dora) == 1 and self.dropout_p(dora[0]) == 0)
+        if len(dora) != 1 or self.dropout_p(dora[0]) == 0:
+            return len(dora) <= 1
+        return dora[0] == live[0]
 
     def live_adapters(self) -> list[str]:
         """The adapters this forward adds: active, not merged into the weight, not disabled."""
@@ -312,19 +314,30 @@ class LoraLinear(LoraLayer):
         return None
 
     def _fused_dora(self, x: torch.Tensor, name: str, frozen: torch.Tensor | NF4State | None) -> torch.Tensor:
-        """g ⊙ (W x + scale · B A x) + b without dropout, the fused update rescaled: equal to the
-        base plus DoRA's update, keeping for backward x, A x (r per token) and the (..., out)
-        product g multiplies (for m's gradient): one tensor of the output's size, where the
-        modules as written keep two (W x and B A x) and build W + ΔW through an identity matrix.
-        frozen: the base weight lora_linear can take (_frozen_weight), or None."""
+        """The base plus DoRA's update, as the fused update rescaled. Without dropout it is
+        g ⊙ (W x + scale · B A x) + b, keeping for backward x, A x (r per token) and the (..., out)
+        product g multiplies (for m's gradient): one tensor of the output's size, where the modules
+        as written keep two (W x and B A x) and build W + ΔW through an identity matrix. With dropout
+        (h = dropout(x), drawn as the equation draws it; peft applies W to h too):
+
+            W x + b + (g - 1) ⊙ W h + g ⊙ scale · B A h  =  base(x - h) + g ⊙ (W h + scale · B A h)
+
+        two base products, as the equation, keeping h besides (in the adapter's dtype: on a 16-bit
+        base the base multiplies h cast to its dtype, as in the equation). frozen: the base weight
+        lora_linear can take (_frozen_weight), or None."""
         base = self.base_layer
         bias = getattr(base, "bias", None)
-        if frozen is not None:
-            z = lora_linear(x, frozen, None, *self._fused_args(name))
+        a, b, scale, p = self._fused_args(name)
+        h = self.lora_dropout[name](x.to(a.dtype)) if p > 0 else x
+        hx = h.to(x.dtype)  # what the base multiplies
+        if frozen is not None and h.dtype == x.dtype:
+            z = lora_linear(h, frozen, None, a, b, scale, 0.0)
         else:
-            wx = base(x)
-            z = lora_update(wx if bias is None else wx - bias, x, *self._fused_args(name))
+            wh = base(hx)
+            z = lora_update(wh if bias is None else wh - bias, h, a, b, scale, 0.0)
         y = rescale(z, self.magnitude_scale(name).to(z.dtype))
+        if p > 0:
+            return y + base(x - hx)
         return y if bias is None else y + bias
 
     def _fused_args(self, name: str) -> tuple:

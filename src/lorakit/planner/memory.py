@@ -501,7 +501,11 @@ def layer_activation_bytes(arch: Architecture, config: PlanConfig) -> int:
         sample = 8 * drop if config.device == "cpu" and drop <= 0.5 else 1  # bytes per input element
         for name, n_in, n_out in adapted_modules(a, config):
             per_token += ab * config.rank + (sample * n_in if drop > 0 else 0)
-            per_token += p * n_out if config.dora else 0  # DoRA: the product g scales (layer._fused_dora)
+            if config.dora:  # the product g scales (layer._fused_dora)
+                per_token += p * n_out
+            if config.dora and drop > 0:  # the dropped input h, kept instead of the input
+                per_token += ab * n_in
+                continue
             # A module of a family the formulas do not describe saves its own input.
             used_groups.add(groups.get(name, name))
             shared.setdefault(name, p * n_in)
@@ -617,7 +621,7 @@ def dora_norm_bytes(arch: Architecture, config: PlanConfig) -> int:
     of a 16-bit or NF4 base weight (4*out*in; a float32 base's own weight is used as is) and three
     (out, r) float32 products (W Aᵀ, B (A Aᵀ) and an elementwise one):
         4 * out * in + 12 * out * r    (16-bit or NF4 base),   12 * out * r    (float32 base)
-    0 without DoRA. With dropout DoRA takes the unfused path (a second base product): not modelled."""
+    0 without DoRA."""
     if not config.dora or config.method == "full":
         return 0
     copy = 4 if config.method == "qlora" or config.p != 4 else 0
