@@ -54,7 +54,9 @@ SERVER = textwrap.dedent("""
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    if request["limit_file_bytes"]:  # a full file system: writes past the limit fail with EFBIG
+    # A full file system: writes past the limit fail with EFBIG (also the command's stdout and
+    # stderr, which are files here).
+    if request["limit_file_bytes"]:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (request["limit_file_bytes"],) * 2)
     for fd, name, flags in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY), (2, "stderr", os.O_WRONLY)):

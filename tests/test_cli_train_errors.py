@@ -60,8 +60,9 @@ def settings(files, **changes):
 
 @pytest.fixture(scope="module")
 def lorakit(forkserver):
-    """lorakit(*args, cwd=None, limit_file_bytes=None): `lorakit train --no-progress ARGS` run to its
-    end. limit_file_bytes: a file system that is full after that many bytes per file (EFBIG)."""
+    """lorakit(*args, cwd=None, limit_file_bytes=None): `lorakit train --no-progress ARGS` as a user
+    runs it, a subprocess.CompletedProcess. limit_file_bytes: a file system that is full after that
+    many bytes per file (EFBIG)."""
     def run(*args, cwd=None, limit_file_bytes=None):
         return forkserver.run("train", "--no-progress", *args, cwd=cwd, limit_file_bytes=limit_file_bytes)
 
