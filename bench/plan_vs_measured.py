@@ -103,7 +103,7 @@ CASES = [
          rows="padded"),
     Case("smollm2-135m lora all fp32 packed", "llama", 576, 1536, 30, 9, 3, 49152, "lora", 1, 1024, dtype="fp32",
          targets="all-linear", rank=16, tied=True, dropout=0.05, rows="packed"),
-    # DoRA with dropout: W multiplies the dropped input too, which is saved besides
+    # DoRA with dropout: W multiplies the dropped input too, which is kept instead of the input
     Case("llama-30M dora all dropout", "llama", 512, 1376, 6, 8, 4, 16000, "lora", 2, 256, targets="all-linear",
          dora=True, dropout=0.05),
 ]
