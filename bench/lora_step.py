@@ -5,6 +5,11 @@
     .venv/bin/python bench/lora_step.py --suite levers  # each lorakit lever alone (+ nn.Dropout, dropout off)
     .venv/bin/python bench/lora_step.py --suite adamw   # AdamW foreach vs fused, optimizer step only
     .venv/bin/python bench/lora_step.py --suite qlora --memory-only   # peak memory alone (no timing)
+    .venv/bin/python bench/lora_step.py --suite qlora --bound   # + lorakit LoRA on the float32 base
+
+--bound (qlora) also times lorakit's LoRA step on the unquantized float32 base, against the same peer:
+a QLoRA step does all of its work (the same products, on the dequantized weight) and dequantizes
+besides, so its time is a lower bound for any QLoRA step of lorakit's design.
 
 Same model (SmolLM2-135M-Instruct, float32), data (seeded random tokens, batch 8 x 128), adapter
 config (r=16, alpha=32, dropout 0.05, all linear layers but the head) and optimizer (AdamW,
@@ -102,14 +107,20 @@ class Trainer:
         return resident + C.allocator_peak(self.step)
 
 
-def contenders(suite: str, ids) -> list[Trainer]:
+QLORA_BOUND = "lorakit LoRA, float32 base"
+
+
+def contenders(suite: str, ids, bound: bool = False) -> list[Trainer]:
     if suite == "lora":
         return [Trainer("lorakit LoRA", lorakit_model(), ids, chunked_loss=True),
                 Trainer("peft LoRA", peft_model(), ids, chunked_loss=False),
                 Trainer("full fine-tuning", C.base_model(), ids, chunked_loss=False)]
     if suite == "qlora":
-        return [Trainer("lorakit QLoRA", lorakit_model(quantized=True), ids, chunked_loss=True),
-                Trainer("peft+bnb QLoRA", peft_model(quantized=True), ids, chunked_loss=False)]
+        trainers = [Trainer("lorakit QLoRA", lorakit_model(quantized=True), ids, chunked_loss=True),
+                    Trainer("peft+bnb QLoRA", peft_model(quantized=True), ids, chunked_loss=False)]
+        if bound:
+            trainers.append(Trainer(QLORA_BOUND, lorakit_model(), ids, chunked_loss=True))
+        return trainers
     if suite == "levers":
         return [Trainer("plain", lorakit_model(fused=False), ids, chunked_loss=False),
                 Trainer("plain, nn.Dropout", lorakit_model(fused=False, torch_dropout=True), ids, chunked_loss=False),
@@ -130,10 +141,10 @@ def run_memory(trainers: list[Trainer]) -> None:
                       "peak_memory_mib": {n: round(p / 2**20, 1) for n, p in peaks.items()}}))
 
 
-def run_steps(suite: str, reps: int, memory: bool, memory_only: bool = False) -> None:
+def run_steps(suite: str, reps: int, memory: bool, memory_only: bool = False, bound: bool = False) -> None:
     vocab = C.base_model().config.vocab_size
     ids = C.token_batch(vocab)
-    trainers = contenders(suite, ids)
+    trainers = contenders(suite, ids, bound)
     losses = {t.name: t.step().item() for t in trainers}  # also the warm-up step (optimizer states exist)
     print("first-step loss: " + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()))
     if memory_only:
@@ -168,6 +179,8 @@ def run_steps(suite: str, reps: int, memory: bool, memory_only: bool = False) ->
         print(f"lorakit LoRA / full fine-tuning step time: {timed[0].median / timed[2].median:.2f}")
     result = {"suite": suite, "reps": reps, "time_ratio": round(timed[0].median / ref.median, 3),
               "times_s": {c.name: [round(t, 4) for t in c.times] for c in timed}}
+    if bound:
+        result["bound_time_ratio"] = round(timed[-1].median / ref.median, 3)
     if floors:
         result["floor_ratio"] = round(floors[timed[0].name] / ref.median, 3)
         result["matmul_floor_s"] = {n: round(f, 4) for n, f in floors.items()}
@@ -205,12 +218,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled peak-memory step")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the profiled peak-memory step (load-independent; no timing)")
+    parser.add_argument("--bound", action="store_true",
+                        help=f"suite qlora: also time {QLORA_BOUND!r}, a lower bound for lorakit's QLoRA step")
     args = parser.parse_args(argv)
+    if args.bound and args.suite != "qlora":
+        parser.error(f"--bound applies to --suite qlora only, not {args.suite!r}")
     C.setup(args.threads)
     if args.suite == "adamw":
         run_adamw(args.reps * 4)
     else:
-        run_steps(args.suite, args.reps, not args.no_memory, args.memory_only)
+        run_steps(args.suite, args.reps, not args.no_memory, args.memory_only, args.bound)
     return 0
 
 

@@ -12,6 +12,8 @@ zero_grad. Contenders:
     Trainer + peft                       get_peft_model(model, LoraConfig(...))
     Trainer + lorakit adapters           add_lora(model, LoraConfig(...))
     Trainer + lorakit adapters + chunked the same, compute_loss_func=ChunkedLoss(model)
+    --bound: ... + chunked loss, no dropout   the same at dropout 0: a lower bound for the step above (its
+                                         every operation is also done with dropout), against the same peer
 
 Timed interleaved in one process, medians and ratios of medians against Trainer + peft, and with
 them each step's matmul floor (common.matmul_replay: its matrix products alone), whose ratio to
@@ -35,6 +37,7 @@ import common as C  # noqa: E402
 from lora_step import lorakit_model, peft_model  # noqa: E402
 
 REFERENCE = "Trainer + peft"
+BOUND = "Trainer + lorakit adapters + chunked loss, no dropout"
 
 
 class TrainerStep:
@@ -77,6 +80,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim for every contender")
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled peak-memory step")
+    parser.add_argument("--bound", action="store_true",
+                        help=f"also time {BOUND!r}: every operation of it is also in the step with dropout, so "
+                             "its time is a lower bound for any dropout of lorakit's design")
     args = parser.parse_args(argv)
     C.setup(args.threads)
 
@@ -87,6 +93,8 @@ def main(argv=None) -> int:
                  TrainerStep("Trainer + lorakit adapters", lorakit_model(), ids, out, optim=args.optim),
                  TrainerStep("Trainer + lorakit adapters + chunked loss", lorakit_model(), ids, out,
                              chunked_loss=True, optim=args.optim)]
+        if args.bound:
+            steps.append(TrainerStep(BOUND, lorakit_model(dropout=0.0), ids, out, chunked_loss=True, optim=args.optim))
         first = {s.name: s.step().item() for s in steps}  # also the warm-up (optimizer states exist)
         print("first-step loss: " + ", ".join(f"{n} {v:.5f}" for n, v in first.items()))
         timed = [C.Contender(s.name, s.step) for s in steps]
