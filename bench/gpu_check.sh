@@ -15,7 +15,8 @@
 #
 # How the lead runs it, from the repository root:
 #     PYTHONPATH=src bash bench/gpu_check.sh [OUT.json] [--reps 10] [--skip-tests]
-# and on the device machine (the run tool): command "PYTHONPATH=src bash bench/gpu_check.sh", timeout_s 540.
+# and on the device machine (the run tool): command "PYTHONPATH=src bash bench/gpu_check.sh", timeout_s 540;
+# its image has no bitsandbytes: bench/README.md (GPU check) says how to carry it there as a wheel.
 # Without a CUDA device it says so, runs a dry run on the CPU (a shrunken model, one step of each
 # contender, the table and JSON; default OUT bench/gpu_check.dry_run.json) and exits 0.
 # Exit status: 0 when everything that ran passed, 1 when a CUDA test or an installed contender failed,

@@ -46,6 +46,11 @@ as a `lorakit train` process has it: lorakit sets it when imported before torch)
                         trl documents it for FlashAttention, and on CPU SDPA transformers derives
                         the block-diagonal causal mask from the position ids (exact as well)
     trl packed          packing=True (packing_strategy "bfd", which turns padding-free on)
+  and, named only (not in the default list):
+    lorakit padding-free without dropout   the same at dropout 0 whatever --dropout says: every
+                        operation of it is also in lorakit padding-free's run, so its tokens/s bound
+                        those of any dropout of lorakit's design (it trains another model: its
+                        held-out loss is not the others')
 
 Reported per contender: supervised tokens per second of training (the completion tokens the loss
 counts, over lorakit's train_seconds, and over trl's train_runtime), peak RSS of its process, the
@@ -82,7 +87,9 @@ import common as C  # noqa: E402
 
 LORAKIT = ("lorakit padded", "lorakit grouped", "lorakit packed", "lorakit padding-free")
 TRL = ("trl padded", "trl padding-free", "trl packed")
-CONTENDERS = LORAKIT + TRL
+BOUND = "lorakit padding-free without dropout"
+LORAKIT_RUNS = LORAKIT + (BOUND,)  # every contender that runs lorakit train
+CONTENDERS = LORAKIT_RUNS + TRL
 WORDS = ("apple river stone cloud green music paper light tiger window silver garden orange winter "
          "candle bridge forest mirror rocket summer violet planet castle ocean pencil thunder "
          "lemon marble spider rabbit desert harbor meadow falcon copper velvet island jacket").split()
@@ -139,10 +146,10 @@ def run_lorakit(mode: str, args, data: Path, out: Path) -> dict:
 
     config = RunConfig(
         method="qlora" if args.qlora else "lora", model=ModelSection(dtype="float32"),
-        lora=LoraSection(r=C.RANK, alpha=C.ALPHA, dropout=args.dropout, targets="all-linear"),
+        lora=LoraSection(r=C.RANK, alpha=C.ALPHA, dropout=0.0 if mode == BOUND else args.dropout, targets="all-linear"),
         data=DataSection(train=str(data / "train.jsonl"), validation_fraction=0.0, max_length=args.max_length,
                          packing=mode == "lorakit packed", group_by_length=mode == "lorakit grouped",
-                         padding_free=mode == "lorakit padding-free"),
+                         padding_free=mode in ("lorakit padding-free", BOUND)),
         train=TrainSection(steps=args.steps, batch_size=args.examples, lr=args.lr, schedule="constant",
                            warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=0, threads=args.threads,
                            save_every=10**9, gradient_checkpointing=args.gradient_checkpointing, device="cpu"),
@@ -247,7 +254,7 @@ def child(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    run = run_lorakit if args.child in LORAKIT else run_trl
+    run = run_lorakit if args.child in LORAKIT_RUNS else run_trl
     result = run(args.child, args, Path(args.data), out)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     write_atomically(out / "result.json", json.dumps(result))
@@ -307,7 +314,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dropout", type=float, default=C.DROPOUT, help="LoRA dropout, for every contender")
     parser.add_argument("--order", choices=("lorakit", "own"), default="lorakit",
                         help="lorakit: trl padded / padding-free get lorakit padded's batches; own: trl's shuffle")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+    parser.add_argument("--contenders", default=",".join(LORAKIT + TRL),
                         help=f"comma-separated subset of: {', '.join(CONTENDERS)}")
     parser.add_argument("--keep", action="store_true", help="keep the data, runs and adapters (temporary directory)")
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -353,7 +360,7 @@ def main(argv=None) -> int:
             # a lorakit contender's process as `lorakit train`'s: lorakit, imported before torch there,
             # puts torch's large CPU tensors on huge pages (lorakit/__init__.py); this script imports torch first
             env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")} \
-                if name in LORAKIT else None
+                if name in LORAKIT_RUNS else None
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
             if proc.returncode:
@@ -386,11 +393,11 @@ def main(argv=None) -> int:
           f"{args.threads} threads, dropout {args.dropout}, order {args.order}; reference: {ref}")
     print(C.table(["contender", "steps x batch", "supervised tokens", "tokens/s", "spread", f"/ {ref}",
                    "peak RSS", f"RSS / {ref}", "held-out loss", "last train loss"], rows))
-    lorakit_modes = [n for n in names if n in LORAKIT]
+    lorakit_modes = [n for n in names if n in LORAKIT_RUNS]
     summary = {"method": method, "reference": ref, "reps": args.reps, "steps": args.steps, "examples": args.examples,
                "max_length": args.max_length, "order": args.order, "dropout": args.dropout}
     for n in lorakit_modes:
-        key = n.split()[1].replace("-", "_")
+        key = "padding_free_without_dropout" if n == BOUND else n.split()[1].replace("-", "_")
         summary[f"{key}_tokens_per_s_ratio"] = round(med[n]["tokens_per_s"] / med[ref]["tokens_per_s"], 3)
         summary[f"{key}_peak_rss_ratio"] = round(med[n]["peak_rss_bytes"] / med[ref]["peak_rss_bytes"], 3)
         summary[f"{key}_heldout_loss_diff"] = round(med[n]["heldout_loss"] - med[ref]["heldout_loss"], 4)
