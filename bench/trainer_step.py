@@ -12,8 +12,10 @@ zero_grad. Contenders:
     Trainer + peft                       get_peft_model(model, LoraConfig(...))
     Trainer + lorakit adapters           add_lora(model, LoraConfig(...))
     Trainer + lorakit adapters + chunked the same, compute_loss_func=ChunkedLoss(model)
-    --bound: ... + chunked loss, no dropout   the same at dropout 0: a lower bound for the step above (its
-                                         every operation is also done with dropout), against the same peer
+
+and with --bound, "Trainer + lorakit adapters + chunked loss, no dropout": the last at dropout 0. The
+step with dropout does every operation of it, so its time is a lower bound for that step, whatever
+lorakit's dropout costs; its ratio is against the same Trainer + peft.
 
 Timed interleaved in one process, medians and ratios of medians against Trainer + peft, and with
 them each step's matmul floor (common.matmul_replay: its matrix products alone), whose ratio to
