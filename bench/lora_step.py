@@ -180,7 +180,7 @@ def run_steps(suite: str, reps: int, memory: bool, memory_only: bool = False, bo
     result = {"suite": suite, "reps": reps, "time_ratio": round(timed[0].median / ref.median, 3),
               "times_s": {c.name: [round(t, 4) for t in c.times] for c in timed}}
     if bound:
-        result["bound_time_ratio"] = round(timed[-1].median / ref.median, 3)
+        result["bound_time_ratio"] = round(next(c for c in timed if c.name == QLORA_BOUND).median / ref.median, 3)
     if floors:
         result["floor_ratio"] = round(floors[timed[0].name] / ref.median, 3)
         result["matmul_floor_s"] = {n: round(f, 4) for n, f in floors.items()}
